@@ -1,0 +1,171 @@
+"""DistillationCampaign (`dc`): cluster escalation failures, distill into a cheaper tier, retrain the router, roll out."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from .common import DNS_LABEL, DURATION, ApiModel, Resource, StatusBase
+from .modeltier import Toleration
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/routenlp/trainer:0.1.0"
+
+STAGES = ("Clustering", "Distilling", "Evaluating", "RetrainingRouter", "RollingOut")
+"""Campaign stages in order; each runs as one Job (RollingOut is done by the operator itself)."""
+
+
+class TriggerMode(str, Enum):
+    MANUAL = "Manual"
+    SCHEDULE = "Schedule"
+    ESCALATION_RATE = "EscalationRate"
+
+
+class Trigger(ApiModel):
+    mode: TriggerMode = Field(
+        default=TriggerMode.MANUAL,
+        description="`Manual`: runs once when created (and again when `runId` changes); `Schedule`: on `schedule`; "
+        "`EscalationRate`: when the student tier's escalation rate exceeds `escalationRateThreshold`.",
+    )
+    run_id: str | None = Field(default=None, description="Change it to start another manual run.")
+    schedule: str | None = Field(default=None, description="Cron schedule (5 fields, UTC) for `Schedule` mode.")
+    escalation_rate_threshold: float | None = Field(
+        default=None, gt=0, lt=1, description="Escalation rate that starts a run in `EscalationRate` mode."
+    )
+    min_failures: int = Field(default=200, ge=1, description="Escalation failures needed before a run starts.")
+    cooldown: str = Field(default="24h", pattern=DURATION, description="Least time between two automatic runs.")
+
+
+class Clustering(ApiModel):
+    method: Literal["kmeans", "hdbscan"] = Field(
+        default="kmeans", description="`kmeans` (k chosen by silhouette up to `maxClusters`) or `hdbscan` (density)."
+    )
+    max_clusters: int = Field(default=20, ge=2, le=500, description="Largest k tried (kmeans).")
+    min_cluster_size: int = Field(default=10, ge=2, description="Smallest cluster kept.")
+    top_clusters: int = Field(default=5, ge=1, le=100, description="Costliest clusters distilled.")
+
+
+class LoRASettings(ApiModel):
+    r: int = Field(default=16, ge=1, le=512, description="LoRA rank.")
+    alpha: int = Field(default=32, ge=1, description="LoRA scaling alpha.")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], min_length=1, description="Modules that get adapters."
+    )
+    steps: int = Field(default=200, ge=1, description="Optimizer steps.")
+    learning_rate: float = Field(default=2e-4, gt=0, lt=1, description="Peak learning rate.")
+    batch_size: int = Field(default=8, ge=1, description="Examples per step.")
+    samples_per_cluster: int = Field(default=200, ge=1, description="Training examples taken per cluster.")
+
+
+class EvaluationGate(ApiModel):
+    min_quality_gain: float = Field(
+        default=0.02, ge=0, le=1, description="Student accuracy gain on held-out cluster queries needed to pass."
+    )
+    max_regression: float = Field(
+        default=0.01, ge=0, le=1, description="Largest accuracy drop allowed outside the clusters."
+    )
+    hold_out_fraction: float = Field(default=0.2, gt=0, lt=1, description="Share of each cluster held out.")
+
+
+class Rollout(ApiModel):
+    canary_percent: int = Field(default=10, ge=0, le=100, description="Traffic share of the new router version first.")
+    promote_after: str = Field(default="30m", pattern=DURATION, description="Canary time before promotion is decided.")
+
+
+class CampaignResources(ApiModel):
+    image: str = Field(default=DEFAULT_TRAINER_IMAGE, description="Trainer image the stage Jobs run.")
+    gpu_count: int = Field(default=1, ge=0, le=16, description="GPUs for the distill stage.")
+    gpu_resource_name: str = Field(default="nvidia.com/gpu", description="Extended resource name of the GPU.")
+    cpu: str = Field(default="4", description="CPU per stage Job.")
+    memory: str = Field(default="16Gi", description="Memory per stage Job.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels for stage Jobs.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for stage Jobs.")
+    active_deadline_seconds: int = Field(default=6 * 3600, ge=60, description="Deadline of each stage Job.")
+    artifact_claim_name: str | None = Field(
+        default=None, description="PVC where stages write artifacts; default: the policy's event-log PVC."
+    )
+
+
+class DistillationCampaignSpec(ApiModel):
+    policy_ref: str = Field(pattern=DNS_LABEL, max_length=63, description="RoutingPolicy whose traffic is improved.")
+    student_tier: str = Field(pattern=DNS_LABEL, max_length=63, description="Cheaper ModelTier that gets the LoRA adapter.")
+    teacher_tier: str = Field(pattern=DNS_LABEL, max_length=63, description="ModelTier whose answers are distilled.")
+    trigger: Trigger = Field(default_factory=Trigger, description="When a run starts.")
+    clustering: Clustering = Field(default_factory=Clustering, description="How escalation failures are clustered.")
+    lora: LoRASettings = Field(default_factory=LoRASettings, description="LoRA fine-tuning settings.")
+    evaluation: EvaluationGate = Field(default_factory=EvaluationGate, description="Gate a new adapter must pass.")
+    retrain_router: bool = Field(default=True, description="Retrain and recalibrate the router after distillation.")
+    rollout: Rollout = Field(default_factory=Rollout, description="How the new router version rolls out.")
+    resources: CampaignResources = Field(default_factory=CampaignResources, description="Stage Job resources.")
+    auto_apply: bool = Field(
+        default=True,
+        description="Apply results (load adapter, roll router) automatically; false: stop at `Proposed` and "
+        "report them in status for a GitOps change.",
+    )
+    max_stage_retries: int = Field(default=2, ge=0, le=10, description="Retries of a failed stage Job.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DistillationCampaignSpec":
+        if self.student_tier == self.teacher_tier:
+            raise ValueError("spec.studentTier and spec.teacherTier must differ")
+        t = self.trigger
+        if t.mode == TriggerMode.SCHEDULE and not t.schedule:
+            raise ValueError("spec.trigger.schedule is required when spec.trigger.mode is Schedule")
+        if t.schedule is not None and len(t.schedule.split()) != 5:
+            raise ValueError(f"spec.trigger.schedule must be a 5-field cron expression, got {t.schedule!r}")
+        if t.mode == TriggerMode.ESCALATION_RATE and t.escalation_rate_threshold is None:
+            raise ValueError(
+                "spec.trigger.escalationRateThreshold is required when spec.trigger.mode is EscalationRate"
+            )
+        return self
+
+
+class ClusterReport(ApiModel):
+    id: int = Field(description="Cluster id.")
+    size: int = Field(description="Escalation failures in it.")
+    cost_usd: float = Field(description="Escalation cost it caused.")
+    escalation_rate: float | None = Field(default=None, description="Escalation rate of queries near it.")
+    examples: list[str] = Field(default_factory=list, description="A few example queries (truncated).")
+
+
+class StageStatus(ApiModel):
+    stage: str = Field(description="Stage name.")
+    job: str | None = Field(default=None, description="Job running it.")
+    attempts: int = Field(default=0, description="Jobs started for it.")
+    state: Literal["Running", "Succeeded", "Failed", "Skipped"] = Field(description="Outcome.")
+    seconds: float | None = Field(default=None, description="Wall time.")
+    message: str = Field(default="", description="Detail.")
+
+
+class CampaignMetrics(ApiModel):
+    quality_before: float | None = Field(default=None, description="Student accuracy on held-out cluster queries, before.")
+    quality_after: float | None = Field(default=None, description="Same, with the adapter.")
+    quality_gain: float | None = Field(default=None, description="after - before.")
+    regression: float | None = Field(default=None, description="Accuracy drop outside the clusters.")
+    teacher_quality: float | None = Field(default=None, description="Teacher accuracy on the same queries.")
+
+
+class DistillationCampaignStatus(StatusBase):
+    phase: Literal[
+        "Pending", "Clustering", "Distilling", "Evaluating", "RetrainingRouter", "RollingOut", "Proposed",
+        "Succeeded", "Failed",
+    ] | None = Field(default=None, description="Where the current run is.")
+    run: int = Field(default=0, description="Runs started so far.")
+    last_run_time: str | None = Field(default=None, description="When the last run started.")
+    stages: list[StageStatus] = Field(default_factory=list, description="Stages of the current run.")
+    clusters: list[ClusterReport] = Field(default_factory=list, description="Clusters selected for distillation.")
+    adapter: str | None = Field(default=None, description="Adapter produced (name@uri).")
+    router_version: str | None = Field(default=None, description="Router version produced.")
+    metrics: CampaignMetrics = Field(default_factory=CampaignMetrics, description="Before/after figures.")
+
+
+class DistillationCampaign(Resource):
+    KIND: ClassVar[str] = "DistillationCampaign"
+    PLURAL: ClassVar[str] = "distillationcampaigns"
+    SHORT_NAMES: ClassVar[list[str]] = ["dc"]
+
+    kind: Literal["DistillationCampaign"] = "DistillationCampaign"
+    spec: DistillationCampaignSpec
+    status: DistillationCampaignStatus | None = None

@@ -1,0 +1,132 @@
+"""Shared building blocks of the three RouteNLP custom resources.
+
+Field names are camelCase in YAML (what `kubectl` users write) and snake_case in Python; the alias generator keeps
+one name per concept. Descriptions are the API documentation: `routenlp crds` copies them into the CRD schemas and
+`docs/api.md` is generated from them.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "routenlp.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# RFC 1123 label: what Kubernetes accepts for names of Services, Deployments and references to them.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# RFC 1123 subdomain: names of Secrets and PersistentVolumeClaims.
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+# Go-style durations as Kubernetes users write them ("90s", "30m", "1h30m").
+DURATION = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_DURATION_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a Go-style duration such as ``1h30m``; raises ValueError on anything else."""
+    if not re.fullmatch(DURATION, text):
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 30m, 1h30m)")
+    return sum(float(n) * _DURATION_UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+
+
+class ApiModel(BaseModel):
+    """Base of every spec/status object: camelCase aliases, unknown fields rejected (as `kubectl --validate=strict`)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+        validate_default=True,
+    )
+
+    def to_k8s(self) -> dict[str, Any]:
+        """The object as it appears in YAML: camelCase keys, unset optional fields left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class ConditionStatus(str, Enum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(ApiModel):
+    """A Kubernetes-style condition (the `metav1.Condition` shape)."""
+
+    type: str = Field(description="Condition type in CamelCase, e.g. `Ready`, `TiersResolved`, `Calibrated`.")
+    status: ConditionStatus = Field(description="`True`, `False` or `Unknown`.")
+    reason: str = Field(
+        description="One CamelCase word saying why, stable enough for alerts (e.g. `InsufficientGPU`, `MissingTiers`)."
+    )
+    message: str = Field(default="", description="Human-readable detail: what is wrong and what to do about it.")
+    last_transition_time: str = Field(
+        description="RFC 3339 time the status last changed (not the reason or message)."
+    )
+    observed_generation: int | None = Field(
+        default=None, description="The `.metadata.generation` this condition was computed from."
+    )
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+class SecretKeyRef(ApiModel):
+    """A key in a Secret in the resource's namespace. Secret values never appear in status, events or logs."""
+
+    name: str = Field(pattern=DNS_SUBDOMAIN, max_length=253, description="Name of the Secret.")
+    key: str = Field(min_length=1, description="Key inside the Secret whose value is used.")
+
+
+class StatusBase(ApiModel):
+    """Fields every RouteNLP status has."""
+
+    observed_generation: int | None = Field(
+        default=None, description="The `.metadata.generation` the operator last acted on."
+    )
+    phase: str | None = Field(default=None, description="One-word summary of the resource's state.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Kubernetes-style conditions; `Ready` summarises the others.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+
+
+class ObjectMeta(BaseModel):
+    """The part of `metadata` that RouteNLP reads; everything else Kubernetes adds is kept as is."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
+
+    name: str = Field(pattern=DNS_LABEL, max_length=63, description="Resource name (an RFC 1123 label).")
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    generation: int | None = None
+
+
+class Resource(ApiModel):
+    """A whole custom resource document: apiVersion, kind, metadata, spec, status."""
+
+    KIND: ClassVar[str] = ""
+    PLURAL: ClassVar[str] = ""
+    SHORT_NAMES: ClassVar[list[str]] = []
+
+    api_version: Literal["routenlp.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: str
+    metadata: ObjectMeta
+
+    @field_validator("kind")
+    @classmethod
+    def _kind_matches(cls, v: str) -> str:
+        if cls.KIND and v != cls.KIND:
+            raise ValueError(f"kind must be {cls.KIND!r}, got {v!r}")
+        return v
+

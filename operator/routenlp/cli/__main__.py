@@ -1,0 +1,5 @@
+import sys
+
+from routenlp.cli.main import main
+
+sys.exit(main())

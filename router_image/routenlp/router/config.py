@@ -1,0 +1,53 @@
+"""The router's configuration file: what the operator renders into a ConfigMap and the local runtime writes to disk.
+
+It reuses the API's models for the concepts they share (tasks, cascade, cost) so a field keeps one name from the
+RoutingPolicy down to the router. Nothing here knows about Kubernetes: tiers are plain OpenAI-compatible URLs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import Field
+
+from routenlp.api.common import ApiModel
+from routenlp.api.modeltier import TierCost
+from routenlp.api.routingpolicy import Cascade, Task
+
+
+class TierEndpoint(ApiModel):
+    name: str = Field(description="ModelTier name.")
+    served_model_name: str = Field(description="`model` sent to the tier.")
+    base_url: str = Field(description="OpenAI-compatible base URL ending in /v1.")
+    cost: TierCost
+    api_key_env: str | None = Field(default=None, description="Environment variable holding the API key (from a Secret).")
+    timeout_seconds: float = Field(default=60, gt=0)
+    adapters: list[str] = Field(default_factory=list, description="LoRA adapters the tier serves (model names).")
+
+
+class RouterVersions(ApiModel):
+    artifact_dir: str = Field(description="Directory holding one sub-directory per router version.")
+    current: str | None = Field(default=None, description="Stable version; None = newest in artifact_dir.")
+    canary: str | None = Field(default=None)
+    canary_percent: int = Field(default=0, ge=0, le=100)
+
+
+class RouterConfig(ApiModel):
+    policy: str = Field(description="RoutingPolicy name.")
+    tiers: list[TierEndpoint] = Field(min_length=1, description="Cheapest first; the last is the reference tier.")
+    tasks: list[Task] = Field(min_length=1)
+    default_task: str | None = None
+    unknown_task: str = "UseDefault"
+    cascade: Cascade = Field(default_factory=Cascade)
+    router: RouterVersions
+    shadow_sample_rate: float = Field(default=0.0, ge=0, le=1)
+    event_log_dir: str = Field(description="Directory of the durable routing event log.")
+    encoder_path: str | None = Field(default=None, description="all-MiniLM-L6-v2 folder; None = the PyPI package's.")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RouterConfig":
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+
+    def dump_yaml(self) -> str:
+        return yaml.safe_dump(self.to_k8s(), sort_keys=False)
