@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from .common import DNS_LABEL, DURATION, ApiModel, Resource, StatusBase
+from .common import DNS_LABEL, DURATION, ApiModel, Resource, Rule, SpecError, StatusBase
 from .modeltier import Toleration
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/routenlp/trainer:0.1.0"
@@ -16,28 +17,74 @@ STAGES = ("Clustering", "Distilling", "Evaluating", "RetrainingRouter", "Rolling
 """Campaign stages in order; each runs as one Job (RollingOut is done by the operator itself)."""
 
 
+# Five whitespace-separated cron fields (minute hour day-of-month month day-of-week).
+CRON = r"^\S+(\s+\S+){4}$"
+
+
 class TriggerMode(str, Enum):
+    """What starts a campaign run."""
+
     MANUAL = "Manual"
     SCHEDULE = "Schedule"
     ESCALATION_RATE = "EscalationRate"
 
 
+TRIGGER_SCHEDULE_REQUIRED = Rule(
+    rule="self.mode != 'Schedule' || has(self.schedule)",
+    message="spec.trigger.schedule is required when spec.trigger.mode is Schedule: add a 5-field cron expression "
+    "such as '0 3 * * *'",
+    field="schedule",
+    reason="FieldValueRequired",
+)
+TRIGGER_THRESHOLD_REQUIRED = Rule(
+    rule="self.mode != 'EscalationRate' || has(self.escalationRateThreshold)",
+    message="spec.trigger.escalationRateThreshold is required when spec.trigger.mode is EscalationRate: add the "
+    "escalation rate (0-1) that starts a run, e.g. 0.25",
+    field="escalationRateThreshold",
+    reason="FieldValueRequired",
+)
+
+
 class Trigger(ApiModel):
+    """When a campaign run starts."""
+
+    RULES = (TRIGGER_SCHEDULE_REQUIRED, TRIGGER_THRESHOLD_REQUIRED)
+
     mode: TriggerMode = Field(
         default=TriggerMode.MANUAL,
         description="`Manual`: runs once when created (and again when `runId` changes); `Schedule`: on `schedule`; "
         "`EscalationRate`: when the student tier's escalation rate exceeds `escalationRateThreshold`.",
     )
     run_id: str | None = Field(default=None, description="Change it to start another manual run.")
-    schedule: str | None = Field(default=None, description="Cron schedule (5 fields, UTC) for `Schedule` mode.")
+    schedule: str | None = Field(
+        default=None,
+        max_length=100,
+        description="Cron schedule (5 fields, UTC) for `Schedule` mode, e.g. `0 3 * * *`.",
+        json_schema_extra={"pattern": CRON},  # pydantic checks it below, with a clearer message
+    )
     escalation_rate_threshold: float | None = Field(
         default=None, gt=0, lt=1, description="Escalation rate that starts a run in `EscalationRate` mode."
     )
     min_failures: int = Field(default=200, ge=1, description="Escalation failures needed before a run starts.")
     cooldown: str = Field(default="24h", pattern=DURATION, description="Least time between two automatic runs.")
 
+    @model_validator(mode="after")
+    def _mode_settings(self) -> "Trigger":
+        if self.mode == TriggerMode.SCHEDULE and not self.schedule:
+            raise TRIGGER_SCHEDULE_REQUIRED.error()
+        if self.schedule is not None and not re.fullmatch(CRON, self.schedule):
+            raise SpecError(
+                "schedule", f"spec.trigger.schedule must be a 5-field cron expression such as '0 3 * * *', "
+                f"got {self.schedule!r}"
+            )
+        if self.mode == TriggerMode.ESCALATION_RATE and self.escalation_rate_threshold is None:
+            raise TRIGGER_THRESHOLD_REQUIRED.error()
+        return self
+
 
 class Clustering(ApiModel):
+    """How escalation failures are grouped into topics worth distilling."""
+
     method: Literal["kmeans", "hdbscan"] = Field(
         default="kmeans", description="`kmeans` (k chosen by silhouette up to `maxClusters`) or `hdbscan` (density)."
     )
@@ -47,6 +94,8 @@ class Clustering(ApiModel):
 
 
 class LoRASettings(ApiModel):
+    """peft LoRA fine-tuning of the student tier on teacher answers."""
+
     r: int = Field(default=16, ge=1, le=512, description="LoRA rank.")
     alpha: int = Field(default=32, ge=1, description="LoRA scaling alpha.")
     dropout: float = Field(default=0.05, ge=0, lt=1, description="LoRA dropout.")
@@ -60,6 +109,8 @@ class LoRASettings(ApiModel):
 
 
 class EvaluationGate(ApiModel):
+    """What a new adapter must achieve on held-out queries before it is used."""
+
     min_quality_gain: float = Field(
         default=0.02, ge=0, le=1, description="Student accuracy gain on held-out cluster queries needed to pass."
     )
@@ -70,25 +121,43 @@ class EvaluationGate(ApiModel):
 
 
 class Rollout(ApiModel):
+    """How the retrained router version reaches traffic."""
+
     canary_percent: int = Field(default=10, ge=0, le=100, description="Traffic share of the new router version first.")
     promote_after: str = Field(default="30m", pattern=DURATION, description="Canary time before promotion is decided.")
 
 
 class CampaignResources(ApiModel):
+    """Image and resources of the stage Jobs."""
+
     image: str = Field(default=DEFAULT_TRAINER_IMAGE, description="Trainer image the stage Jobs run.")
     gpu_count: int = Field(default=1, ge=0, le=16, description="GPUs for the distill stage.")
     gpu_resource_name: str = Field(default="nvidia.com/gpu", description="Extended resource name of the GPU.")
     cpu: str = Field(default="4", description="CPU per stage Job.")
     memory: str = Field(default="16Gi", description="Memory per stage Job.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels for stage Jobs.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for stage Jobs.")
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Tolerations for stage Jobs."
+    )
     active_deadline_seconds: int = Field(default=6 * 3600, ge=60, description="Deadline of each stage Job.")
     artifact_claim_name: str | None = Field(
         default=None, description="PVC where stages write artifacts; default: the policy's event-log PVC."
     )
 
 
+CAMPAIGN_STUDENT_NOT_TEACHER = Rule(
+    rule="self.studentTier != self.teacherTier",
+    message="spec.studentTier and spec.teacherTier must differ: the student is the cheaper tier that learns from "
+    "the teacher",
+    field="studentTier",
+)
+
+
 class DistillationCampaignSpec(ApiModel):
+    """The closed loop: distill the teacher into a cheaper student tier where the student escalates most."""
+
+    RULES = (CAMPAIGN_STUDENT_NOT_TEACHER,)
+
     policy_ref: str = Field(pattern=DNS_LABEL, max_length=63, description="RoutingPolicy whose traffic is improved.")
     student_tier: str = Field(pattern=DNS_LABEL, max_length=63, description="Cheaper ModelTier that gets the LoRA adapter.")
     teacher_tier: str = Field(pattern=DNS_LABEL, max_length=63, description="ModelTier whose answers are distilled.")
@@ -109,20 +178,13 @@ class DistillationCampaignSpec(ApiModel):
     @model_validator(mode="after")
     def _consistent(self) -> "DistillationCampaignSpec":
         if self.student_tier == self.teacher_tier:
-            raise ValueError("spec.studentTier and spec.teacherTier must differ")
-        t = self.trigger
-        if t.mode == TriggerMode.SCHEDULE and not t.schedule:
-            raise ValueError("spec.trigger.schedule is required when spec.trigger.mode is Schedule")
-        if t.schedule is not None and len(t.schedule.split()) != 5:
-            raise ValueError(f"spec.trigger.schedule must be a 5-field cron expression, got {t.schedule!r}")
-        if t.mode == TriggerMode.ESCALATION_RATE and t.escalation_rate_threshold is None:
-            raise ValueError(
-                "spec.trigger.escalationRateThreshold is required when spec.trigger.mode is EscalationRate"
-            )
+            raise CAMPAIGN_STUDENT_NOT_TEACHER.error(f"both are {self.student_tier!r}")
         return self
 
 
 class ClusterReport(ApiModel):
+    """One cluster of escalation failures chosen for distillation."""
+
     id: int = Field(description="Cluster id.")
     size: int = Field(description="Escalation failures in it.")
     cost_usd: float = Field(description="Escalation cost it caused.")
@@ -131,6 +193,8 @@ class ClusterReport(ApiModel):
 
 
 class StageStatus(ApiModel):
+    """One stage of the current run."""
+
     stage: str = Field(description="Stage name.")
     job: str | None = Field(default=None, description="Job running it.")
     attempts: int = Field(default=0, description="Jobs started for it.")
@@ -140,6 +204,8 @@ class StageStatus(ApiModel):
 
 
 class CampaignMetrics(ApiModel):
+    """Before/after figures of the current run."""
+
     quality_before: float | None = Field(default=None, description="Student accuracy on held-out cluster queries, before.")
     quality_after: float | None = Field(default=None, description="Same, with the adapter.")
     quality_gain: float | None = Field(default=None, description="after - before.")
@@ -148,6 +214,8 @@ class CampaignMetrics(ApiModel):
 
 
 class DistillationCampaignStatus(StatusBase):
+    """Where the campaign's current run is and what it produced."""
+
     phase: Literal[
         "Pending", "Clustering", "Distilling", "Evaluating", "RetrainingRouter", "RollingOut", "Proposed",
         "Succeeded", "Failed",
@@ -162,6 +230,8 @@ class DistillationCampaignStatus(StatusBase):
 
 
 class DistillationCampaign(Resource):
+    """Cluster escalation failures, distill the teacher into a cheaper tier with LoRA, retrain the router, roll out."""
+
     KIND: ClassVar[str] = "DistillationCampaign"
     PLURAL: ClassVar[str] = "distillationcampaigns"
     SHORT_NAMES: ClassVar[list[str]] = ["dc"]

@@ -8,12 +8,14 @@ one name per concept. Descriptions are the API documentation: `routenlp crds` co
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, field_validator
 from pydantic.alias_generators import to_camel
+from pydantic_core import core_schema as cs
 
 GROUP = "routenlp.io"
 VERSION = "v1alpha1"
@@ -36,8 +38,49 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * _DURATION_UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
 
 
+class SpecError(ValueError):
+    """A rule broken inside one object. `path` is the offending field relative to the object that checks it
+    (camelCase, e.g. `resources.gpuCount`); `routenlp validate` joins it to where the object sits in the document."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule stated once for both sides: the API server evaluates `rule` (CEL, `self` = the object whose
+    model lists the rule in `RULES`), pydantic raises `error()` from a model validator with the same message.
+    Rules must hold on the object after schema defaults are applied (the API server defaults before it validates)."""
+
+    rule: str
+    message: str
+    field: str = ""  # offending field relative to the object (CEL fieldPath without the leading dot)
+    reason: Literal["FieldValueInvalid", "FieldValueForbidden", "FieldValueRequired", "FieldValueDuplicate"] = (
+        "FieldValueInvalid"
+    )
+
+    def error(self, detail: str = "") -> SpecError:
+        return SpecError(self.field, f"{self.message} ({detail})" if detail else self.message)
+
+    def to_k8s(self) -> dict[str, str]:
+        out = {"rule": self.rule, "message": self.message}
+        if self.field:
+            out["fieldPath"] = "." + self.field
+        out["reason"] = self.reason
+        return out
+
+
+def duplicates(values: list[str]) -> list[str]:
+    return sorted({v for v in values if values.count(v) > 1})
+
+
 class ApiModel(BaseModel):
     """Base of every spec/status object: camelCase aliases, unknown fields rejected (as `kubectl --validate=strict`)."""
+
+    # CEL rules of this object (see Rule). Only the class that declares them gets them, not its subclasses.
+    RULES: ClassVar[tuple[Rule, ...]] = ()
 
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -50,6 +93,15 @@ class ApiModel(BaseModel):
     def to_k8s(self) -> dict[str, Any]:
         """The object as it appears in YAML: camelCase keys, unset optional fields left out."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: cs.CoreSchema, handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        schema = handler(core_schema)
+        rules = cls.__dict__.get("RULES")
+        if rules:
+            target = handler.resolve_ref_schema(schema)
+            target["x-kubernetes-validations"] = [r.to_k8s() for r in rules]
+        return schema
 
 
 class ConditionStatus(str, Enum):
@@ -105,11 +157,27 @@ class ObjectMeta(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
 
-    name: str = Field(pattern=DNS_LABEL, max_length=63, description="Resource name (an RFC 1123 label).")
+    name: str = Field(description="Resource name (an RFC 1123 label).")
     namespace: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
     generation: int | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_label(cls, v: str) -> str:
+        if len(v) > 63 or not re.fullmatch(DNS_LABEL, v):
+            raise SpecError("", f"{NAME_RULE.message} (got {v!r})")  # the loc is metadata.name already
+        return v
+
+
+# Checked at the root of every CRD: only metadata.name is visible to CEL there.
+NAME_RULE = Rule(
+    rule="size(self.metadata.name) <= 63 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+    message="metadata.name must be an RFC 1123 label: at most 63 lower-case letters, digits and '-', starting and "
+    "ending with a letter or digit (it names the Deployments and Services made from this resource)",
+    field="metadata.name",
+)
 
 
 class Resource(ApiModel):

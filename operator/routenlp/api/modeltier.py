@@ -7,7 +7,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from .common import DNS_LABEL, DNS_SUBDOMAIN, ApiModel, Resource, SecretKeyRef, StatusBase
+from .common import (
+    DNS_LABEL, DNS_SUBDOMAIN, ApiModel, Resource, Rule, SecretKeyRef, SpecError, StatusBase, duplicates,
+)
 
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
 
@@ -23,6 +25,8 @@ class TierCost(ApiModel):
 
 
 class Quantization(str, Enum):
+    """Weight quantization methods vLLM supports (`--quantization`)."""
+
     AWQ = "awq"
     GPTQ = "gptq"
     FP8 = "fp8"
@@ -38,14 +42,39 @@ class ModelCache(ApiModel):
     read_only: bool = Field(default=False, description="Mount read-only (weights pre-populated by another job).")
 
 
+TOLERATION_EXISTS_NO_VALUE = Rule(
+    rule="!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+    message="a toleration with operator Exists matches any value: remove value, or use operator Equal",
+    field="value",
+    reason="FieldValueForbidden",
+)
+
+
 class Toleration(ApiModel):
     """A pod toleration (the core/v1 shape), e.g. for GPU node taints."""
 
-    key: str | None = None
-    operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    RULES = (TOLERATION_EXISTS_NO_VALUE,)
+
+    # Lengths are bounded so the API server can estimate the cost of the CEL rule per toleration.
+    key: str | None = Field(
+        default=None, max_length=316, description="Taint key to tolerate; empty with `Exists` tolerates all taints."
+    )
+    operator: Literal["Exists", "Equal"] | None = Field(
+        default=None, description="`Equal` (default in Kubernetes) compares `value`; `Exists` matches any value."
+    )
+    value: str | None = Field(default=None, max_length=63, description="Taint value to match with operator `Equal`.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; empty tolerates all effects."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, ge=0, description="With `NoExecute`: how long the pod stays bound after the taint appears."
+    )
+
+    @model_validator(mode="after")
+    def _exists_has_no_value(self) -> "Toleration":
+        if self.operator == "Exists" and self.value:
+            raise TOLERATION_EXISTS_NO_VALUE.error(f"value is {self.value!r}")
+        return self
 
 
 class GPUResources(ApiModel):
@@ -60,16 +89,29 @@ class GPUResources(ApiModel):
     shm_size: str = Field(default="2Gi", description="Size of the memory-backed `/dev/shm` (NCCL, tensor parallel).")
 
 
+ENGINE_GPUS_FOR_TP = Rule(
+    rule="self.resources.gpuCount == 0 || self.resources.gpuCount >= self.tensorParallelSize",
+    message="spec.engine.resources.gpuCount must be >= spec.engine.tensorParallelSize (one replica is split over "
+    "tensorParallelSize GPUs): raise gpuCount, lower tensorParallelSize, or set gpuCount 0 for CPU serving",
+    field="resources.gpuCount",
+)
+
+# Model source forms: pvc://claim/path, s3:// or gs:// URIs, an absolute path, or a hub id `org/name`.
+MODEL_SOURCE = r"^(pvc://[a-z0-9][-a-z0-9.]*/.*|s3://.+|gs://.+|/.+|[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?)$"
+
+
 class Engine(ApiModel):
     """How vLLM serves the model inside the cluster."""
 
+    RULES = (ENGINE_GPUS_FOR_TP,)
+
     model: str = Field(
         min_length=1,
+        pattern=MODEL_SOURCE,
         description=(
             "Model source: a model hub id (`Qwen/Qwen2.5-7B-Instruct`), a PVC path (`pvc://claim/path`), an object "
             "store URI (`s3://bucket/prefix`) or an absolute local path inside the image."
         ),
-        json_schema_extra={"pattern": r"^(pvc://[a-z0-9][-a-z0-9.]*/.*|s3://.+|gs://.+|/.+|[A-Za-z0-9][\w.-]*(/[\w.-]+)?)$"},
     )
     revision: str | None = Field(default=None, description="Model revision (branch, tag or commit) for hub models.")
     image: str = Field(default=DEFAULT_VLLM_IMAGE, description="vLLM OpenAI-server image (pin a tag or digest).")
@@ -85,7 +127,9 @@ class Engine(ApiModel):
     )
     resources: GPUResources = Field(default_factory=GPUResources, description="GPU and host resources per pod.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must run on.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations, e.g. for GPU node taints.")
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Tolerations, e.g. for GPU node taints."
+    )
     affinity: dict[str, Any] | None = Field(
         default=None,
         description="Pod affinity/anti-affinity (the core/v1 Affinity shape), passed through unchanged.",
@@ -98,6 +142,13 @@ class Engine(ApiModel):
     startup_timeout_seconds: int = Field(
         default=1800, ge=60, description="How long the startup probe waits for weights to load before restarting."
     )
+
+    @model_validator(mode="after")
+    def _gpus_cover_tensor_parallel(self) -> "Engine":
+        gpus = self.resources.gpu_count
+        if gpus and gpus < self.tensor_parallel_size:
+            raise ENGINE_GPUS_FOR_TP.error(f"gpuCount {gpus}, tensorParallelSize {self.tensor_parallel_size}")
+        return self
 
 
 class External(ApiModel):
@@ -118,16 +169,45 @@ class AdapterSpec(ApiModel):
 
     name: str = Field(pattern=DNS_LABEL, max_length=63, description="Adapter name; requests use it as the model.")
     source: str = Field(
-        min_length=1, description="Where the adapter lives: `pvc://claim/path`, `s3://...` or a path in the pod."
+        min_length=1,
+        max_length=1024,
+        description="Where the adapter lives: `pvc://claim/path`, `s3://...` or a path in the pod.",
     )
 
 
 class AdapterPolicy(str, Enum):
+    """Which LoRA adapters a tier loads."""
+
     PINNED = "Pinned"
     ACCEPT_CAMPAIGN = "AcceptCampaign"
 
 
+TIER_ONE_BACKEND = Rule(
+    rule="has(self.engine) != has(self.external)",
+    message="exactly one of spec.engine (vLLM pods in the cluster) or spec.external (an OpenAI-compatible endpoint) "
+    "must be set",
+    field="engine",
+)
+TIER_ADAPTERS_NEED_ENGINE = Rule(
+    rule="!has(self.external) || !has(self.adapters) || size(self.adapters) == 0",
+    message="spec.adapters needs spec.engine: external tiers cannot load LoRA adapters; remove spec.adapters",
+    field="adapters",
+    reason="FieldValueForbidden",
+)
+TIER_CAMPAIGN_NEEDS_ENGINE = Rule(
+    rule="!has(self.external) || self.adapterPolicy == 'Pinned'",
+    message="spec.adapterPolicy AcceptCampaign needs spec.engine: external tiers cannot load campaign adapters; "
+    "use Pinned",
+    field="adapterPolicy",
+    reason="FieldValueForbidden",
+)
+
+
 class ModelTierSpec(ApiModel):
+    """One model of the portfolio: what it is, what it costs, and how it is served."""
+
+    RULES = (TIER_ONE_BACKEND, TIER_ADAPTERS_NEED_ENGINE, TIER_CAMPAIGN_NEEDS_ENGINE)
+
     served_model_name: str = Field(
         min_length=1,
         max_length=253,
@@ -139,7 +219,8 @@ class ModelTierSpec(ApiModel):
     replicas: int = Field(default=1, ge=0, le=1000, description="vLLM pods (engine tiers); the scale subresource sets it.")
     adapters: list[AdapterSpec] = Field(
         default_factory=list,
-        description="LoRA adapters loaded into the running vLLM pods without restarting them.",
+        max_length=64,
+        description="LoRA adapters loaded into the running vLLM pods without restarting them (names unique).",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     adapter_policy: AdapterPolicy = Field(
@@ -153,18 +234,15 @@ class ModelTierSpec(ApiModel):
     @model_validator(mode="after")
     def _exactly_one_backend(self) -> "ModelTierSpec":
         if (self.engine is None) == (self.external is None):
-            raise ValueError("exactly one of spec.engine (vLLM pods) or spec.external (OpenAI-compatible URL) must be set")
+            raise TIER_ONE_BACKEND.error()
         if self.external is not None and self.adapters:
-            raise ValueError("spec.adapters needs spec.engine: external tiers cannot load LoRA adapters")
-        names = [a.name for a in self.adapters]
-        dup = sorted({n for n in names if names.count(n) > 1})
+            raise TIER_ADAPTERS_NEED_ENGINE.error()
+        if self.external is not None and self.adapter_policy != AdapterPolicy.PINNED:
+            raise TIER_CAMPAIGN_NEEDS_ENGINE.error()
+        # The CRD states this as a list-map keyed by name (the API server rejects duplicates itself).
+        dup = duplicates([a.name for a in self.adapters])
         if dup:
-            raise ValueError(f"spec.adapters names must be unique; repeated: {', '.join(dup)}")
-        if self.engine and self.engine.resources.gpu_count and self.engine.resources.gpu_count < self.engine.tensor_parallel_size:
-            raise ValueError(
-                f"spec.engine.resources.gpuCount ({self.engine.resources.gpu_count}) must be >= "
-                f"spec.engine.tensorParallelSize ({self.engine.tensor_parallel_size})"
-            )
+            raise SpecError("adapters", f"spec.adapters names must be unique; repeated: {', '.join(dup)}")
         return self
 
     @property
@@ -173,6 +251,8 @@ class ModelTierSpec(ApiModel):
 
 
 class AdapterStatus(ApiModel):
+    """One adapter as the operator sees it in the running pods."""
+
     name: str = Field(description="Adapter name.")
     source: str = Field(description="Where it was loaded from.")
     origin: Literal["Spec", "Campaign"] = Field(description="Listed in the spec, or produced by a campaign.")
@@ -182,6 +262,8 @@ class AdapterStatus(ApiModel):
 
 
 class ModelTierStatus(StatusBase):
+    """What the operator observed about the tier."""
+
     phase: Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"] | None = Field(
         default=None, description="Pending, Progressing, Ready, Degraded or Failed."
     )
@@ -193,6 +275,8 @@ class ModelTierStatus(StatusBase):
 
 
 class ModelTier(Resource):
+    """One model of the portfolio, served by vLLM pods on GPUs or by an external OpenAI-compatible endpoint."""
+
     KIND: ClassVar[str] = "ModelTier"
     PLURAL: ClassVar[str] = "modeltiers"
     SHORT_NAMES: ClassVar[list[str]] = ["mt"]

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from .common import DNS_LABEL, DURATION, ApiModel, Resource, StatusBase
+from .common import DNS_LABEL, DURATION, ApiModel, Resource, Rule, SpecError, StatusBase, duplicates
 
 DEFAULT_ROUTER_IMAGE = "ghcr.io/routenlp/router:0.1.0"
 
 
 class TierRef(ApiModel):
+    """A reference to a ModelTier."""
+
     name: str = Field(pattern=DNS_LABEL, max_length=63, description="Name of a ModelTier in the same namespace.")
 
 
 class TaskKind(str, Enum):
+    """What answers of a task look like."""
+
     STRUCTURED = "structured"
     GENERATION = "generation"
 
@@ -32,8 +37,30 @@ class TaskMatch(ApiModel):
         default_factory=list, description="Python regular expressions searched in the last user message."
     )
 
+    @model_validator(mode="after")
+    def _patterns_compile(self) -> "TaskMatch":
+        # The router compiles these with Python's `re`; a schema cannot say "is a valid regular expression".
+        for i, pattern in enumerate(self.patterns):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise SpecError(f"patterns[{i}]", f"not a valid Python regular expression: {exc} ({pattern!r})")
+        return self
+
+
+TASK_LABELS_NEED_STRUCTURED = Rule(
+    rule="self.kind == 'structured' || !has(self.labels) || size(self.labels) == 0",
+    message="labels apply only to structured tasks: set kind: structured, or remove labels",
+    field="labels",
+    reason="FieldValueForbidden",
+)
+
 
 class Task(ApiModel):
+    """A kind of request the policy serves, with its own quality target and calibration."""
+
+    RULES = (TASK_LABELS_NEED_STRUCTURED,)
+
     name: str = Field(pattern=DNS_LABEL, max_length=63, description="Task name; requests name it in `X-RouteNLP-Task`.")
     kind: TaskKind = Field(
         default=TaskKind.GENERATION,
@@ -46,20 +73,45 @@ class Task(ApiModel):
         description="Quality to hold, as a fraction of the reference (last) tier's quality on this task.",
     )
     labels: list[str] = Field(
-        default_factory=list, description="Allowed answers of a structured task (label confidence comes from them)."
+        default_factory=list,
+        max_length=1000,
+        description="Allowed answers of a structured task, each once (label confidence comes from them).",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     match: TaskMatch = Field(default_factory=TaskMatch, description="Rules that map a request to this task.")
 
+    @model_validator(mode="after")
+    def _labels(self) -> "Task":
+        if self.labels and self.kind != TaskKind.STRUCTURED:
+            raise TASK_LABELS_NEED_STRUCTURED.error()
+        # The CRD states uniqueness as a list-type set (the API server rejects duplicates itself).
+        dup = duplicates(self.labels)
+        if dup:
+            raise SpecError("labels", f"labels must be unique; repeated: {', '.join(dup)}")
+        return self
+
 
 class ConfidenceSource(str, Enum):
+    """Where the confidence score of an answer comes from."""
+
     LOGPROB = "logprob"
     LABEL_PROBABILITY = "labelProbability"
     ROUTER_PRIOR = "routerPrior"
     COMBINED = "combined"
 
 
+CASCADE_WINDOW_COVERS_MINIMUM = Rule(
+    rule="self.calibrationWindow >= self.minCalibrationSamples",
+    message="calibrationWindow must be >= minCalibrationSamples, or no threshold could ever be calibrated: raise "
+    "calibrationWindow or lower minCalibrationSamples",
+    field="calibrationWindow",
+)
+
+
 class Cascade(ApiModel):
     """Conformal cascading: when an answer of a cheaper tier is accepted, and when it escalates."""
+
+    RULES = (CASCADE_WINDOW_COVERS_MINIMUM,)
 
     risk_level: float = Field(
         default=0.05,
@@ -87,6 +139,14 @@ class Cascade(ApiModel):
         "`combined` (a small calibrated model over all three).",
     )
 
+    @model_validator(mode="after")
+    def _window_covers_minimum(self) -> "Cascade":
+        if self.calibration_window < self.min_calibration_samples:
+            raise CASCADE_WINDOW_COVERS_MINIMUM.error(
+                f"calibrationWindow {self.calibration_window}, minCalibrationSamples {self.min_calibration_samples}"
+            )
+        return self
+
 
 class PromotionGuard(ApiModel):
     """When a canary router version is promoted (or rolled back)."""
@@ -101,6 +161,8 @@ class PromotionGuard(ApiModel):
 
 
 class RouterSettings(ApiModel):
+    """Which router artifact version serves, and how new versions roll out."""
+
     version: str = Field(
         default="auto",
         pattern=r"^(auto|[A-Za-z0-9][A-Za-z0-9._-]*)$",
@@ -114,16 +176,22 @@ class RouterSettings(ApiModel):
 
 
 class DeploymentMode(str, Enum):
+    """How the router runs."""
+
     GATEWAY = "gateway"
     SIDECAR = "sidecar"
 
 
 class ServiceSettings(ApiModel):
+    """The Service in front of the gateway router."""
+
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(default="ClusterIP", description="Service type.")
     port: int = Field(default=8080, ge=1, le=65535, description="Service port of the router.")
 
 
 class RouterDeployment(ApiModel):
+    """Where and how the router runs."""
+
     mode: DeploymentMode = Field(
         default=DeploymentMode.GATEWAY,
         description="`gateway`: a router Deployment + Service; `sidecar`: injected into pods labelled "
@@ -137,6 +205,8 @@ class RouterDeployment(ApiModel):
 
 
 class Feedback(ApiModel):
+    """How labelled events are collected for calibration and campaigns."""
+
     shadow_sample_rate: float = Field(
         default=0.02, ge=0, le=1, description="Fraction of requests also sent to the reference tier to collect labels."
     )
@@ -147,20 +217,54 @@ class Feedback(ApiModel):
 
 
 class Budget(ApiModel):
+    """A daily spending limit across all tiers of the policy."""
+
     max_usd_per_day: float = Field(gt=0, description="Spend above which the policy reports `BudgetExceeded`.")
     action: Literal["Alert", "PreferCheaper"] = Field(
         default="Alert", description="`Alert`: condition + metric only; `PreferCheaper`: also raise the start tier."
     )
 
 
+POLICY_TIERS_UNIQUE = Rule(
+    rule="self.tiers.all(t, self.tiers.exists_one(u, u.name == t.name))",
+    message="spec.tiers names must be unique: list each ModelTier once, cheapest first",
+    field="tiers",
+    reason="FieldValueDuplicate",
+)
+POLICY_TASKS_UNIQUE = Rule(
+    rule="self.tasks.all(t, self.tasks.exists_one(u, u.name == t.name))",
+    message="spec.tasks names must be unique: merge or rename the repeated task",
+    field="tasks",
+    reason="FieldValueDuplicate",
+)
+POLICY_DEFAULT_TASK_KNOWN = Rule(
+    rule="!has(self.defaultTask) || self.tasks.exists(t, t.name == self.defaultTask)",
+    message="spec.defaultTask must name one of spec.tasks",
+    field="defaultTask",
+)
+POLICY_DEFAULT_TASK_REQUIRED = Rule(
+    rule="has(self.defaultTask) || size(self.tasks) == 1 || self.unknownTask == 'Reject'",
+    message="spec.defaultTask is required when there are several tasks and spec.unknownTask is UseDefault: name the "
+    "task of requests no rule matches, or set unknownTask: Reject",
+    field="defaultTask",
+    reason="FieldValueRequired",
+)
+
+
 class RoutingPolicySpec(ApiModel):
+    """An ordered tier portfolio, the tasks served with their quality targets, and the router that serves them."""
+
+    RULES = (POLICY_TIERS_UNIQUE, POLICY_TASKS_UNIQUE, POLICY_DEFAULT_TASK_KNOWN, POLICY_DEFAULT_TASK_REQUIRED)
+
     tiers: list[TierRef] = Field(
         min_length=1,
         max_length=16,
         description="ModelTiers from cheapest to frontier; the last one is the quality reference.",
     )
-    tasks: list[Task] = Field(min_length=1, description="Tasks served and their quality targets.")
-    default_task: str | None = Field(default=None, description="Task of requests no rule matches.")
+    tasks: list[Task] = Field(min_length=1, max_length=64, description="Tasks served and their quality targets.")
+    default_task: str | None = Field(
+        default=None, pattern=DNS_LABEL, max_length=63, description="Task of requests no rule matches."
+    )
     unknown_task: Literal["UseDefault", "Reject"] = Field(
         default="UseDefault", description="A request naming a task not listed: use `defaultTask`, or answer 400."
     )
@@ -172,21 +276,28 @@ class RoutingPolicySpec(ApiModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "RoutingPolicySpec":
-        tiers = [t.name for t in self.tiers]
-        dup = sorted({n for n in tiers if tiers.count(n) > 1})
+        dup = duplicates([t.name for t in self.tiers])
         if dup:
-            raise ValueError(f"spec.tiers names must be unique; repeated: {', '.join(dup)}")
+            raise POLICY_TIERS_UNIQUE.error(f"repeated: {', '.join(dup)}")
         tasks = [t.name for t in self.tasks]
-        dup = sorted({n for n in tasks if tasks.count(n) > 1})
+        dup = duplicates(tasks)
         if dup:
-            raise ValueError(f"spec.tasks names must be unique; repeated: {', '.join(dup)}")
+            raise POLICY_TASKS_UNIQUE.error(f"repeated: {', '.join(dup)}")
         if self.default_task is not None and self.default_task not in tasks:
-            raise ValueError(f"spec.defaultTask {self.default_task!r} is not one of spec.tasks ({', '.join(tasks)})")
+            raise POLICY_DEFAULT_TASK_KNOWN.error(f"{self.default_task!r} is not one of {', '.join(tasks)}")
         if self.unknown_task == "UseDefault" and self.default_task is None and len(tasks) > 1:
-            raise ValueError("spec.defaultTask is required when spec.unknownTask is UseDefault and there are several tasks")
-        for t in self.tasks:
-            if t.kind == TaskKind.STRUCTURED and t.labels and len(set(t.labels)) != len(t.labels):
-                raise ValueError(f"spec.tasks[{t.name}].labels must be unique")
+            raise POLICY_DEFAULT_TASK_REQUIRED.error()
+        # Two tasks claiming the same request `model` would make matching depend on list order.
+        seen: dict[str, str] = {}
+        for i, t in enumerate(self.tasks):
+            for model in t.match.models:
+                if model in seen:
+                    raise SpecError(
+                        f"tasks[{i}].match.models",
+                        f"request model {model!r} already matches task {seen[model]!r}: each model value may map to "
+                        "one task only",
+                    )
+                seen[model] = t.name
         return self
 
     @property
@@ -198,6 +309,8 @@ class RoutingPolicySpec(ApiModel):
 
 
 class RolloutEvent(ApiModel):
+    """One rollout decision."""
+
     version: str = Field(description="Router version.")
     action: Literal["Canary", "Promoted", "RolledBack", "Pinned", "Proposed"] = Field(description="What happened.")
     reason: str = Field(description="Why, e.g. `GuardHeld`, `ViolationRateAboveRisk`.")
@@ -205,6 +318,8 @@ class RolloutEvent(ApiModel):
 
 
 class RouterVersionStatus(ApiModel):
+    """Router versions serving now and how the rollout stands."""
+
     current: str | None = Field(default=None, description="Version serving the stable share of traffic.")
     canary: str | None = Field(default=None, description="Version serving `canaryPercent` of traffic, if any.")
     canary_percent: int = Field(default=0, description="Share of traffic of the canary now.")
@@ -213,6 +328,8 @@ class RouterVersionStatus(ApiModel):
 
 
 class RoutingPolicyStatus(StatusBase):
+    """What the operator and the router observed about the policy."""
+
     phase: Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"] | None = Field(
         default=None, description="Pending, Progressing, Ready, Degraded or Failed."
     )
@@ -227,6 +344,8 @@ class RoutingPolicyStatus(StatusBase):
 
 
 class RoutingPolicy(Resource):
+    """An ordered portfolio of tiers, per-task quality targets and a risk level, served by a versioned router."""
+
     KIND: ClassVar[str] = "RoutingPolicy"
     PLURAL: ClassVar[str] = "routingpolicies"
     SHORT_NAMES: ClassVar[list[str]] = ["rp"]

@@ -1,0 +1,157 @@
+"""docs/api.md: the API reference, rendered from the generated CRD schemas (so it documents exactly what the API
+server enforces) whose descriptions come from the pydantic Field descriptions. `routenlp crds --docs docs/api.md`."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .common import API_VERSION
+from .crdgen import PRINTER_COLUMNS, RESOURCES, crd
+
+TITLE = f"# RouteNLP API reference (`{API_VERSION}`)"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _anchor(path: str) -> str:
+    return re.sub(r"[^a-z0-9-]", "", path.lower().replace(".", "").replace(" ", "-"))
+
+
+def _type(schema: dict[str, Any]) -> str:
+    t = schema.get("type", "any")
+    if t == "array":
+        return f"[]{_type(schema.get('items', {}))}"
+    if t == "object" and isinstance(schema.get("additionalProperties"), dict):
+        return f"map[string]{_type(schema['additionalProperties'])}"
+    if t == "object" and schema.get("x-kubernetes-preserve-unknown-fields") and "properties" not in schema:
+        return "object (free-form)"
+    return t
+
+
+def constraints(schema: dict[str, Any]) -> str:
+    out = []
+    if "enum" in schema:
+        out.append("one of " + ", ".join(f"`{v}`" for v in schema["enum"]))
+    lo, hi = schema.get("minimum"), schema.get("maximum")
+    if lo is not None or hi is not None:
+        left = "" if lo is None else f"{lo} {'<' if schema.get('exclusiveMinimum') else '≤'} "
+        right = "" if hi is None else f" {'<' if schema.get('exclusiveMaximum') else '≤'} {hi}"
+        out.append(f"{left}x{right}")
+    if "enum" not in schema:  # an enum's maxLength only bounds CEL cost estimates
+        out += _range("length", schema.get("minLength"), schema.get("maxLength"))
+    out += _range("items", schema.get("minItems"), schema.get("maxItems"))
+    if "pattern" in schema:
+        out.append(f"pattern `{schema['pattern']}`")
+    items = schema.get("items", {})
+    if schema.get("x-kubernetes-list-type") == "map":
+        out.append("unique by " + ", ".join(f"`{k}`" for k in schema["x-kubernetes-list-map-keys"]))
+    elif schema.get("x-kubernetes-list-type") == "set":
+        out.append("unique items")
+    if items.get("enum"):
+        out.append("items one of " + ", ".join(f"`{v}`" for v in items["enum"]))
+    return "; ".join(out)
+
+
+def _range(what: str, lo: int | None, hi: int | None) -> list[str]:
+    if lo is None and hi is None:
+        return []
+    if hi is None:
+        return [f"{what} ≥ {lo}"]
+    return [f"{what} {lo or 0}..{hi}"]
+
+
+def _default(schema: dict[str, Any]) -> str:
+    if "default" not in schema:
+        return ""
+    value = schema["default"]
+    if value == {}:
+        return "(object defaults)"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, list):
+        return "`[" + ", ".join(map(str, value)) + "]`"
+    return f"`{value}`"
+
+
+def _object_of(schema: dict[str, Any]) -> dict[str, Any] | None:
+    """The object schema a field leads to (itself, its list items or its map values), if it has properties."""
+    for candidate in (schema, schema.get("items", {}), schema.get("additionalProperties") or {}):
+        if isinstance(candidate, dict) and "properties" in candidate:
+            return candidate
+    return None
+
+
+def _sections(kind: str, path: str, schema: dict[str, Any], out: list[str]) -> None:
+    out += [f"### {kind} `{path}`", ""]
+    if schema.get("description"):
+        out += [schema["description"], ""]
+    required = set(schema.get("required", []))
+    out += ["| Field | Type | Required | Default | Constraints | Description |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    nested = []
+    for name, sub in schema["properties"].items():
+        child = _object_of(sub)
+        suffix = "[]" if sub.get("type") == "array" else ("{}" if "additionalProperties" in sub else "")
+        field = f"[`{name}`](#{_anchor(f'{kind} {path}.{name}{suffix}')})" if child else f"`{name}`"
+        if child:
+            nested.append((f"{path}.{name}{suffix}", child))
+        out.append(
+            f"| {field} | {_cell(_type(sub))} | {'yes' if name in required else ''} | {_cell(_default(sub))} | "
+            f"{_cell(constraints(sub))} | {_cell(sub.get('description', ''))} |"
+        )
+    out.append("")
+    rules = schema.get("x-kubernetes-validations", [])
+    if rules:
+        out += ["Rules (CEL, checked by the API server; `routenlp validate` says the same offline):", ""]
+        for r in rules:
+            where = f"`{path}{r['fieldPath']}`" if "fieldPath" in r else f"`{path}`"
+            out.append(f"- {where}: {r['message']}.")
+        out.append("")
+    for child_path, child in nested:
+        _sections(kind, child_path, child, out)
+
+
+def render_markdown() -> str:
+    out = [
+        TITLE,
+        "",
+        "<!-- Generated by `routenlp crds --docs docs/api.md` from the pydantic models in routenlp.api. "
+        "Do not edit by hand: a test fails when it drifts. -->",
+        "",
+        "Field names are what you write in YAML (camelCase). Fields without a default and not marked required may be "
+        "left out. The API server applies the defaults shown and rejects documents that break a constraint or rule; "
+        "`routenlp validate -f FILE|DIR` runs the same checks offline, with the same messages.",
+        "",
+        "Beyond what the API server can check, `routenlp validate` also reports: RoutingPolicy task `match.patterns` "
+        "that are not valid Python regular expressions, a request `model` value claimed by two tasks; and across the "
+        "documents given together: policies naming tiers not defined there (warning), tiers not ordered cheapest "
+        "first (warning), campaigns whose student or teacher is not a tier of their policy, whose student is an "
+        "external tier or accepts no campaign adapters (warning), or whose `lora.r` exceeds the student's "
+        "`maxLoraRank`, Secrets in the set that lack a referenced key, and resources defined twice (warning).",
+        "",
+        "| Kind | Short name | Plural | What it is |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in RESOURCES:
+        out.append(f"| [{r.KIND}](#{r.KIND.lower()}) | `{r.SHORT_NAMES[0]}` | `{r.PLURAL}` | "
+                   f"{_cell((r.__doc__ or '').strip())} |")
+    out.append("")
+    for r in RESOURCES:
+        obj = crd(r)
+        version = obj["spec"]["versions"][0]
+        schema = version["schema"]["openAPIV3Schema"]
+        out += [f"## {r.KIND}", "", (r.__doc__ or "").strip(), ""]
+        out += [f"`kubectl get {r.SHORT_NAMES[0]}` shows (`-o wide` adds the starred columns): "
+                + ", ".join(f"{c['name']}{'*' if c.get('priority') else ''}" for c in PRINTER_COLUMNS[r.KIND]) + ".",
+                ""]
+        subresources = ["status"] + (["scale (`kubectl scale mt NAME --replicas N`)"] if "scale" in
+                                     version["subresources"] else [])
+        out += ["Subresources: " + ", ".join(subresources) + ".", ""]
+        for rule in schema.get("x-kubernetes-validations", []):
+            out += [f"Rule on the whole resource: {rule['message']}.", ""]
+        _sections(r.KIND, "spec", schema["properties"]["spec"], out)
+        _sections(r.KIND, "status", schema["properties"]["status"], out)
+    return "\n".join(out).rstrip() + "\n"
