@@ -1,0 +1,141 @@
+"""Cascade decisions, as pure functions shared by the server (one query) and the offline benchmark (arrays).
+
+Rules:
+- start tier: the cheapest tier whose predicted acceptance is at least quality_target x the reference (last) tier's
+  predicted acceptance (`start_tiers`); no prediction -> the cheapest tier.
+- attempt plan: from the start tier upwards, skipping tiers whose circuit is open, at most 1 + max_escalations
+  attempts; when a limit >= 1 cuts the plan short, the last allowed attempt goes to the highest tier still up (the
+  reference when it is up), so an answer is either accepted by a threshold or comes from the reference.
+- accept: the reference tier always answers; a cheaper tier's answer is accepted iff its threshold is certified and
+  score >= threshold; otherwise escalate to the next tier of the plan. The last attempt of a plan answers anyway
+  ("fallback" when it is not the reference and was not accepted).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def start_tiers(predicted: np.ndarray, quality_target) -> np.ndarray:
+    """(n,) start tier for (n, K) predicted acceptance; quality_target scalar or (n,). Reference tier = last column."""
+    p = np.asarray(predicted, dtype=float)
+    if p.ndim == 1:
+        p = p[None, :]
+    need = np.asarray(quality_target, dtype=float).reshape(-1, 1) * p[:, -1:]
+    ok = p >= need
+    ok[:, -1] = True  # the reference tier always qualifies
+    return ok.argmax(axis=1)
+
+
+def start_tier(predicted: np.ndarray | None, quality_target: float) -> int:
+    """Start tier of one query (see `start_tiers`); None (no router artifact) -> the cheapest tier."""
+    if predicted is None:
+        return 0
+    return int(start_tiers(np.asarray(predicted)[None, :], quality_target)[0])
+
+
+def plan_for(start: int, n_tiers: int, max_escalations: int, tier_up=None) -> list[int]:
+    """Tiers to try, in order, for one query (may be empty when every candidate tier is down)."""
+    up = [True] * n_tiers if tier_up is None else list(tier_up)
+    cands = [k for k in range(start, n_tiers) if up[k]]
+    if not cands:
+        # Everything from the start tier up is down: fall back to the highest cheaper tier that is up.
+        lower = [k for k in range(start) if up[k]]
+        return lower[-1:] if lower else []
+    if max_escalations <= 0:
+        return cands[:1]
+    if len(cands) > 1 + max_escalations:
+        cands = cands[:max_escalations] + [cands[-1]]
+    return cands
+
+
+def attempt_plan(start: np.ndarray, n_tiers: int, max_escalations: int, tier_up=None) -> np.ndarray:
+    """(n, K) bool: tier k is in query i's plan (`plan_for` vectorised over start tiers)."""
+    start = np.asarray(start, dtype=int)
+    out = np.zeros((len(start), n_tiers), dtype=bool)
+    for s in np.unique(start):
+        cols = plan_for(int(s), n_tiers, max_escalations, tier_up)
+        if cols:
+            out[np.ix_(start == s, cols)] = True
+    return out
+
+
+def accept(score: float | None, threshold: float | None, is_reference: bool) -> bool:
+    """Accept a tier's answer? The reference always; otherwise only above a certified threshold."""
+    if is_reference:
+        return True
+    if threshold is None or score is None or math.isnan(score) or math.isnan(threshold):
+        return False
+    return score >= threshold
+
+
+def canary_bucket(request_id: str) -> int:
+    """Stable bucket 0..99 of a request id (same id -> same router version, across replicas and restarts)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "big") % 100
+
+
+@dataclass
+class CascadeResult:
+    """Per-query outcome of `simulate_cascade` (arrays of length n)."""
+
+    tier: np.ndarray  # tier whose answer is returned (-1: no tier available)
+    cost: np.ndarray  # summed cost of every tier called
+    quality: np.ndarray  # quality of the returned answer
+    escalations: np.ndarray  # tiers tried after the first
+    accepted: np.ndarray  # returned answer accepted by a threshold or from the reference (False = fallback)
+    latency: np.ndarray | None = None  # summed latency when latencies are given
+
+    def summary(self) -> dict:
+        """Means over the queries (quality, cost, escalations, acceptance) and the share answered by each tier."""
+        n = max(len(self.tier), 1)
+        tiers = np.bincount(self.tier[self.tier >= 0], minlength=int(self.tier.max(initial=0)) + 1) / n
+        return {"quality": float(np.nanmean(self.quality)) if len(self.quality) else float("nan"),
+                "cost": float(self.cost.sum()), "mean_escalations": float(self.escalations.mean()) if n else 0.0,
+                "accepted_rate": float(self.accepted.mean()) if len(self.accepted) else 0.0,
+                "tier_share": tiers.tolist()}
+
+
+def simulate_cascade(start, scores, quality, costs, thresholds, max_escalations: int, tier_up=None,
+                     latencies=None) -> CascadeResult:
+    """Run the cascade offline over recorded outcomes, vectorised over queries.
+
+    start (n,) int; scores, quality, costs (n, K) per query and tier (cost: what calling that tier costs for that
+    query); thresholds (n, K) per query (e.g. `thr_table[task_ids]`), NaN = uncertified (accepts nothing).
+    Returns the tier answered, cost paid (all tiers called), quality obtained, escalations, acceptance."""
+    scores = np.asarray(scores, dtype=float)
+    n, K = scores.shape
+    quality = np.asarray(quality, dtype=float)
+    costs = np.asarray(costs, dtype=float)
+    thr = np.asarray(thresholds, dtype=float)
+    if thr.shape != (n, K):
+        thr = np.broadcast_to(thr, (n, K))
+    plan = attempt_plan(np.asarray(start, dtype=int), K, max_escalations, tier_up)
+    # Position of each tier in its plan, and the last tier of each plan.
+    last = np.where(plan.any(1), K - 1 - np.argmax(plan[:, ::-1], axis=1), -1)
+    done = np.zeros(n, dtype=bool)
+    tier = np.full(n, -1)
+    cost = np.zeros(n)
+    lat = np.zeros(n) if latencies is not None else None
+    tried = np.zeros(n, dtype=int)
+    acc_out = np.zeros(n, dtype=bool)
+    ok_score = np.nan_to_num(scores, nan=-np.inf) >= np.nan_to_num(thr, nan=np.inf)
+    for k in range(K):
+        call = plan[:, k] & ~done
+        cost += np.where(call, costs[:, k], 0.0)
+        if lat is not None:
+            lat += np.where(call, np.asarray(latencies, dtype=float)[:, k], 0.0)
+        tried += call
+        accepted_k = call & ((k == K - 1) | ok_score[:, k])
+        finish = call & (accepted_k | (last == k))
+        tier[finish] = k
+        acc_out[finish] = accepted_k[finish]
+        done |= finish
+    qual = np.full(n, np.nan)
+    has = tier >= 0
+    qual[has] = quality[np.flatnonzero(has), tier[has]]
+    return CascadeResult(tier, cost, qual, np.maximum(tried - 1, 0), acc_out, lat)
