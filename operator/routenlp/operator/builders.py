@@ -1,0 +1,619 @@
+"""Pure builders: a custom resource's spec -> the Kubernetes objects the operator applies.
+
+Nothing here does I/O. Each builder takes the parsed resource (routenlp.api models) plus what the handler observed,
+and returns plain dicts ready for server-side apply. Every object gets the app.kubernetes.io/* and routenlp.io/*
+labels and an owner reference to the custom resource that made it (so deleting the CR garbage-collects them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from routenlp.api import API_VERSION, DistillationCampaign, ModelTier, RoutingPolicy
+from routenlp.api.common import SecretKeyRef
+from routenlp.router.config import RouterConfig, RouterVersions, TierEndpoint
+
+FIELD_MANAGER = "routenlp-operator"
+VLLM_PORT = 8000
+ROUTER_CONFIG_KEY = "router.yaml"
+ROUTER_CONFIG_DIR = "/etc/routenlp"
+DATA_DIR = "/var/lib/routenlp"  # event log + router versions (the policy's PVC)
+RUN_AS_USER = 1000
+PRESTOP_SECONDS = 10
+
+Obj = dict[str, Any]
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def labels(component: str, instance: str, **routenlp: str) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/name": "routenlp",
+        "app.kubernetes.io/instance": instance,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "routenlp-operator",
+    }
+    out.update({f"routenlp.io/{k}": v for k, v in routenlp.items()})
+    return out
+
+
+def selector_labels(component: str, instance: str) -> dict[str, str]:
+    """The immutable subset used in Deployment selectors (never add to it: selectors cannot change)."""
+    return {"app.kubernetes.io/instance": instance, "app.kubernetes.io/component": component}
+
+
+def selector_string(sel: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(sel.items()))
+
+
+def owner_reference(owner: Obj) -> Obj:
+    meta = owner["metadata"]
+    return {
+        "apiVersion": owner.get("apiVersion", API_VERSION),
+        "kind": owner["kind"],
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def metadata(name: str, namespace: str, owner: Obj, lbls: dict[str, str], annotations: dict[str, str] | None = None) -> Obj:
+    meta: Obj = {"name": name, "namespace": namespace, "labels": lbls, "ownerReferences": [owner_reference(owner)]}
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+def short_name(*parts: str, limit: int = 63) -> str:
+    """Join parts with '-', keeping it a DNS label: too long -> truncated + a stable hash suffix."""
+    name = "-".join(parts)
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: limit - 9].rstrip('-')}-{digest}"
+
+
+def restricted_security_context() -> Obj:
+    return {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def pod_security_context() -> Obj:
+    return {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER, "fsGroup": RUN_AS_USER}
+
+
+def _host_resources(cpu: str | None, memory: str | None, extra: dict[str, str] | None = None) -> Obj:
+    limits: dict[str, str] = {}
+    requests: dict[str, str] = {}
+    if cpu:
+        requests["cpu"] = limits["cpu"] = cpu
+    if memory:
+        requests["memory"] = limits["memory"] = memory
+    for k, v in (extra or {}).items():  # extended resources: requests must equal limits
+        requests[k] = limits[k] = v
+    out: Obj = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+# ---------------------------------------------------------------- ModelTier
+
+
+def tier_names(tier: ModelTier) -> dict[str, str]:
+    name = tier.metadata.name
+    return {"deployment": name, "service": name}
+
+
+def tier_endpoint(tier: ModelTier, namespace: str) -> str:
+    if tier.spec.external is not None:
+        return tier.spec.external.base_url.rstrip("/")
+    return f"http://{tier_names(tier)['service']}.{namespace}.svc:{VLLM_PORT}/v1"
+
+
+def tier_selector(tier: ModelTier) -> dict[str, str]:
+    return selector_labels("model-tier", tier.metadata.name)
+
+
+def vllm_args(tier: ModelTier) -> list[str]:
+    """`vllm serve` arguments derived from the spec; spec.engine.extraArgs come last so they win."""
+    spec, engine = tier.spec, tier.spec.engine
+    assert engine is not None
+    model = engine.model
+    if model.startswith("pvc://"):  # pvc://claim/path -> the path inside the model-cache mount
+        mount = engine.model_cache.mount_path if engine.model_cache else "/models"
+        model = f"{mount.rstrip('/')}/{model.split('/', 3)[3] if model.count('/') >= 3 else ''}".rstrip("/")
+    args = [
+        "--model", model,
+        "--served-model-name", spec.served_model_name,
+        "--host", "0.0.0.0",
+        "--port", str(VLLM_PORT),
+        "--tensor-parallel-size", str(engine.tensor_parallel_size),
+        "--gpu-memory-utilization", str(engine.gpu_memory_utilization),
+        "--dtype", engine.dtype,
+    ]
+    if engine.revision:
+        args += ["--revision", engine.revision]
+    if engine.max_model_len:
+        args += ["--max-model-len", str(engine.max_model_len)]
+    if engine.quantization:
+        args += ["--quantization", str(engine.quantization)]
+    if spec.lora_enabled:
+        args += ["--enable-lora", "--max-loras", str(spec.max_loras), "--max-lora-rank", str(spec.max_lora_rank)]
+    return args + list(engine.extra_args)
+
+
+def tier_deployment(tier: ModelTier, owner: Obj, namespace: str) -> Obj:
+    spec, engine = tier.spec, tier.spec.engine
+    assert engine is not None, "external tiers have no Deployment"
+    name = tier.metadata.name
+    lbls = labels("model-tier", name, tier=name)
+    res = engine.resources
+    gpu = {res.gpu_resource_name: str(res.gpu_count)} if res.gpu_count else {}
+    env: list[Obj] = [
+        {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True" if spec.lora_enabled else "False"},
+        {"name": "HF_HOME", "value": f"{engine.model_cache.mount_path}/hf" if engine.model_cache else "/tmp/hf"},
+    ]
+    if engine.hub_token_secret_ref:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": engine.hub_token_secret_ref.name, "key": engine.hub_token_secret_ref.key}}})
+    volumes: list[Obj] = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[Obj] = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
+    if engine.model_cache:
+        volumes.append({"name": "model-cache", "persistentVolumeClaim": {
+            "claimName": engine.model_cache.claim_name, "readOnly": engine.model_cache.read_only}})
+        mounts.append({"name": "model-cache", "mountPath": engine.model_cache.mount_path,
+                       "readOnly": engine.model_cache.read_only})
+    probe = {"httpGet": {"path": "/health", "port": "http"}}
+    container: Obj = {
+        "name": "vllm",
+        "image": engine.image,
+        "command": ["vllm", "serve"],
+        "args": vllm_args(tier),
+        "ports": [{"name": "http", "containerPort": VLLM_PORT, "protocol": "TCP"}],
+        "env": env,
+        "resources": _host_resources(res.cpu, res.memory, gpu),
+        "volumeMounts": mounts,
+        # Weights can take many minutes to load: only the startup probe waits that long.
+        "startupProbe": {**probe, "periodSeconds": 10, "failureThreshold": max(1, engine.startup_timeout_seconds // 10)},
+        "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {**probe, "periodSeconds": 15, "failureThreshold": 4},
+        # Let endpoints drop the pod before vLLM stops taking requests.
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
+        "securityContext": restricted_security_context(),
+    }
+    pod_spec: Obj = {
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": pod_security_context(),
+        "terminationGracePeriodSeconds": PRESTOP_SECONDS + 30,
+        "automountServiceAccountToken": False,
+    }
+    if engine.node_selector:
+        pod_spec["nodeSelector"] = dict(engine.node_selector)
+    if engine.tolerations:
+        pod_spec["tolerations"] = [t.to_k8s() for t in engine.tolerations]
+    if engine.affinity:
+        pod_spec["affinity"] = engine.affinity
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(name, namespace, owner, lbls),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": tier_selector(tier)},
+            # GPUs are scarce: replace pods one at a time without surging above the GPU budget.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "template": {"metadata": {"labels": lbls}, "spec": pod_spec},
+        },
+    }
+
+
+def tier_service(tier: ModelTier, owner: Obj, namespace: str) -> Obj:
+    name = tier.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(name, namespace, owner, labels("model-tier", name, tier=name)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": tier_selector(tier),
+            "ports": [{"name": "http", "port": VLLM_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def tier_objects(tier: ModelTier, owner: Obj, namespace: str) -> list[Obj]:
+    if tier.spec.external is not None:
+        return []
+    return [tier_deployment(tier, owner, namespace), tier_service(tier, owner, namespace)]
+
+
+# ---------------------------------------------------------------- RoutingPolicy
+
+
+def policy_names(name: str) -> dict[str, str]:
+    return {
+        "configmap": short_name(name, "router-config"),
+        "deployment": short_name(name, "router"),
+        "service": short_name(name, "router"),
+        "pvc": short_name(name, "events"),
+    }
+
+
+def api_key_env(tier_name: str) -> str:
+    return "ROUTENLP_API_KEY_" + tier_name.upper().replace("-", "_")
+
+
+def router_config(policy: RoutingPolicy, tiers: list[ModelTier], namespace: str, versions: Obj | None = None) -> RouterConfig:
+    """The router's configuration from the policy and its resolved tiers (in the policy's order)."""
+    spec = policy.spec
+    endpoints = []
+    for t in tiers:
+        ext = t.spec.external
+        endpoints.append(TierEndpoint(
+            name=t.metadata.name,
+            served_model_name=ext.model if ext else t.spec.served_model_name,
+            base_url=tier_endpoint(t, namespace),
+            cost=t.spec.cost,
+            api_key_env=api_key_env(t.metadata.name) if ext and ext.api_key_secret_ref else None,
+            timeout_seconds=ext.timeout_seconds if ext else 60,
+            adapters=[a.name for a in t.spec.adapters],
+        ))
+    versions = versions or {}
+    return RouterConfig(
+        policy=policy.metadata.name,
+        tiers=endpoints,
+        tasks=spec.tasks,
+        default_task=spec.default_task,
+        unknown_task=spec.unknown_task,
+        cascade=spec.cascade,
+        router=RouterVersions(
+            artifact_dir=f"{DATA_DIR}/routers",
+            current=versions.get("current"),
+            canary=versions.get("canary"),
+            canary_percent=versions.get("canaryPercent", 0) if versions.get("canary") else 0,
+        ),
+        shadow_sample_rate=spec.feedback.shadow_sample_rate,
+        event_log_dir=f"{DATA_DIR}/events",
+    )
+
+
+def config_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def router_configmap(policy: RoutingPolicy, owner: Obj, namespace: str, config_yaml: str) -> Obj:
+    name = policy.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(policy_names(name)["configmap"], namespace, owner, labels("router", name, policy=name),
+                             {"routenlp.io/config-hash": config_hash(config_yaml)}),
+        "data": {ROUTER_CONFIG_KEY: config_yaml},
+    }
+
+
+def events_pvc(policy: RoutingPolicy, owner: Obj, namespace: str) -> Obj:
+    name = policy.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": metadata(policy_names(name)["pvc"], namespace, owner, labels("event-log", name, policy=name)),
+        "spec": {
+            # Gateway replicas and campaign Jobs share it.
+            "accessModes": ["ReadWriteMany"],
+            "resources": {"requests": {"storage": policy.spec.feedback.event_log_size}},
+        },
+    }
+
+
+def events_claim(policy: RoutingPolicy) -> str:
+    return policy.spec.feedback.event_log_claim_name or policy_names(policy.metadata.name)["pvc"]
+
+
+def router_container(policy: RoutingPolicy, tiers: list[ModelTier]) -> Obj:
+    dep = policy.spec.deployment
+    env: list[Obj] = [{"name": "HF_HUB_OFFLINE", "value": "1"}]
+    for t in tiers:
+        ref = t.spec.external.api_key_secret_ref if t.spec.external else None
+        if ref:  # key read from the Secret by the kubelet; never in the ConfigMap or logs
+            env.append({"name": api_key_env(t.metadata.name),
+                        "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    return {
+        "name": "router",
+        "image": dep.image,
+        "command": ["routenlp", "router"],
+        "args": ["--config", f"{ROUTER_CONFIG_DIR}/{ROUTER_CONFIG_KEY}", "--host", "0.0.0.0",
+                 "--port", str(dep.service.port)],
+        "ports": [{"name": "router", "containerPort": dep.service.port, "protocol": "TCP"}],
+        "env": env,
+        "resources": {"requests": {"cpu": dep.cpu, "memory": dep.memory}, "limits": {"memory": dep.memory}},
+        "volumeMounts": [
+            {"name": "router-config", "mountPath": ROUTER_CONFIG_DIR, "readOnly": True},
+            {"name": "routenlp-data", "mountPath": DATA_DIR},
+        ],
+        # The router's own endpoints: /readyz once its config and encoder are loaded, /healthz while alive.
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "router"}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "router"}, "periodSeconds": 15, "failureThreshold": 4},
+        "securityContext": restricted_security_context() | {"runAsUser": RUN_AS_USER},
+    }
+
+
+def router_volumes(policy: RoutingPolicy) -> list[Obj]:
+    return [
+        {"name": "router-config", "configMap": {"name": policy_names(policy.metadata.name)["configmap"]}},
+        {"name": "routenlp-data", "persistentVolumeClaim": {"claimName": events_claim(policy)}},
+    ]
+
+
+def router_deployment(policy: RoutingPolicy, tiers: list[ModelTier], owner: Obj, namespace: str, cfg_hash: str) -> Obj:
+    name = policy.metadata.name
+    lbls = labels("router", name, policy=name)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(policy_names(name)["deployment"], namespace, owner, lbls),
+        "spec": {
+            "replicas": policy.spec.deployment.replicas,
+            "selector": {"matchLabels": selector_labels("router", name)},
+            "template": {
+                # The hash rolls the pods when the rendered configuration changes.
+                "metadata": {"labels": lbls, "annotations": {"routenlp.io/config-hash": cfg_hash}},
+                "spec": {
+                    "containers": [router_container(policy, tiers)],
+                    "volumes": router_volumes(policy),
+                    "securityContext": pod_security_context(),
+                    "automountServiceAccountToken": False,
+                },
+            },
+        },
+    }
+
+
+def router_service(policy: RoutingPolicy, owner: Obj, namespace: str) -> Obj:
+    name = policy.metadata.name
+    svc = policy.spec.deployment.service
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(policy_names(name)["service"], namespace, owner, labels("router", name, policy=name)),
+        "spec": {
+            "type": svc.type,
+            "selector": selector_labels("router", name),
+            "ports": [{"name": "http", "port": svc.port, "targetPort": "router", "protocol": "TCP"}],
+        },
+    }
+
+
+def router_endpoint(policy: RoutingPolicy, namespace: str) -> str:
+    return (f"http://{policy_names(policy.metadata.name)['service']}.{namespace}.svc:"
+            f"{policy.spec.deployment.service.port}/v1")
+
+
+def policy_objects(policy: RoutingPolicy, tiers: list[ModelTier], owner: Obj, namespace: str,
+                   versions: Obj | None = None) -> tuple[list[Obj], str]:
+    """Objects of a policy whose tiers all resolved, and the hash of the rendered configuration."""
+    cfg = router_config(policy, tiers, namespace, versions).dump_yaml()
+    h = config_hash(cfg)
+    objs = [router_configmap(policy, owner, namespace, cfg)]
+    if not policy.spec.feedback.event_log_claim_name:
+        objs.append(events_pvc(policy, owner, namespace))
+    if policy.spec.deployment.mode == "gateway":
+        objs += [router_deployment(policy, tiers, owner, namespace, h), router_service(policy, owner, namespace)]
+    return objs, h
+
+
+def sidecar_patch(pod: Obj, policy: RoutingPolicy, tiers: list[ModelTier]) -> list[Obj]:
+    """JSON patch that injects the router container and its volumes into a pod (idempotent: no-op if present)."""
+    spec = pod.get("spec", {})
+    if any(c.get("name") == "router" for c in spec.get("containers", [])):
+        return []
+    ops: list[Obj] = [{"op": "add", "path": "/spec/containers/-", "value": router_container(policy, tiers)}]
+    if "volumes" not in spec:
+        ops.append({"op": "add", "path": "/spec/volumes", "value": []})
+    existing = {v.get("name") for v in spec.get("volumes", [])}
+    ops += [{"op": "add", "path": "/spec/volumes/-", "value": v}
+            for v in router_volumes(policy) if v["name"] not in existing]
+    return ops
+
+
+# ---------------------------------------------------------------- DistillationCampaign
+
+# Stage -> the `routenlp train` commands its Job runs, in order (all but the last as init containers, so the main
+# container's termination message carries the stage's result).
+STAGE_COMMANDS: dict[str, list[str]] = {
+    "Clustering": ["cluster"],
+    "Distilling": ["distill"],
+    "Evaluating": ["evaluate"],
+    "RetrainingRouter": ["retrain", "calibrate", "publish"],
+}
+
+
+def stage_commands(campaign: DistillationCampaign, stage: str) -> list[str]:
+    if stage == "RetrainingRouter" and not campaign.spec.retrain_router:
+        return ["publish"]
+    return STAGE_COMMANDS[stage]
+
+
+def job_name(campaign: str, run: int, stage: str, attempt: int) -> str:
+    return short_name(campaign, f"r{run}", stage.lower(), f"a{attempt}")
+
+
+def campaign_work_dir(campaign: str, run: int) -> str:
+    return f"{DATA_DIR}/campaigns/{campaign}/run-{run}"
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What the stage Jobs need to know beyond the campaign: the tiers and policy they work on."""
+
+    student_model: str  # the student's model (path/hub id), what the trainer loads
+    student_url: str  # the student tier's OpenAI-compatible base URL
+    student_served_name: str
+    teacher_url: str
+    teacher_model: str  # `model` sent to the teacher
+    tiers: tuple[str, ...]  # the policy's tiers, cheapest first
+    risk_level: float
+    delta: float
+    max_escalations: int
+    teacher_key: SecretKeyRef | None = None
+    student_cache_claim: str | None = None  # student tier's model-cache PVC: where adapters are published
+
+
+ADAPTER_MOUNT = "/var/lib/routenlp-adapters"  # the student's model-cache PVC inside stage Jobs
+
+
+def adapter_name(campaign: str, run: int) -> str:
+    return short_name(campaign, f"r{run}")
+
+
+def stage_args(campaign: DistillationCampaign, ctx: StageContext, cmd: str, run: int) -> list[str]:
+    """Arguments of `routenlp train <cmd>` (trainer_image/routenlp/trainer) for this campaign run."""
+    spec = campaign.spec
+    work = campaign_work_dir(campaign.metadata.name, run)
+    events, routers = f"{DATA_DIR}/events", f"{work}/routers"
+    version = adapter_name(campaign.metadata.name, run)
+    teacher = ["--teacher-url", ctx.teacher_url, "--teacher-model", ctx.teacher_model]
+    if cmd == "cluster":
+        c = spec.clustering
+        return ["--events", events, "--out", f"{work}/cluster", "--teacher-tier", spec.teacher_tier,
+                "--student-tier", spec.student_tier, "--method", c.method, "--max-clusters", str(c.max_clusters),
+                "--min-cluster-size", str(c.min_cluster_size), "--top-clusters", str(c.top_clusters)]
+    if cmd == "distill":
+        lora = spec.lora
+        out = ["--clusters", f"{work}/cluster", "--out", f"{work}/distill", "--base-model", ctx.student_model,
+               "--adapter-name", version, "--r", str(lora.r), "--alpha", str(lora.alpha),
+               "--dropout", str(lora.dropout), "--target-modules", *lora.target_modules, "--steps", str(lora.steps),
+               "--learning-rate", str(lora.learning_rate), "--batch-size", str(lora.batch_size),
+               "--samples-per-cluster", str(lora.samples_per_cluster),
+               "--top-clusters", str(spec.clustering.top_clusters),
+               "--hold-out-fraction", str(spec.evaluation.hold_out_fraction), "--quiet", *teacher]
+        return out + (["--teacher-api-key-env", "TEACHER_API_KEY"] if ctx.teacher_key else [])
+    if cmd == "evaluate":
+        return ["--distill", f"{work}/distill", "--out", f"{work}/evaluate", "--base-model", ctx.student_model,
+                "--min-quality-gain", str(spec.evaluation.min_quality_gain),
+                "--max-regression", str(spec.evaluation.max_regression), *teacher]
+    common = ["--events", events, "--artifact-dir", routers, "--version", version,
+              "--teacher-tier", spec.teacher_tier, "--tiers", *ctx.tiers, "--risk-level", str(ctx.risk_level),
+              "--delta", str(ctx.delta), "--max-escalations", str(ctx.max_escalations)]
+    if cmd == "retrain":
+        return [*common, "--out", f"{work}/retrain", "--student-tier", spec.student_tier,
+                "--student-model", ctx.student_served_name, "--student-url", ctx.student_url,
+                "--exclude", f"{work}/distill/train.jsonl"]
+    if cmd == "calibrate":
+        return [*common, "--out", f"{work}/calibrate", "--signals", f"{work}/retrain/signals.jsonl"]
+    if cmd == "publish":
+        out = ["--out", f"{work}/publish"]
+        if ctx.student_cache_claim:  # the tier loads adapters from its own model-cache PVC
+            out += ["--adapter", f"{work}/distill/adapter", "--adapter-name", version,
+                    "--adapter-to", f"{ADAPTER_MOUNT}/adapters"]
+        if campaign.spec.retrain_router:
+            out += ["--router-version", f"{routers}/{version}", "--router-to", f"{DATA_DIR}/routers"]
+        return out
+    raise ValueError(f"unknown stage command {cmd!r}")
+
+
+def stage_job(campaign: DistillationCampaign, owner: Obj, namespace: str, stage: str, run: int, attempt: int,
+              artifact_claim: str, ctx: StageContext) -> Obj:
+    name = campaign.metadata.name
+    spec, res = campaign.spec, campaign.spec.resources
+    commands = stage_commands(campaign, stage)
+    gpu = {res.gpu_resource_name: str(res.gpu_count)} if stage == "Distilling" and res.gpu_count else {}
+    env: list[Obj] = [{"name": "HF_HUB_OFFLINE", "value": "1"}]
+    if ctx.teacher_key:  # by reference: the kubelet reads the Secret, the operator never does
+        env.append({"name": "TEACHER_API_KEY", "valueFrom": {"secretKeyRef": {
+            "name": ctx.teacher_key.name, "key": ctx.teacher_key.key}}})
+    mounts: list[Obj] = [{"name": "routenlp-data", "mountPath": DATA_DIR}]
+    volumes: list[Obj] = [{"name": "routenlp-data", "persistentVolumeClaim": {"claimName": artifact_claim}}]
+    if ctx.student_cache_claim:
+        mounts.append({"name": "student-cache", "mountPath": ADAPTER_MOUNT})
+        volumes.append({"name": "student-cache", "persistentVolumeClaim": {"claimName": ctx.student_cache_claim}})
+
+    def container(cmd: str) -> Obj:
+        return {
+            "name": cmd,
+            "image": res.image,
+            "command": ["routenlp", "train", cmd],
+            "args": stage_args(campaign, ctx, cmd, run),
+            "env": env,
+            "resources": _host_resources(res.cpu, res.memory, gpu),
+            "volumeMounts": mounts,
+            # The stage prints a one-line JSON summary last; the operator reads it from the termination message.
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+            "securityContext": restricted_security_context() | {"runAsUser": RUN_AS_USER},
+        }
+
+    lbls = labels("campaign-stage", name, campaign=name) | {"routenlp.io/stage": stage, "routenlp.io/run": str(run)}
+    pod_spec: Obj = {
+        "restartPolicy": "Never",
+        "containers": [container(commands[-1])],
+        "volumes": volumes,
+        "securityContext": pod_security_context(),
+        "automountServiceAccountToken": False,
+    }
+    if len(commands) > 1:
+        pod_spec["initContainers"] = [container(c) for c in commands[:-1]]
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod_spec["tolerations"] = [t.to_k8s() for t in res.tolerations]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata(job_name(name, run, stage, attempt), namespace, owner, lbls,
+                             {"routenlp.io/attempt": str(attempt)}),
+        "spec": {
+            # Retries are the operator's (bounded by maxStageRetries, visible in status), not the Job's.
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": res.active_deadline_seconds,
+            "ttlSecondsAfterFinished": 7 * 24 * 3600,
+            "template": {"metadata": {"labels": lbls}, "spec": pod_spec},
+        },
+    }
+
+
+def stage_context(campaign: DistillationCampaign, policy: RoutingPolicy, student: ModelTier, teacher: ModelTier,
+                  namespace: str) -> StageContext:
+    ext = teacher.spec.external
+    engine = student.spec.engine
+    return StageContext(
+        student_model=engine.model if engine else student.spec.served_model_name,
+        student_url=tier_endpoint(student, namespace),
+        student_served_name=student.spec.served_model_name,
+        teacher_url=tier_endpoint(teacher, namespace),
+        teacher_model=ext.model if ext else teacher.spec.served_model_name,
+        tiers=tuple(t.name for t in policy.spec.tiers),
+        risk_level=policy.spec.cascade.risk_level,
+        delta=policy.spec.cascade.delta,
+        max_escalations=policy.spec.cascade.max_escalations,
+        teacher_key=ext.api_key_secret_ref if ext else None,
+        student_cache_claim=engine.model_cache.claim_name if engine and engine.model_cache else None,
+    )
+
+
+def tier_adapter_source(reported: str, ctx_claim: str | None) -> str:
+    """publish reports where it wrote the adapter inside the Job; the tier sees the same PVC as pvc://claim/path."""
+    path = reported.removeprefix("file://")
+    if ctx_claim and path.startswith(ADAPTER_MOUNT + "/"):
+        return f"pvc://{ctx_claim}/{path[len(ADAPTER_MOUNT) + 1:]}"
+    return reported
+
+
+def to_yaml(objs: list[Obj]) -> str:
+    return yaml.safe_dump_all(objs, sort_keys=False)

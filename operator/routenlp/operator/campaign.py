@@ -1,0 +1,303 @@
+"""The DistillationCampaign state machine, as a pure function of (spec, status, observed Jobs, now).
+
+Pending -> Clustering -> Distilling -> Evaluating -> RetrainingRouter -> RollingOut -> Succeeded | Failed, with
+Proposed instead of RollingOut when autoApply is false. Each Job stage runs as one Job per attempt; a failed attempt
+is retried up to spec.maxStageRetries times. A stage's result is the one-line JSON summary its container prints last,
+read from the terminated container's message (terminationMessagePolicy FallbackToLogsOnError).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from routenlp.api import DistillationCampaign, parse_duration
+
+Obj = dict[str, Any]
+
+JOB_STAGES = ("Clustering", "Distilling", "Evaluating", "RetrainingRouter")
+TERMINAL = ("Succeeded", "Failed", "Proposed")
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """One stage Job as observed: Running, Succeeded or Failed, plus the main container's termination message."""
+
+    name: str
+    stage: str
+    attempt: int
+    state: str
+    message: str = ""
+    seconds: float | None = None
+
+
+@dataclass
+class Step:
+    """What the handler must do: write `status`, create `create_job` (stage, attempt), emit `events`."""
+
+    status: Obj
+    create_job: tuple[str, int] | None = None
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    finished: str | None = None  # "Succeeded" / "Failed" when a run ended in this step (metrics)
+
+
+def parse_summary(message: str) -> Obj:
+    """The last line of the message that parses as a JSON object (logs may precede it on FallbackToLogsOnError)."""
+    for line in reversed((message or "").strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                return value
+    return {}
+
+
+def _get(d: Obj, *names: str) -> Any:
+    for n in names:
+        if n in d:
+            return d[n]
+    return None
+
+
+def job_result(job: Obj, pods: list[Obj]) -> JobResult:
+    """Observe a stage Job and (for its result) its pods' terminated main container."""
+    meta, st = job["metadata"], job.get("status") or {}
+    lbls = meta.get("labels", {})
+    state = "Running"
+    for c in st.get("conditions") or []:
+        if c.get("status") == "True" and c.get("type") in ("Complete", "SuccessCriteriaMet"):
+            state = "Succeeded"
+        elif c.get("status") == "True" and c.get("type") in ("Failed", "FailureTarget"):
+            state = "Failed"
+    main = job["spec"]["template"]["spec"]["containers"][0]["name"]
+    message = ""
+    for p in pods:
+        for cs in (p.get("status") or {}).get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated")
+            if cs.get("name") == main and term and term.get("message"):
+                message = term["message"]
+    if state == "Failed" and not message:
+        message = "; ".join(c.get("message", "") for c in st.get("conditions") or [] if c.get("type") == "Failed")
+    seconds = None
+    if st.get("startTime") and st.get("completionTime"):
+        seconds = (_ts(st["completionTime"]) - _ts(st["startTime"])).total_seconds()
+    return JobResult(meta["name"], lbls.get("routenlp.io/stage", ""), int(meta.get("annotations", {}).get(
+        "routenlp.io/attempt", 0)) or _attempt_from_name(meta["name"]), state, message, seconds)
+
+
+def _attempt_from_name(name: str) -> int:
+    tail = name.rsplit("-a", 1)
+    return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else 1
+
+
+def _ts(s: str) -> datetime:
+    return datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+
+def should_start(campaign: DistillationCampaign, status: Obj, observed_run_id: str | None, now: datetime,
+                 escalation_rate: float | None, failures: int | None) -> str | None:
+    """Why a new run starts now (a reason word), or None. Runs never overlap."""
+    phase = status.get("phase")
+    if phase not in (None, "Pending", *TERMINAL):
+        return None
+    trig = campaign.spec.trigger
+    last = status.get("lastRunTime")
+    if trig.mode == "Manual":
+        if not status.get("run"):
+            return "Created"
+        if trig.run_id and trig.run_id != observed_run_id:
+            return "RunIdChanged"
+        return None
+    if last and (now - _ts(last)).total_seconds() < parse_duration(trig.cooldown):
+        return None
+    if trig.mode == "Schedule":
+        from croniter import croniter  # lazy: only schedule-triggered campaigns need it
+
+        base = _ts(last) if last else _ts(campaign.metadata.model_extra.get("creationTimestamp") or last_or_now(now))
+        return "Schedule" if croniter(trig.schedule, base).get_next(datetime) <= now else None
+    if trig.mode == "EscalationRate":
+        if escalation_rate is None or escalation_rate < trig.escalation_rate_threshold:
+            return None
+        if failures is not None and failures < trig.min_failures:
+            return None
+        return "EscalationRate"
+    return None
+
+
+def last_or_now(now: datetime) -> str:
+    return now.astimezone(timezone.utc).isoformat()
+
+
+def _stage(status: Obj, stage: str) -> Obj | None:
+    return next((s for s in status.get("stages", []) if s["stage"] == stage), None)
+
+
+def _set_stage(status: Obj, entry: Obj) -> None:
+    entry = {k: v for k, v in entry.items() if v is not None}
+    stages = [s for s in status.get("stages", []) if s["stage"] != entry["stage"]]
+    stages.append(entry)
+    order = {s: i for i, s in enumerate((*JOB_STAGES, "RollingOut"))}
+    status["stages"] = sorted(stages, key=lambda s: order.get(s["stage"], 99))
+
+
+def start_run(status: Obj, now: str, reason: str) -> Step:
+    st = {**status, "phase": "Clustering", "run": int(status.get("run") or 0) + 1, "lastRunTime": now,
+          "stages": [], "clusters": [], "metrics": {}, "adapter": None, "routerVersion": None}
+    _set_stage(st, {"stage": "Clustering", "attempts": 1, "state": "Running", "message": ""})
+    return Step(st, ("Clustering", 1), [("Normal", "RunStarted", f"run {st['run']} started ({reason})")])
+
+
+def _next_stage(stage: str) -> str:
+    return {"Clustering": "Distilling", "Distilling": "Evaluating", "Evaluating": "RetrainingRouter",
+            "RetrainingRouter": "RollingOut"}[stage]
+
+
+def gate(campaign: DistillationCampaign, metrics: Obj, summary: Obj) -> tuple[bool, str]:
+    g = campaign.spec.evaluation
+    gain, regression = metrics.get("qualityGain"), metrics.get("regression")
+    if gain is None:
+        passed = summary.get("passed")
+        return bool(passed), "evaluate reported passed" if passed else "evaluate reported no quality figures"
+    if gain < g.min_quality_gain:
+        return False, f"quality gain {gain:.4f} < minQualityGain {g.min_quality_gain}"
+    if regression is not None and regression > g.max_regression:
+        return False, f"regression {regression:.4f} > maxRegression {g.max_regression}"
+    return True, f"quality gain {gain:.4f} >= {g.min_quality_gain}"
+
+
+def _record(status: Obj, stage: str, summary: Obj, campaign: DistillationCampaign) -> tuple[bool, str]:
+    """Fold a stage's summary into status; (continue?, message)."""
+    if stage == "Clustering":
+        raw = _get(summary, "clusters")
+        clusters = [{"id": int(_get(c, "id") or i), "size": int(_get(c, "size") or 0),
+                     "costUsd": float(_get(c, "costUsd", "cost_usd") or 0.0),
+                     **({"escalationRate": float(_get(c, "escalationRate", "escalation_rate"))}
+                        if _get(c, "escalationRate", "escalation_rate") is not None else {}),
+                     "examples": [str(e)[:200] for e in (_get(c, "examples") or [])[:3]]}
+                    for i, c in enumerate(raw if isinstance(raw, list) else [])]
+        count = len(clusters) if isinstance(raw, list) else int(raw or 0)  # the trainer may report a count only
+        status["clusters"] = clusters[: campaign.spec.clustering.top_clusters]
+        if not count:
+            return False, "no clusters of escalation failures to distill"
+        return True, f"{count} clusters"
+    if stage == "Distilling":
+        adapter = _get(summary, "adapter")
+        if isinstance(adapter, dict):
+            adapter = f"{adapter.get('name')}@{adapter.get('source') or adapter.get('uri')}"
+        if adapter:
+            status["adapter"] = adapter
+        return True, f"adapter {adapter}" if adapter else "distilled"
+    if stage == "Evaluating":
+        before = _get(summary, "qualityBefore", "quality_before")
+        after = _get(summary, "qualityAfter", "quality_after")
+        m = {"qualityBefore": before, "qualityAfter": after,
+             "qualityGain": _get(summary, "qualityGain", "quality_gain"),
+             "regression": _get(summary, "regression"),
+             "teacherQuality": _get(summary, "teacherQuality", "teacher_quality")}
+        if m["qualityGain"] is None and before is not None and after is not None:
+            m["qualityGain"] = round(float(after) - float(before), 6)
+        status["metrics"] = {k: v for k, v in m.items() if v is not None}
+        return gate(campaign, status["metrics"], summary)
+    if stage == "RetrainingRouter":
+        version = _get(summary, "routerVersion", "router_version", "version")
+        adapter = _get(summary, "adapter")
+        if isinstance(adapter, dict):
+            adapter = f"{adapter.get('name')}@{adapter.get('source') or adapter.get('uri')}"
+        if adapter:
+            status["adapter"] = adapter
+        if version:
+            status["routerVersion"] = str(version)
+        return True, f"router version {version}" if version else "published"
+    return True, ""
+
+
+def advance(campaign: DistillationCampaign, status: Obj, jobs: list[JobResult], now: str,
+            policy_router: Obj | None = None, start_reason: str | None = None) -> Step:
+    """One step of the state machine. `jobs`: this run's stage Jobs; `policy_router`: the policy's status.router."""
+    status = json.loads(json.dumps(status or {}))
+    phase = status.get("phase")
+    if phase in (None, "Pending", *TERMINAL):
+        if start_reason:
+            return start_run(status, now, start_reason)
+        if phase is None:
+            status["phase"] = "Pending"
+        return Step(status)
+
+    if phase in JOB_STAGES:
+        entry = _stage(status, phase) or {"stage": phase, "attempts": 1, "state": "Running", "message": ""}
+        attempt = int(entry.get("attempts") or 1)
+        job = next((j for j in jobs if j.stage == phase and j.attempt == attempt), None)
+        if job is None:  # not created yet, or deleted under us: (re)create it (apply is idempotent)
+            _set_stage(status, {**entry, "state": "Running"})
+            return Step(status, (phase, attempt))
+        entry = {**entry, "job": job.name}
+        if job.state == "Running":
+            _set_stage(status, {**entry, "state": "Running"})
+            return Step(status)
+        if job.state == "Failed":
+            if attempt <= campaign.spec.max_stage_retries:
+                _set_stage(status, {**entry, "attempts": attempt + 1, "state": "Running",
+                                    "message": f"attempt {attempt} failed: {job.message[:200]}"})
+                return Step(status, (phase, attempt + 1),
+                            [("Warning", "StageRetried", f"{phase} attempt {attempt} failed; retrying")])
+            _set_stage(status, {**entry, "state": "Failed", "message": job.message[:300], "seconds": job.seconds})
+            status["phase"] = "Failed"
+            return Step(status, None, [("Warning", "StageFailed",
+                                        f"{phase} failed after {attempt} attempts: {job.message[:200]}")], "Failed")
+        summary = parse_summary(job.message)
+        summary = {**summary, **(summary.get("metrics") or {})}  # the trainer nests its figures under "metrics"
+        ok, msg = _record(status, phase, summary, campaign)
+        if not ok:
+            _set_stage(status, {**entry, "state": "Succeeded" if phase == "Clustering" else "Failed",
+                                "message": msg, "seconds": job.seconds})
+            if phase == "Clustering":  # nothing to do is a successful run
+                status["phase"] = "Succeeded"
+                return Step(status, None, [("Normal", "NothingToDistill", msg)], "Succeeded")
+            status["phase"] = "Failed"
+            return Step(status, None, [("Warning", "EvaluationGateFailed", msg)], "Failed")
+        _set_stage(status, {**entry, "state": "Succeeded", "message": msg, "seconds": job.seconds})
+        nxt = _next_stage(phase)
+        if nxt == "RollingOut":
+            if not campaign.spec.auto_apply:
+                status["phase"] = "Proposed"
+                return Step(status, None, [("Normal", "Proposed",
+                                            f"results ready for review: adapter {status.get('adapter')}, router "
+                                            f"version {status.get('routerVersion')}")], "Succeeded")
+            status["phase"] = "RollingOut"
+            _set_stage(status, {"stage": "RollingOut", "attempts": 1, "state": "Running", "message": ""})
+            return Step(status, None, [("Normal", "RollingOut", f"rolling out router version "
+                                                                f"{status.get('routerVersion')}")])
+        status["phase"] = nxt
+        _set_stage(status, {"stage": nxt, "attempts": 1, "state": "Running", "message": ""})
+        return Step(status, (nxt, 1), [("Normal", "StageSucceeded", f"{phase}: {msg}")])
+
+    if phase == "RollingOut":
+        version = status.get("routerVersion")
+        router = policy_router or {}
+        live = version is None or version in (router.get("current"), router.get("canary"), router.get("proposed"))
+        if not live:
+            return Step(status)
+        entry = _stage(status, "RollingOut") or {"stage": "RollingOut", "attempts": 1}
+        _set_stage(status, {**entry, "state": "Succeeded",
+                            "message": f"router version {version} is {'current' if version == router.get('current') else 'canary or proposed'}"})
+        status["phase"] = "Succeeded"
+        return Step(status, None, [("Normal", "RunSucceeded", f"run {status.get('run')} succeeded")], "Succeeded")
+    return Step(status)
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def campaign_adapter(status: Obj) -> Obj | None:
+    """{"name","source"} of the adapter a finished campaign produced (status.adapter is name@uri)."""
+    a = status.get("adapter")
+    if not a or status.get("phase") not in ("RollingOut", "Succeeded"):
+        return None
+    name, _, source = a.partition("@")
+    return {"name": name, "source": source or name}

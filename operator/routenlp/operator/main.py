@@ -1,0 +1,69 @@
+"""`routenlp operator`: run the kopf operator with RouteNLP's settings.
+
+Health: kopf's liveness endpoint (`--liveness`, default http://0.0.0.0:8080/healthz). Metrics: Prometheus on
+`--metrics-port`. Several replicas: `--peering NAME` (kopf peering: only the highest-priority replica acts; needs the
+ClusterKopfPeering CRD and object from the chart); one replica: standalone. SIGTERM stops watching and lets
+running handlers finish (graceful shutdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="routenlp operator", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=[], help="namespace to serve (repeatable)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="serve every namespace (default)")
+    p.add_argument("--peering", metavar="NAME", help="kopf peering name (several replicas); default: standalone")
+    p.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness/readiness endpoint URL")
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: off)")
+    p.add_argument("--webhook-port", type=int, default=0,
+                   help="serve the sidecar-injection webhook (HTTPS) on this port (0: off)")
+    p.add_argument("--webhook-cert", help="TLS certificate file of the webhook server (e.g. from cert-manager)")
+    p.add_argument("--webhook-key", help="TLS private key file of the webhook server")
+    p.add_argument("--resync-seconds", type=float, default=None, help="status refresh / drift repair interval")
+    p.add_argument("--log-format", choices=["json", "plain"], default="json", help="log format (json: structured)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.webhook_port and not (args.webhook_cert and args.webhook_key):
+        print("routenlp operator: --webhook-port needs --webhook-cert and --webhook-key", file=sys.stderr)
+        return 2
+    if args.resync_seconds is not None:
+        os.environ["ROUTENLP_RESYNC_SECONDS"] = str(args.resync_seconds)
+    if args.webhook_port:  # read by the startup handler
+        os.environ.update(ROUTENLP_WEBHOOK_PORT=str(args.webhook_port), ROUTENLP_WEBHOOK_CERT=args.webhook_cert,
+                          ROUTENLP_WEBHOOK_KEY=args.webhook_key)
+    import kopf
+
+    kopf.configure(verbose=args.verbose, quiet=args.quiet,
+                   log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL)
+    from . import handlers  # noqa: F401  (registers the handlers)
+
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port)
+
+    logging.getLogger("routenlp.operator").info("starting", extra={"namespaces": args.namespace or "all"})
+    asyncio.run(kopf.operator(
+        standalone=args.peering is None,
+        peering_name=args.peering,
+        priority=args.priority,
+        liveness_endpoint=args.liveness,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+    ))
+    return 0

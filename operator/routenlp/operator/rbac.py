@@ -1,0 +1,54 @@
+"""The exact Kubernetes API permissions the operator uses, as data (the Helm chart renders its ClusterRole from it).
+
+Each entry is (apiGroups, resources, verbs) in ClusterRole rule form. tests/integration/test_rbac.py records every
+request the real operator (kopf and our own client) makes against the emulator and proves each is allowed by RULES,
+and that every verb listed here was used, so the list is sufficient and no wider than needed. Server-side apply of an
+object that does not exist yet needs `create` besides `patch`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GROUP = "routenlp.io"
+
+# What the operator always needs.
+RULES: list[dict[str, list[str]]] = [
+    # The three custom resources: kopf watches them and patches metadata (finalizer, handler progress annotations).
+    {"apiGroups": [GROUP], "resources": ["modeltiers", "routingpolicies", "distillationcampaigns"],
+     "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": [GROUP], "resources": ["modeltiers/status", "routingpolicies/status",
+                                          "distillationcampaigns/status"], "verbs": ["patch"]},
+    # Children, applied server-side; deployments/services/configmaps are also watched for drift repair.
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["services", "configmaps"], "verbs": ["list", "watch", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["create", "patch"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "create", "patch"]},
+    # Tier pods (readiness, scheduling reasons, pod IPs for LoRA loading) and stage Job pods (termination message).
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    # External tiers: the API-key Secret exists (its value is never read into status or logs).
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    # kopf's resource discovery follows CRDs being added or removed.
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+]
+
+# Only with `--peering NAME` (several replicas; kopf peering picks one active operator): clusterkopfpeerings with
+# --all-namespaces, kopfpeerings (in each served namespace) with -n. tests/integration/test_peering.py checks them.
+PEERING_RULES: list[dict[str, list[str]]] = [
+    {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings", "kopfpeerings"],
+     "verbs": ["list", "watch", "patch"]},
+]
+
+
+def allows(rules: list[dict[str, list[str]]], group: str, resource: str, verb: str) -> bool:
+    return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules)
+
+
+def triples(rules: list[dict[str, list[str]]]) -> set[tuple[str, str, str]]:
+    return {(g, res, v) for r in rules for g in r["apiGroups"] for res in r["resources"] for v in r["verbs"]}
+
+
+def cluster_role(name: str = "routenlp-operator", peering: bool = True) -> dict[str, Any]:
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
+            "rules": RULES + (PEERING_RULES if peering else [])}

@@ -1,0 +1,103 @@
+"""Router version rollout of a RoutingPolicy, as a pure function.
+
+`spec.router.version` is the user's: a pinned version is served as is (the operator never rewrites it). With
+`auto`, versions produced by campaigns become a canary at `canaryPercent`, then are promoted when the promotion
+guard holds on the canary's labelled traffic or rolled back when it does not. Every decision lands in
+status.router.history, so GitOps users see what happened without the operator touching their spec.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from routenlp.api import RoutingPolicy
+
+Obj = dict[str, Any]
+HISTORY_LIMIT = 20
+
+
+@dataclass(frozen=True)
+class CanaryStats:
+    """What the router observed for the canary and the stable version (its `/routenlp/rollout` answer)."""
+
+    requests: int
+    violation_rate: float | None
+    acceptance_rate: float | None
+    stable_acceptance_rate: float | None
+
+    @classmethod
+    def from_answer(cls, answer: Obj) -> "CanaryStats":
+        c, s = answer.get("canary") or {}, answer.get("stable") or {}
+        return cls(int(c.get("requests") or 0), c.get("violationRate"), c.get("acceptanceRate"),
+                   s.get("acceptanceRate"))
+
+
+def _event(version: str, action: str, reason: str, now: str) -> Obj:
+    return {"version": version, "action": action, "reason": reason, "time": now}
+
+
+def decide(policy: RoutingPolicy, router_status: Obj | None, campaign_version: str | None,
+           stats: CanaryStats | None, now: str, propose_only: bool = False) -> tuple[Obj, list[tuple[str, str, str]]]:
+    """New status.router and the events to emit. `campaign_version`: newest version a campaign produced for this
+    policy; `propose_only`: that campaign has autoApply false, so the version is only proposed."""
+    spec = policy.spec.router
+    st: Obj = json.loads(json.dumps(router_status or {}))
+    st.setdefault("history", [])
+    events: list[tuple[str, str, str]] = []
+
+    def log(version: str, action: str, reason: str, etype: str = "Normal") -> None:
+        st["history"] = (st["history"] + [_event(version, action, reason, now)])[-HISTORY_LIMIT:]
+        events.append((etype, f"Router{action}", f"router version {version}: {action} ({reason})"))
+
+    if spec.version != "auto":
+        if st.get("current") != spec.version or st.get("canary"):
+            st.update(current=spec.version, canary=None, canaryPercent=0)
+            log(spec.version, "Pinned", "SpecVersion")
+        if campaign_version and campaign_version != spec.version and st.get("proposed") != campaign_version:
+            st["proposed"] = campaign_version
+            log(campaign_version, "Proposed", "VersionPinnedInSpec")
+        return _clean(st), events
+
+    rolled_back = {h["version"] for h in st["history"] if h["action"] == "RolledBack"}
+    new = campaign_version
+    if new and new not in (st.get("current"), st.get("canary")) and new not in rolled_back:
+        if propose_only:
+            if st.get("proposed") != new:
+                st["proposed"] = new
+                log(new, "Proposed", "AutoApplyDisabled")
+        elif not st.get("current"):
+            st.update(current=new, canary=None, canaryPercent=0, proposed=None)
+            log(new, "Promoted", "FirstVersion")
+        elif spec.canary_percent == 0:
+            st.update(current=new, canary=None, canaryPercent=0, proposed=None)
+            log(new, "Promoted", "NoCanary")
+        else:
+            st.update(canary=new, canaryPercent=spec.canary_percent, proposed=None)
+            log(new, "Canary", f"{spec.canary_percent}PercentOfTraffic")
+
+    canary = st.get("canary")
+    if canary and stats is not None:
+        guard = policy.spec.router.promotion_guard
+        if stats.requests >= guard.min_requests:
+            max_violation = guard.max_violation_rate or policy.spec.cascade.risk_level
+            drop = None
+            if stats.acceptance_rate is not None and stats.stable_acceptance_rate is not None:
+                drop = stats.stable_acceptance_rate - stats.acceptance_rate
+            if stats.violation_rate is not None and stats.violation_rate > max_violation:
+                st.update(canary=None, canaryPercent=0)
+                log(canary, "RolledBack", "ViolationRateAboveRisk", "Warning")
+            elif drop is not None and drop > guard.max_acceptance_drop:
+                st.update(canary=None, canaryPercent=0)
+                log(canary, "RolledBack", "AcceptanceDropped", "Warning")
+            elif stats.violation_rate is None:
+                pass  # no labelled canary traffic yet: keep waiting
+            else:
+                st.update(current=canary, canary=None, canaryPercent=0)
+                log(canary, "Promoted", "GuardHeld")
+    return _clean(st), events
+
+
+def _clean(st: Obj) -> Obj:
+    return {k: v for k, v in st.items() if v is not None}
