@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+
+from routenlp.bench import metrics as M
+
+
+def test_upper_hull_is_non_decreasing_and_concave():
+    pts = [(0, 0.5), (1, 0.4), (2, 0.9), (1.5, 0.6), (3, 0.95), (4, 0.9)]
+    assert M.upper_hull(pts) == [(0, 0.5), (2, 0.9), (3, 0.95)]
+
+
+def test_aiq_of_known_shapes():
+    # A single point at the cheapest cost: flat line over the range.
+    assert M.aiq([(1.0, 0.8)], 1.0, 3.0) == pytest.approx(0.8)
+    # Linear from (1, 0.5) to (3, 0.9): mean 0.7.
+    assert M.aiq([(1.0, 0.5), (3.0, 0.9)], 1.0, 3.0) == pytest.approx(0.7, abs=1e-4)
+    # A point only at the dearest end has no support before it.
+    assert M.aiq([(3.0, 0.9)], 1.0, 3.0) == pytest.approx(0.0, abs=1e-3)
+    # Dominated points do not change the area.
+    assert M.aiq([(1.0, 0.5), (2.0, 0.4), (3.0, 0.9)], 1.0, 3.0) == pytest.approx(0.7, abs=1e-4)
+
+
+def test_operating_point_uses_calibration_points_only():
+    cal = [(1.0, 0.5), (2.0, 0.68), (3.0, 0.7)]
+    assert M.operating_point(cal, ref_quality=0.7, target=0.97) == 1
+    assert M.operating_point(cal, ref_quality=0.7, target=1.0) == 2
+    assert M.operating_point(cal, ref_quality=0.9, target=0.97) is None
+
+
+def test_mean_ci():
+    m, (lo, hi) = M.mean_ci([0.1, 0.2, 0.3])
+    assert m == pytest.approx(0.2) and lo < 0.2 < hi and hi - 0.2 == pytest.approx(0.2 - lo)
+    assert M.mean_ci([0.5]) == (0.5, [0.5, 0.5])
+    assert M.mean_ci([None, 0.4])[0] == pytest.approx(0.4)
+
+
+def test_violations_count_only_answers_accepted_below_the_reference():
+    tier = np.array([0, 0, 0, 1, 2, 2, 0])
+    accepted = np.array([True, True, True, True, True, True, False])  # last: a fallback, outside the guarantee
+    quality = np.array([1, 0, 1, 1, 0, 1, 0])
+    tasks = np.zeros(7, dtype=int)
+    v = M.violations(tier, accepted, quality, tasks, n_tiers=3, risk=0.2)
+    assert v["violation_rate"] == pytest.approx(1 / 4)  # tier 0: 1 bad of 3, tier 1: 0 of 1; reference excluded
+    assert v["unacceptable_share"] == pytest.approx(1 / 7)
+    assert v["cells_over_risk"] == pytest.approx(1 / 2)  # tier 0 (1/3 > 0.2) over, tier 1 not

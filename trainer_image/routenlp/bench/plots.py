@@ -1,0 +1,68 @@
+"""PNG plots of a routing benchmark result (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_all(res: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = res["dataset"]
+    paths = []
+    # 1. Cost-quality curves (seed 0, test split), normalised by the reference.
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for m, r in res["methods"].items():
+        pts = sorted(p for p in r["curve"] if None not in p)
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        style = dict(marker="o", ms=3) if len(pts) > 1 else dict(marker="*", ms=12, ls="none")
+        if m == "oracle":
+            style = dict(marker="X", ms=12, ls="none", color="black")
+        ax.plot(xs, ys, label=m, **style)
+    ax.axhline(0.97, color="grey", ls=":", lw=1)
+    ax.set_xlabel("cost / cost of always-reference")
+    ax.set_ylabel("quality / quality of always-reference")
+    ax.set_title(f"{name}: cost-quality on test (seed 0)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    p = out / f"{name}-cost-quality.png"
+    fig.tight_layout()
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    # 2. Violation rate vs alpha per calibration size, with y = alpha.
+    study = res.get("violation_study") or []
+    if study:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        sizes = sorted({v["cal_size"] for v in study})
+        alphas = sorted({v["alpha"] for v in study})
+        for i, size in enumerate(sizes):
+            # Cells where nothing was accepted have no rate (None): no point.
+            rows = sorted((v for v in study if v["cal_size"] == size and v["violation_rate"] is not None),
+                          key=lambda v: v["alpha"])
+            if not rows:
+                ax.plot([], [], marker="o", label=f"calibration n={size} (nothing accepted)")
+                continue
+            xs = [v["alpha"] * (1 + 0.04 * (i - 1)) for v in rows]
+            ys = [v["violation_rate"] for v in rows]
+            err = [[v["violation_rate"] - v["violation_rate_ci"][0] for v in rows],
+                   [v["violation_rate_ci"][1] - v["violation_rate"] for v in rows]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"calibration n={size}")
+        lim = max(alphas) * 1.15
+        ax.plot([0, lim], [0, lim], "k--", lw=1, label="y = alpha")
+        ax.text(0.02, 0.97, "no point = nothing accepted below the reference (vacuous)", transform=ax.transAxes,
+                fontsize=8, va="top")
+        ax.set_xlabel("risk level alpha")
+        ax.set_ylabel("test violation rate (accepted below reference)")
+        ax.set_title(f"{name}: RouteNLP violation rate vs alpha")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        p = out / f"{name}-violation.png"
+        fig.tight_layout()
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths

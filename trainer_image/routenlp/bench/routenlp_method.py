@@ -1,0 +1,142 @@
+"""RouteNLP in the benchmark, built from the router's own code (routenlp.router), not a copy:
+
+1. `difficulty.DifficultyRouter` is trained on the router-training split (per-tier acceptance, with preference
+   pairs derived from the outcomes: tier a's answer acceptable and tier b's not).
+2. The answer confidence of a tier = `confidence.fit_confidence` per (task, tier) over two features: `prior` (the
+   router's predicted acceptance of that tier) and `answer_score` (the offline answer scorer, which stands in for
+   token logprobs). It is fitted on out-of-fold router priors and scorer outputs of the training split, so it never
+   sees the calibration data.
+3. Start tier = `cascade.start_tiers(prior, quality_target)`; thresholds per (task, tier) =
+   `conformal.calibrate_cascade` (MAPIE Learn-then-Test) on the calibration split at risk level alpha, confidence
+   1 - delta; test = `cascade.simulate_cascade` with those thresholds.
+
+Knob = (quality_target, alpha). The headline is the configured (--quality-target, --risk); the operating points at
+quality ratios 0.95/0.97/0.99 sweep the grid on calibration data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .baselines import Method, Split
+from .features import out_of_fold
+
+QUALITY_TARGETS = [0.0, 0.9, 0.97, 1.0]
+RISKS = [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5]
+
+
+def preference_pairs(quality: np.ndarray) -> np.ndarray:
+    """(query, a, b) rows where tier a's answer is acceptable and tier b's is not."""
+    ok = quality >= 0.5
+    rows = []
+    K = quality.shape[1]
+    for a in range(K):
+        for b in range(K):
+            if a != b:
+                q = np.flatnonzero(ok[:, a] & ~ok[:, b])
+                rows.append(np.column_stack([q, np.full(len(q), a), np.full(len(q), b)]))
+    return np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 3), dtype=np.int64)
+
+
+class RouteNLP(Method):
+    name = "routenlp"
+
+    def __init__(self, risk: float = 0.05, delta: float = 0.1, quality_target: float = 0.97,
+                 min_calibration_samples: int = 10, epochs: int = 30, folds: int = 3,
+                 quality_targets=None, risks=None, task_of=None):
+        self.risk, self.delta, self.quality_target = risk, delta, quality_target
+        self.min_samples, self.epochs, self.folds = min_calibration_samples, epochs, folds
+        qts = QUALITY_TARGETS if quality_targets is None else quality_targets
+        rs = RISKS if risks is None else risks
+        self.knobs = [(qt, r) for qt in qts for r in rs]
+        if (quality_target, risk) not in self.knobs:
+            self.knobs.append((quality_target, risk))
+        self.default = (quality_target, risk)
+        # task_of: optional (n,) task ids overriding the outcome table's (the shift study pools tasks).
+        self.task_of = task_of
+
+    # -------------------------------------------------------------------------------- fitting (train split only)
+
+    def _tasks(self, s: Split) -> tuple[np.ndarray, list[str]]:
+        if self.task_of is not None:
+            t = np.asarray(self.task_of)
+            return t, [f"task{i}" for i in range(int(t.max()) + 1)]
+        return s.outcomes.tasks, s.outcomes.task_names
+
+    def fit(self, s: Split, progress: bool = False):
+        from routenlp.router.confidence import ConfidenceSet, fit_confidence
+        from routenlp.router.difficulty import DifficultyRouter
+
+        super().fit(s)
+        tasks, names = self._tasks(s)
+        self.tasks, self.task_names = tasks, names
+        tier_names = [s.outcomes.models[j] for j in s.tiers]
+        tr = s.train
+        Qt = s.Q[np.ix_(tr, s.tiers)]
+
+        def new_router(rows):
+            r = DifficultyRouter(tier_names, names, input_dim=s.X.shape[1])
+            return r.fit(s.X[tr[rows]], tasks[tr[rows]], Qt[rows], preference_pairs(Qt[rows]), epochs=self.epochs,
+                         seed=s.seed)
+
+        prior_oof = out_of_fold(
+            lambda a, b: new_router(a).predict_proba(s.X[tr[b]], tasks[tr[b]]), len(tr), self.folds, s.seed)
+        self.router = new_router(np.arange(len(tr)))
+        self.prior = np.zeros((s.outcomes.n, len(s.tiers)))
+        self.prior[tr] = prior_oof
+        rest = np.setdiff1d(np.arange(s.outcomes.n), tr)
+        self.prior[rest] = self.router.predict_proba(s.X[rest], tasks[rest])
+        # Confidence per (task, tier) on out-of-fold features of the training split.
+        models: dict = {}
+        for t, tname in enumerate(names):
+            m = tasks[tr] == t
+            for k, tier in enumerate(tier_names[:-1]):
+                feats = {"prior": prior_oof[m, k], "answer_score": s.scores[tr[m], k]}
+                cm = fit_confidence(feats, (Qt[m, k] >= 0.5).astype(float))
+                if cm is not None:
+                    models.setdefault(tname, {})[tier] = cm
+        self.confidence = ConfidenceSet(models)
+        self.conf = np.ones((s.outcomes.n, len(s.tiers)))  # reference column unused (never thresholded)
+        for t, tname in enumerate(names):
+            m = np.flatnonzero(tasks == t)
+            for k, tier in enumerate(tier_names[:-1]):
+                self.conf[m, k] = self.confidence.score_many(
+                    tname, tier, {"prior": self.prior[m, k], "answer_score": s.scores[m, k]})
+        self._thr: dict = {}
+        return self
+
+    # -------------------------------------------------------------------------------- calibration and running
+
+    def calibrate(self, cal_idx: np.ndarray, quality_target: float, risk: float) -> np.ndarray:
+        """(n_tasks, K) threshold table from `conformal.calibrate_cascade` on `cal_idx`."""
+        from routenlp.router.cascade import start_tiers
+        from routenlp.router.conformal import calibrate_cascade, thresholds_table
+
+        s = self.s
+        K = len(s.tiers)
+        start = start_tiers(self.prior[cal_idx], quality_target)
+        labels = (s.Q[np.ix_(cal_idx, s.tiers)] >= 0.5).astype(float)
+        res = calibrate_cascade(self.tasks[cal_idx], start, self.conf[cal_idx], labels, len(self.task_names),
+                                risk, self.delta, self.min_samples, max_escalations=K - 1)
+        return thresholds_table(res)
+
+    def thresholds(self, knob, cal_idx=None) -> np.ndarray:
+        cal_idx = self.s.cal if cal_idx is None else cal_idx
+        key = (knob, hash(np.asarray(cal_idx).tobytes()))
+        if key not in self._thr:
+            self._thr[key] = self.calibrate(cal_idx, *knob)
+        return self._thr[key]
+
+    def simulate(self, idx: np.ndarray, knob, thr: np.ndarray | None = None):
+        from routenlp.router.cascade import simulate_cascade, start_tiers
+
+        s = self.s
+        K = len(s.tiers)
+        thr = self.thresholds(knob) if thr is None else thr
+        start = start_tiers(self.prior[idx], knob[0])
+        return simulate_cascade(start, self.conf[idx], s.Q[np.ix_(idx, s.tiers)], s.C[np.ix_(idx, s.tiers)],
+                                thr[self.tasks[idx]], max_escalations=K - 1)
+
+    def run(self, idx, knob):
+        r = self.simulate(idx, knob)
+        return r.cost, r.quality
