@@ -20,6 +20,7 @@ VALUE_SETS: dict[str, dict] = {
     "default": {},
     "namespaced": {"operator": {"scope": "namespaced", "watchNamespaces": ["team-a", "team-b"],
                                 "peering": {"enabled": False, "name": "routenlp"}}},
+    "namespaced-peering": {"operator": {"scope": "namespaced", "watchNamespaces": ["team-a", "team-b"]}},
     "webhook-cert-manager": {"webhook": {"certManager": {"enabled": True}}},
     "webhook-cert-manager-issuer": {
         "webhook": {"certManager": {"enabled": True, "issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}}
@@ -243,8 +244,9 @@ def test_cluster_scope_grants_exactly_the_rules(h, rendered):
     rules = yaml.safe_load((h.CHART / "files" / "rbac-rules.yaml").read_text())
     roles = by_kind(rendered["default"], "ClusterRole")
     assert len(roles) == 1 and not by_kind(rendered["default"], "Role")
-    peering = rules["peering"]["cluster"] + rules["peering"]["namespaced"]  # default: peering enabled
+    peering = rules["peering"]["cluster"]  # default: peering enabled, through the ClusterKopfPeering only
     assert _rule_set(roles[0]["rules"]) == _rule_set(rules["cluster"] + rules["namespaced"] + peering)
+    assert not any(r == "kopfpeerings" for _, r, _ in _rule_set(roles[0]["rules"]))
     minimal = by_kind(rendered["minimal"], "ClusterRole")[0]  # peering off: no kopf.dev permissions
     assert _rule_set(minimal["rules"]) == _rule_set(rules["cluster"] + rules["namespaced"])
     binding = by_kind(rendered["default"], "ClusterRoleBinding")[0]
@@ -273,19 +275,24 @@ def test_namespaced_scope_grants_namespaced_rules_per_namespace(h, rendered):
     assert [r["metadata"]["namespace"] for r in default_ns] == [h.NAMESPACE]
 
 
-def test_namespaced_peering_needs_kopfpeerings_rules(h):
-    """kopf peers through KopfPeering objects in each served namespace when namespaced: the chart grants that only
-    when routenlp.operator.rbac lists it, and otherwise refuses with a message saying what to do."""
+def test_namespaced_peering_grants_kopfpeerings_per_namespace(h, rendered):
+    """kopf peers through the KopfPeering of each served namespace when namespaced (-n): each watched namespace gets
+    one, and its Role grants exactly the namespaced rules + rbac.NAMESPACED_PEERING_RULES; nothing cluster-wide."""
     rules = yaml.safe_load((h.CHART / "files" / "rbac-rules.yaml").read_text())
-    values = {"operator": {"scope": "namespaced", "watchNamespaces": ["team-a"]}}
-    if rules["peering"]["namespaced"]:
-        objs = h.render(values)
-        role = by_kind(objs, "Role")[0]
-        assert ("kopf.dev", "kopfpeerings", "patch") in _rule_set(role["rules"])
-        assert [o["metadata"]["namespace"] for o in by_kind(objs, "KopfPeering")] == ["team-a"]
-    else:
-        proc = h.helm_template(values, check=False)
-        assert proc.returncode != 0 and "set operator.peering.enabled=false" in proc.stderr, proc.stderr
+    assert _rule_set(rules["peering"]["namespaced"]) == {("kopf.dev", "kopfpeerings", v) for v in ("list", "watch",
+                                                                                                  "patch")}
+    objs = rendered["namespaced-peering"]
+    roles = by_kind(objs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    for role in roles:
+        assert _rule_set(role["rules"]) == _rule_set(rules["namespaced"] + rules["peering"]["namespaced"])
+    assert sorted(o["metadata"]["namespace"] for o in by_kind(objs, "KopfPeering")) == ["team-a", "team-b"]
+    assert not by_kind(objs, "ClusterKopfPeering")
+    for role in by_kind(objs, "ClusterRole"):  # only the cluster-scoped rules (CRD discovery), no peering
+        assert _rule_set(role["rules"]) == _rule_set(rules["cluster"])
+    dep = by_kind(objs, "Deployment")[0]
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--peering=routenlp" in args and "--namespace=team-a" in args and "--all-namespaces" not in args, args
 
 
 def test_rbac_has_no_wildcards_or_escalation_verbs(rendered):

@@ -15,7 +15,8 @@ replaces its object store to close those gaps:
   apply (create if absent, else a deep merge of the applied fields: lists replaced);
 - finalizers: DELETE sets deletionTimestamp; removing the last finalizer deletes;
 - created CRDs become discoverable (with their subresources) and `kubectl get` gets server-side Tables built from
-  their additionalPrinterColumns; `GET /api/v1/namespaces` lists the namespaces in use;
+  their additionalPrinterColumns; `GET /api/v1/namespaces` (the bare path) answers 403, as for an operator without
+  namespace permissions (kmock cannot route it);
 - every request is recorded as (user agent, verb, group, resource, namespace) for RBAC checks.
 
 It does NOT emulate: authentication or RBAC (everything is allowed; the audit log lets tests check RBAC rules),
@@ -162,6 +163,7 @@ class Emulator(kmock.KubernetesEmulator):
     _rv: int = attrs.field(default=1000, init=False)
     _crds: dict[ResKey, Obj] = attrs.field(factory=dict, init=False)
     audit: list[tuple[str, str, str, str, str | None]] = attrs.field(factory=list, init=False)
+    forbidden: list[tuple[str, str, str, str, str | None]] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -172,6 +174,19 @@ class Emulator(kmock.KubernetesEmulator):
             "categories": [], "subresources": ["status"]}
 
     # ---------------------------------------------------------------- dispatch
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # kmock cannot parse the bare collection path `/api/v1/namespaces` (kopf lists and watches it when serving
+        # named namespaces, -n). Answer as a cluster where the operator holds no namespace permissions (rbac.RULES
+        # grants none): 403, on which kopf falls back to the namespaces it was given. Recorded in `forbidden`.
+        if raw_request.path.rstrip("/") == "/api/v1/namespaces":
+            verb = "watch" if raw_request.query.get("watch") in ("true", "1") else "list"
+            self.forbidden.append((raw_request.headers.get("User-Agent", ""), verb, "", "namespaces", None))
+            return aiohttp.web.json_response(
+                {"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "Forbidden", "code": 403,
+                 "message": f"namespaces is forbidden: cannot {verb} resource \"namespaces\" at the cluster scope"},
+                status=403)
+        return await super().__call__(raw_request)
 
     async def _handle(self, request: kmock.Request) -> Any:
         # kmock matches each request against views over ALL past requests (O(n) per request); keep only the

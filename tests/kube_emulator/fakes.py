@@ -18,6 +18,7 @@ class FakePods:
         self.broken: set[str] = set()
         self.json: dict[str, Any] = {}  # url -> answer (e.g. a router's /routenlp/rollout)
         self.calls: list[tuple[str, str]] = []
+        self.real: list[str] = []  # URL prefixes served by real processes (e.g. an in-process router): real GET
         self._lock = threading.Lock()
 
     def add_pod(self, ip: str, base_model: str) -> None:
@@ -29,6 +30,12 @@ class FakePods:
         return url.split("//", 1)[1].split(":", 1)[0]
 
     async def get_json(self, url: str) -> Any:
+        if any(url.startswith(p) for p in list(self.real)):
+            from routenlp.operator.adapters import AiohttpPodHTTP
+
+            with self._lock:
+                self.calls.append(("GET", url))
+            return await AiohttpPodHTTP().get_json(url)
         with self._lock:
             self.calls.append(("GET", url))
             if url in self.json:

@@ -221,7 +221,8 @@ class Budget(ApiModel):
 
     max_usd_per_day: float = Field(gt=0, description="Spend above which the policy reports `BudgetExceeded`.")
     action: Literal["Alert", "PreferCheaper"] = Field(
-        default="Alert", description="`Alert`: condition + metric only; `PreferCheaper`: also raise the start tier."
+        default="Alert", description="`Alert`: `BudgetExceeded` condition + Warning Event. `PreferCheaper` (to also "
+        "start cheaper) is not implemented yet: it alerts like `Alert` and says so in the condition."
     )
 
 
@@ -341,6 +342,14 @@ class RoutingPolicyStatus(StatusBase):
     cost_reduction: float | None = Field(default=None, description="Observed 1 - cost / cost of always using the reference tier.")
     escalation_rate: float | None = Field(default=None, description="Observed share of requests that escalated.")
     violation_rate: float | None = Field(default=None, description="Observed accepted-but-unacceptable rate on labelled events.")
+    escalations: int | None = Field(
+        default=None, description="Observed requests that escalated since the stable router version was first served "
+        "(compared with a campaign's `trigger.minFailures`)."
+    )
+    spent_usd24h: float | None = Field(
+        default=None, alias="spentUsd24h",
+        description="Observed spend over the last 24 h, in USD (compared with `spec.budget.maxUsdPerDay`).",
+    )
 
 
 class RoutingPolicy(Resource):

@@ -129,6 +129,31 @@ def should_start(campaign: DistillationCampaign, status: Obj, observed_run_id: s
     return None
 
 
+def trigger_waiting(campaign: DistillationCampaign, status: Obj, now: datetime, escalation_rate: float | None,
+                    failures: int | None) -> str:
+    """Why an automatic run has not started (for the Ready condition while waiting); "" when nothing is holding it."""
+    trig = campaign.spec.trigger
+    last = status.get("lastRunTime")
+    if trig.mode == "Manual":
+        return "manual trigger: set spec.trigger.runId to start a run"
+    if last:
+        left = parse_duration(trig.cooldown) - (now - _ts(last)).total_seconds()
+        if left > 0:
+            return f"cooldown {trig.cooldown} after the last run: {int(left)}s left"
+    if trig.mode == "EscalationRate":
+        policy = campaign.spec.policy_ref
+        if escalation_rate is None:
+            return f"RoutingPolicy {policy} has no escalation rate from its router yet"
+        if escalation_rate < trig.escalation_rate_threshold:
+            return (f"escalation rate {escalation_rate:.3f} of RoutingPolicy {policy} below "
+                    f"escalationRateThreshold {trig.escalation_rate_threshold}")
+        if failures is not None and failures < trig.min_failures:
+            return f"{failures} escalation failures observed, minFailures {trig.min_failures}"
+    if trig.mode == "Schedule":
+        return f"schedule {trig.schedule!r}"
+    return ""
+
+
 def last_or_now(now: datetime) -> str:
     return now.astimezone(timezone.utc).isoformat()
 

@@ -22,12 +22,13 @@ from pydantic import ValidationError
 
 from routenlp.api import GROUP, VERSION, DistillationCampaign, ModelTier, RoutingPolicy
 from routenlp.api.common import now_rfc3339
+from routenlp.router.rollout import merge as merge_figures
 
 from . import builders, metrics
 from .adapters import AiohttpPodHTTP, PodHTTP, reconcile_adapters, wanted_adapters
-from .campaign import advance, campaign_adapter, job_result, now_utc, should_start
+from .campaign import advance, campaign_adapter, job_result, now_utc, should_start, trigger_waiting
 from .kube import ApiError, Kube
-from .rollout import CanaryStats, decide
+from .rollout import CanaryStats, budget_condition, decide, observed_figures
 from .status import (
     condition, deployment_observation, get_condition, merge_conditions, merge_patch, pod_ready, tier_rollup,
 )
@@ -351,11 +352,24 @@ def _campaign_version(campaigns: list[Obj], policy: str) -> tuple[str | None, bo
     return (best[1], best[2]) if best else (None, False)
 
 
-def observed_figures(answer: Obj) -> Obj:
-    """costReduction / escalationRate / violationRate of the stable version, as the router reports them."""
-    stable = (answer or {}).get("stable") or {}
-    return {k: float(stable[k]) for k in ("costReduction", "escalationRate", "violationRate")
-            if isinstance(stable.get(k), (int, float))}
+async def router_figures(policy: RoutingPolicy, ns: str) -> Obj:
+    """The router's /routenlp/rollout answer for the whole gateway: each ready router pod is asked directly and the
+    counts are summed (router.rollout.merge), since one call through the Service reaches one replica only. Without
+    ready router pods (or none answering), the Service is asked."""
+    name = policy.metadata.name
+    port = policy.spec.deployment.service.port
+    pods = await _api().list("Pod", ns, builders.selector_string(builders.selector_labels("router", name)))
+    ips = [p["status"]["podIP"] for p in pods if pod_ready(p) and (p.get("status") or {}).get("podIP")]
+    answers = []
+    for ip in sorted(ips):
+        try:
+            answers.append(await RT.pod_http.get_json(f"http://{ip}:{port}/routenlp/rollout"))
+        except Exception as exc:  # a pod restarting: the others still count
+            log.info("router pod %s of %s/%s unavailable: %s", ip, ns, name, exc)
+    if answers:
+        return merge_figures(answers)
+    base = builders.router_endpoint(policy, ns).removesuffix("/v1")
+    return await RT.pod_http.get_json(f"{base}/routenlp/rollout")
 
 
 async def _reconcile_policy(body: Obj, ns: str, name: str, observe: bool) -> None:
@@ -367,6 +381,7 @@ async def _reconcile_policy(body: Obj, ns: str, name: str, observe: bool) -> Non
         return
     gen = body["metadata"].get("generation")
     old = body.get("status") or {}
+    budget: Obj | None = None  # BudgetExceeded, when the router's figures were read this time
     tiers: list[ModelTier] = []
     missing: list[str] = []
     invalid: list[str] = []
@@ -400,10 +415,11 @@ async def _reconcile_policy(body: Obj, ns: str, name: str, observe: bool) -> Non
         if observe and policy.spec.deployment.mode == "gateway":
             # What the router observed (its /routenlp/rollout answer): canary guard inputs and the policy's figures.
             try:
-                base = builders.router_endpoint(policy, ns).removesuffix("/v1")
-                answer = await RT.pod_http.get_json(f"{base}/routenlp/rollout")
-                stats = CanaryStats.from_answer(answer) if router_old.get("canary") else None
+                answer = await router_figures(policy, ns)
+                canary = router_old.get("canary")
+                stats = CanaryStats.from_answer(answer, canary) if canary else None
                 status.update(observed_figures(answer))
+                budget = budget_condition(policy, status.get("spentUsd24h"), gen)
             except Exception as exc:  # router not reachable yet: decide later
                 log.info("router figures of %s/%s unavailable: %s", ns, name, exc)
         router_status, events = decide(policy, router_old, version, stats, now_rfc3339(), propose_only)
@@ -440,9 +456,23 @@ async def _reconcile_policy(body: Obj, ns: str, name: str, observe: bool) -> Non
             ready = condition("Ready", True, "Ready", "router serving; every tier Ready", gen)
             status["phase"] = "Ready"
         conds.append(ready)
-    status["conditions"] = merge_conditions(old.get("conditions"), conds)
+    status["conditions"] = merge_conditions(old.get("conditions"), conds + ([budget] if budget else []))
+    if policy.spec.budget is None:  # budget removed from the spec: so is its condition
+        status["conditions"] = [c for c in status["conditions"] if c["type"] != "BudgetExceeded"]
     _transition_events(body, conds)
+    _emit(body, budget_events(get_condition(old.get("conditions"), "BudgetExceeded"), budget))
     await _write_status("RoutingPolicy", body, status)
+
+
+def budget_events(prev: Obj | None, new: Obj | None) -> list[tuple[str, str, str]]:
+    """A Warning when the policy goes over budget, a Normal Event when it is back within (not one per resync)."""
+    if new is None or (prev or {}).get("status") == new["status"]:
+        return []
+    if new["status"] == "True":
+        return [("Warning", "BudgetExceeded", new["message"])]
+    if (prev or {}).get("status") == "True" and new["status"] == "False":
+        return [("Normal", "WithinBudget", new["message"])]
+    return []
 
 
 @kopf.on.create(GROUP, VERSION, "routingpolicies", backoff=5)
@@ -564,7 +594,10 @@ async def _reconcile_campaign(body: Obj, ns: str, name: str) -> tuple[str, str] 
     pol_status = policy.get("status") or {}
     annotations = body["metadata"].get("annotations") or {}
     observed_run_id = annotations.get("routenlp.io/observed-run-id")
-    reason = should_start(campaign, old, observed_run_id, now_utc(), pol_status.get("escalationRate"), None)
+    # The policy's figures come from its router (/routenlp/rollout): escalations since its stable version was first
+    # served, so a new version from the previous run starts the failure count afresh.
+    rate, failures = pol_status.get("escalationRate"), pol_status.get("escalations")
+    reason = should_start(campaign, old, observed_run_id, now_utc(), rate, failures)
     run = int(old.get("run") or 0)
     jobs = []
     if run:
@@ -590,8 +623,10 @@ async def _reconcile_campaign(body: Obj, ns: str, name: str) -> tuple[str, str] 
     ok = phase in ("Succeeded", "Proposed")
     reason_word = {"Failed": "RunFailed", "Pending": "WaitingForTrigger"}.get(phase, phase)
     stage_msg = next((s.get("message") for s in reversed(step.status.get("stages", [])) if s.get("message")), "")
+    waiting = trigger_waiting(campaign, step.status, now_utc(), rate, failures) if phase == "Pending" else ""
     conds = [condition("Ready", ok if phase != "Failed" else False, reason_word,
-                       f"phase {phase}" + (f": {stage_msg}" if stage_msg else ""), gen)]
+                       f"phase {phase}" + (f": {stage_msg}" if stage_msg else "")
+                       + (f": waiting for the trigger: {waiting}" if waiting else ""), gen)]
     step.status["observedGeneration"] = gen
     step.status["conditions"] = merge_conditions(old.get("conditions"), conds)
     _transition_events(body, conds)

@@ -33,11 +33,17 @@ RULES: list[dict[str, list[str]]] = [
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
 ]
 
-# Only with `--peering NAME` (several replicas; kopf peering picks one active operator): clusterkopfpeerings with
-# --all-namespaces, kopfpeerings (in each served namespace) with -n. tests/integration/test_peering.py checks them.
+# Only with `--peering NAME` (several replicas; kopf peering picks one active operator), with --all-namespaces: the
+# ClusterKopfPeering. tests/integration/test_peering.py checks these are exactly the peering calls kopf makes.
 PEERING_RULES: list[dict[str, list[str]]] = [
-    {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings", "kopfpeerings"],
-     "verbs": ["list", "watch", "patch"]},
+    {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"], "verbs": ["list", "watch", "patch"]},
+]
+
+# Only with `--peering NAME` and -n/--namespace (the chart's scope namespaced): the KopfPeering in each served
+# namespace, granted by a Role there. No `get`: kopf only lists, watches and patches peering objects.
+# tests/integration/test_peering.py runs a namespaced replica and checks these are exactly the calls it makes.
+NAMESPACED_PEERING_RULES: list[dict[str, list[str]]] = [
+    {"apiGroups": ["kopf.dev"], "resources": ["kopfpeerings"], "verbs": ["list", "watch", "patch"]},
 ]
 
 
@@ -50,5 +56,6 @@ def triples(rules: list[dict[str, list[str]]]) -> set[tuple[str, str, str]]:
 
 
 def cluster_role(name: str = "routenlp-operator", peering: bool = True) -> dict[str, Any]:
+    """The ClusterRole of a cluster-wide (--all-namespaces) install."""
     return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
             "rules": RULES + (PEERING_RULES if peering else [])}

@@ -28,8 +28,12 @@ class CanaryStats:
     stable_acceptance_rate: float | None
 
     @classmethod
-    def from_answer(cls, answer: Obj) -> "CanaryStats":
+    def from_answer(cls, answer: Obj, canary: str | None = None) -> "CanaryStats | None":
+        """None when the router reports another canary than `canary` (its pods have not reloaded the config yet):
+        figures of one version never decide about another."""
         c, s = answer.get("canary") or {}, answer.get("stable") or {}
+        if canary is not None and c.get("version") not in (None, canary):
+            return None
         return cls(int(c.get("requests") or 0), c.get("violationRate"), c.get("acceptanceRate"),
                    s.get("acceptanceRate"))
 
@@ -101,3 +105,36 @@ def decide(policy: RoutingPolicy, router_status: Obj | None, campaign_version: s
 
 def _clean(st: Obj) -> Obj:
     return {k: v for k, v in st.items() if v is not None}
+
+
+# ---------------------------------------------------------------- the router's figures and the budget
+def observed_figures(answer: Obj) -> Obj:
+    """Status fields from the router's answer: the stable version's costReduction / escalationRate / violationRate,
+    its `escalations` count (what a campaign's trigger.minFailures compares) and the policy's spentUsd24h."""
+    stable = (answer or {}).get("stable") or {}
+    out: Obj = {k: float(stable[k]) for k in ("costReduction", "escalationRate", "violationRate")
+                if isinstance(stable.get(k), (int, float))}
+    if isinstance(stable.get("escalations"), (int, float)):
+        out["escalations"] = int(stable["escalations"])
+    if isinstance((answer or {}).get("spentUsd24h"), (int, float)):
+        out["spentUsd24h"] = round(float(answer["spentUsd24h"]), 6)
+    return out
+
+
+def budget_condition(policy: RoutingPolicy, spent_usd_24h: float | None, generation: int | None) -> Obj | None:
+    """The `BudgetExceeded` condition (True = over budget), or None without spec.budget. `PreferCheaper` is not
+    implemented: it alerts like `Alert` and says so."""
+    from .status import condition
+
+    budget = policy.spec.budget
+    if budget is None:
+        return None
+    limit = budget.max_usd_per_day
+    if spent_usd_24h is None:
+        return condition("BudgetExceeded", None, "SpendUnknown",
+                         f"the router has not reported its spend yet (limit ${limit:.2f} per day)", generation)
+    figures = f"${spent_usd_24h:.2f} spent over the last 24 h, limit spec.budget.maxUsdPerDay ${limit:.2f}"
+    if spent_usd_24h > limit:
+        note = "" if budget.action == "Alert" else "; action PreferCheaper is not implemented: alert only"
+        return condition("BudgetExceeded", True, "DailyBudgetExceeded", figures + note, generation)
+    return condition("BudgetExceeded", False, "WithinBudget", figures, generation)
