@@ -472,6 +472,7 @@ class StageContext:
     risk_level: float
     delta: float
     max_escalations: int
+    generation_tasks: tuple[str, ...] = ()  # tasks of kind generation: the trainer scores them as the router does
     teacher_key: SecretKeyRef | None = None
     student_cache_claim: str | None = None  # student tier's model-cache PVC: where adapters are published
 
@@ -511,7 +512,8 @@ def stage_args(campaign: DistillationCampaign, ctx: StageContext, cmd: str, run:
                 "--max-regression", str(spec.evaluation.max_regression), *teacher]
     common = ["--events", events, "--artifact-dir", routers, "--version", version,
               "--teacher-tier", spec.teacher_tier, "--tiers", *ctx.tiers, "--risk-level", str(ctx.risk_level),
-              "--delta", str(ctx.delta), "--max-escalations", str(ctx.max_escalations)]
+              "--delta", str(ctx.delta), "--max-escalations", str(ctx.max_escalations),
+              "--generation-tasks", *ctx.generation_tasks]
     if cmd == "retrain":
         return [*common, "--out", f"{work}/retrain", "--student-tier", spec.student_tier,
                 "--student-model", ctx.student_served_name, "--student-url", ctx.student_url,
@@ -602,6 +604,7 @@ def stage_context(campaign: DistillationCampaign, policy: RoutingPolicy, student
         risk_level=policy.spec.cascade.risk_level,
         delta=policy.spec.cascade.delta,
         max_escalations=policy.spec.cascade.max_escalations,
+        generation_tasks=tuple(t.name for t in policy.spec.tasks if t.kind == "generation"),
         teacher_key=ext.api_key_secret_ref if ext else None,
         student_cache_claim=engine.model_cache.claim_name if engine and engine.model_cache else None,
     )

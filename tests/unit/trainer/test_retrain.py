@@ -1,0 +1,97 @@
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from routenlp.trainer import retrain
+from routenlp.trainer.retrain import quality_matrix, split_of
+
+
+def test_split_is_stable_per_request_and_near_the_fraction():
+    ids = [f"r{i}" for i in range(2000)]
+    cal = [split_of(i, 0.3) == "cal" for i in ids]
+    assert 0.25 < np.mean(cal) < 0.35
+    assert cal == [split_of(i, 0.3) == "cal" for i in ids]
+
+
+def test_signals_replace_the_changed_tiers_labels():
+    rows = [{"request_id": "a", "labels": {"student": True, "mid": False}},
+            {"request_id": "b", "labels": {"student": True}}]
+    signals = [{"request_id": "a", "tier": "student", "acceptable": False}]
+    q = quality_matrix(rows, signals, ["student", "mid", "reference"], "reference")
+    assert q[0].tolist() == [0.0, 0.0, 1.0]
+    assert np.isnan(q[1, 0])  # the student's old label described the model before the adapter
+    assert np.isnan(q[1, 1]) and q[1, 2] == 1.0
+
+
+def synthetic_signals(rows, seed=0):
+    """Student answers whose logprobs tell right from wrong: right iff the query mentions a card."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in rows:
+        ok = "card" in r["query"]
+        lp = list(rng.normal(-0.05 if ok else -2.0, 0.05, size=3))
+        out.append({"request_id": r["request_id"], "task": "intent", "query": r["query"], "tier": "student",
+                    "answer": r["topic"] if ok else "x", "target": r["topic"], "acceptable": ok, "token_logprobs": lp})
+    return out
+
+
+def _args(tmp_path, **kw):
+    ns = dict(events=str(tmp_path / "events"), out=str(tmp_path / "out"), artifact_dir=str(tmp_path / "artifacts"),
+              version=None, teacher_tier="reference", tiers=["student", "reference"], quality_target=0.9,
+              risk_level=0.2, delta=0.2, max_escalations=1, generation_tasks=[], min_samples=10, cal_fraction=0.5, system_prompt="c",
+              encoder=None, student_tier="student", student_model="adapter", student_url=None, signals=None,
+              exclude=None, probe=100, epochs=30, seed=0)
+    ns.update(kw)
+    return argparse.Namespace(**ns)
+
+
+def test_retrain_writes_a_router_version_the_router_loads(tmp_path, topic_embed, helpers):
+    from routenlp.router.artifacts import list_versions, load_artifact
+    from routenlp.trainer.manifest import write_jsonl
+
+    rows = helpers.write_log(tmp_path / "events", n_per=80)
+    write_jsonl(tmp_path / "signals.jsonl", synthetic_signals(rows))
+    args = _args(tmp_path, signals=str(tmp_path / "signals.jsonl"), version="v2")
+    s = retrain.run_retrain(args)
+    assert s["metrics"]["version"] == "v2"
+    art = load_artifact(tmp_path / "artifacts", "v2")
+    assert art.router.tier_names == ["student", "reference"]
+    # the router learned where the student is good: card queries
+    x = topic_embed(["where is my card ?", "pin is blocked ?"])
+    p = art.router.predict_proba(x, np.zeros(2, dtype=int))
+    assert p[0, 0] > 0.7 > 0.3 > p[1, 0]
+    # a certified threshold that separates right from wrong answers, within the risk level on calibration data
+    res = art.calibration.get("intent", "student")
+    assert res.certified and res.empirical_risk <= 0.2
+    assert art.confidence.get("intent", "student") is not None
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["outputs"]["signals"]["sha256"] and m["metrics"]["student_quality"]["student"] == pytest.approx(1 / 3, abs=1e-3)
+    # idempotent, and a crashed run's version is reused rather than refused
+    assert retrain.run_retrain(args)["skipped"] is True
+    (tmp_path / "out" / "manifest.json").unlink()
+    assert retrain.run_retrain(args)["skipped"] is False
+    assert list_versions(tmp_path / "artifacts") == ["v2"]
+
+
+def test_calibrate_recalibrates_an_existing_version(tmp_path, topic_embed, helpers):
+    from routenlp.router.artifacts import load_artifact
+    from routenlp.trainer.manifest import write_jsonl
+
+    rows = helpers.write_log(tmp_path / "events", n_per=80)
+    write_jsonl(tmp_path / "signals.jsonl", synthetic_signals(rows))
+    retrain.run_retrain(_args(tmp_path, signals=str(tmp_path / "signals.jsonl"), version="v2"))
+    s = retrain.run_calibrate(_args(tmp_path, out=str(tmp_path / "cal"), signals=str(tmp_path / "signals.jsonl"),
+                                    version="v3", base_version="v2", risk_level=0.05, delta=0.1))
+    v3 = load_artifact(tmp_path / "artifacts", "v3")
+    assert v3.metadata["base_version"] == "v2" and v3.calibration.risk_level == 0.05
+    assert (tmp_path / "cal" / "calibration.json").is_file() and s["metrics"]["version"] == "v3"
+
+
+def test_tiers_must_end_with_the_teacher(tmp_path, helpers):
+    from routenlp.trainer.manifest import StageError
+
+    helpers.write_log(tmp_path / "events", n_per=2)
+    with pytest.raises(StageError, match="--tiers"):
+        retrain.run_retrain(_args(tmp_path, tiers=["reference", "student"], signals="x"))

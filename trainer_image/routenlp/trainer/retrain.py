@@ -1,0 +1,325 @@
+"""`routenlp train retrain` and `routenlp train calibrate`: a new router version for the changed student tier.
+
+retrain: the student tier (now serving the adapter, `--student-model`) is probed on logged queries that have a
+teacher answer: each answer is scored against the teacher's (normalised exact match = "acceptable") and its token
+logprobs are kept. These quality signals replace the student tier's column; other cheap tiers keep their labels from
+the log (feedback events); the teacher is the reference (its own answers are acceptable by definition: quality here
+is agreement with the teacher). The difficulty router (`routenlp.router.difficulty`) is trained on one split, then
+`calibrate` runs on the other.
+
+calibrate: per (task, tier) confidence models (`routenlp.router.confidence`, fitted on the training split) and
+conformal thresholds (`routenlp.router.conformal.calibrate_cascade`, MAPIE Learn-then-Test, on the held-out
+calibration split only, so the guarantee holds) are computed and written with the router as a new immutable version
+(`routenlp.router.artifacts.save_artifact`) that routers hot-reload. `routenlp train calibrate` alone recalibrates an
+existing version on new signals (same router weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .evaluate import matches
+from .manifest import Stage, StageError, local_path, print_summary, read_jsonl, write_jsonl
+
+
+def split_of(request_id: str, cal_fraction: float) -> str:
+    """'cal' or 'fit', stable per request id (the same request lands in the same split on every rerun)."""
+    bucket = int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=4).digest(), "big") % 1000
+    return "cal" if bucket < cal_fraction * 1000 else "fit"
+
+
+def logged_rows(events: list[Any], teacher_tier: str) -> list[dict[str, Any]]:
+    """One row per logged request with a teacher answer: its query, task, the teacher's answer and the labels the log
+    holds for other tiers ({tier: acceptable})."""
+    from routenlp.router.eventlog import labelled_attempts
+
+    labels: dict[str, dict[str, bool]] = {}
+    for la in labelled_attempts(events):
+        labels.setdefault(la.request_id, {})[la.tier] = la.acceptable
+    shadow = {e.request_id: e.reference_response for e in events if e.type == "feedback" and e.reference_response}
+    rows = []
+    for ev in events:
+        if ev.type != "request":
+            continue
+        answer = next((a.response for a in ev.attempts if a.tier == teacher_tier and a.response and not a.error), None)
+        answer = answer or shadow.get(ev.request_id)
+        if answer:
+            rows.append({"request_id": ev.request_id, "task": ev.task, "query": ev.query, "target": answer,
+                         "labels": labels.get(ev.request_id, {})})
+    return rows
+
+
+def probe(rows: list[dict[str, Any]], url: str, model: str, system_prompt: str, tier: str,
+          concurrency: int = 8) -> list[dict[str, Any]]:
+    """The student's answers to `rows` with token logprobs, scored against the teacher's answers."""
+    from tqdm import tqdm
+
+    from .client import chat_many
+    from .distill import messages_for
+
+    answers = chat_many(url, model, [messages_for(system_prompt, r["query"]) for r in rows], concurrency=concurrency,
+                        progress=lambda it, total: tqdm(it, total=total, desc=f"probe {model}", unit="req"))
+    errors = [a.error for a in answers if a.error]
+    if len(errors) > len(rows) // 10:
+        raise StageError(f"--student-url: {len(errors)} of {len(rows)} probe calls failed, e.g. {errors[0]}")
+    return [{"request_id": r["request_id"], "task": r["task"], "query": r["query"], "tier": tier, "model": model,
+             "answer": a.text, "target": r["target"], "acceptable": matches(a.text, r["target"]),
+             "token_logprobs": a.token_logprobs}
+            for r, a in zip(rows, answers) if not a.error]
+
+
+def quality_matrix(rows: list[dict[str, Any]], signals: list[dict[str, Any]], tiers: list[str], teacher_tier: str,
+                   ) -> np.ndarray:
+    """(n, K) acceptability in [0, 1], NaN = unknown. Signals override the log's labels for their tier."""
+    idx = {r["request_id"]: i for i, r in enumerate(rows)}
+    q = np.full((len(rows), len(tiers)), np.nan)
+    for i, r in enumerate(rows):
+        for k, t in enumerate(tiers):
+            if t == teacher_tier:
+                q[i, k] = 1.0
+            elif t in r["labels"]:
+                q[i, k] = float(r["labels"][t])
+    signalled = {s["tier"] for s in signals}
+    for k, t in enumerate(tiers):
+        if t in signalled:
+            q[:, k] = np.nan  # the tier changed: its old labels describe another model
+    for s in signals:
+        if s["request_id"] in idx:
+            q[idx[s["request_id"]], tiers.index(s["tier"])] = float(s["acceptable"])
+    return q
+
+
+def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, Any]], q: np.ndarray,
+              x: np.ndarray, tiers: list[str], cal_fraction: float, quality_target: float, risk_level: float,
+              delta: float, max_escalations: int, min_samples: int, generation_tasks: frozenset[str] = frozenset(),
+              ) -> tuple[Any, Any, dict[str, Any]]:
+    """(ConfidenceSet fitted on the fit split, Calibration from the cal split, metrics)."""
+    from routenlp.router.artifacts import Calibration
+    from routenlp.router.cascade import start_tiers
+    from routenlp.router.confidence import FEATURES, ConfidenceSet, answer_features, fit_confidence
+    from routenlp.router.conformal import calibrate_cascade
+
+    tasks = sorted({r["task"] for r in rows})
+    task_ids = np.array([tasks.index(r["task"]) for r in rows])
+    cal = np.array([split_of(r["request_id"], cal_fraction) == "cal" for r in rows])
+    feats = {name: np.full((len(rows), len(tiers)), np.nan) for name in FEATURES}
+    idx = {r["request_id"]: i for i, r in enumerate(rows)}
+    for s in signals:
+        i = idx.get(s["request_id"])
+        if i is None:
+            continue
+        # Features exactly as the server computes them: structured tasks score the label probability.
+        structured = rows[i]["task"] not in generation_tasks
+        f = answer_features(s.get("token_logprobs"), structured, None)
+        for name in FEATURES:
+            feats[name][i, tiers.index(s["tier"])] = f[name]
+    conf = ConfidenceSet()
+    for t, task in enumerate(tasks):
+        for k, tier in enumerate(tiers[:-1]):
+            m = ~cal & (task_ids == t) & ~np.isnan(q[:, k])
+            model = fit_confidence({n: feats[n][m, k] for n in FEATURES}, q[m, k], min_samples=min_samples)
+            if model is not None:
+                conf.models.setdefault(task, {})[tier] = model
+    scores = np.full((len(rows), len(tiers)), np.nan)
+    for t, task in enumerate(tasks):
+        for k, tier in enumerate(tiers):
+            m = task_ids == t
+            scores[m, k] = conf.score_many(task, tier, {n: feats[n][m, k] for n in FEATURES})
+    scores[:, -1] = 1.0
+    pred = router.predict_proba(x, np.array([router.task_index(r["task"]) or 0 for r in rows]))
+    start = start_tiers(pred, quality_target)
+    results = calibrate_cascade(task_ids[cal], start[cal], scores[cal], q[cal], len(tasks), risk_level, delta,
+                                min_samples, max_escalations)
+    calibration = Calibration(risk_level, delta, tasks={task: dict(zip(tiers, results[t])) for t, task in enumerate(tasks)})
+    metrics = {
+        "calibration_queries": int(cal.sum()), "fit_queries": int((~cal).sum()),
+        "thresholds": {task: {tier: r.threshold for tier, r in zip(tiers, results[t])} for t, task in enumerate(tasks)},
+        "certified": {task: {tier: r.certified for tier, r in zip(tiers, results[t][:-1])} for t, task in enumerate(tasks)},
+        "empirical_risk": {task: {tier: r.empirical_risk for tier, r in zip(tiers, results[t][:-1])}
+                           for t, task in enumerate(tasks)},
+        "student_quality": {tier: _mean(q[:, k]) for k, tier in enumerate(tiers[:-1])},
+    }
+    return conf, calibration, metrics
+
+
+def _mean(col: np.ndarray) -> float | None:
+    v = col[~np.isnan(col)]
+    return round(float(v.mean()), 4) if len(v) else None
+
+
+def _save_version(artifact_dir: Path, version: str, key: str, router: Any, conf: Any, calibration: Any,
+                  meta: dict[str, Any]) -> Path:
+    """Save, or reuse the version a crashed earlier run with the same key already wrote (versions are immutable)."""
+    from routenlp.router.artifacts import save_artifact
+
+    existing = artifact_dir / version / "metadata.json"
+    if existing.is_file():
+        if json.loads(existing.read_text()).get("stage_key") == key:
+            return existing.parent
+        raise StageError(f"--version: router version {version!r} already exists in {artifact_dir} with other inputs")
+    return save_artifact(artifact_dir, version, router, conf, calibration, {**meta, "stage_key": key})
+
+
+def _read(args: argparse.Namespace) -> tuple[list[Any], list[dict[str, Any]]]:
+    from routenlp.router.eventlog import read_events
+
+    events = list(read_events(local_path(args.events, "--events")))
+    rows = logged_rows(events, args.teacher_tier)
+    if not rows:
+        raise StageError(f"--events: no request in {args.events} has an answer from teacher tier {args.teacher_tier!r}")
+    return events, rows
+
+
+def _policy_params(args: argparse.Namespace) -> dict[str, Any]:
+    return {"tiers": args.tiers, "teacher_tier": args.teacher_tier, "quality_target": args.quality_target,
+            "risk_level": args.risk_level, "delta": args.delta, "max_escalations": args.max_escalations,
+            "min_samples": args.min_samples, "cal_fraction": args.cal_fraction, "system_prompt": args.system_prompt}
+
+
+def run_retrain(args: argparse.Namespace) -> dict[str, Any]:
+    from routenlp.router.difficulty import DifficultyRouter
+
+    from .cluster import embed
+
+    tiers = args.tiers
+    if tiers[-1] != args.teacher_tier or args.student_tier not in tiers:
+        raise StageError(f"--tiers: {tiers} must end with --teacher-tier {args.teacher_tier!r} and contain "
+                         f"--student-tier {args.student_tier!r}")
+    params = {**_policy_params(args), "student_tier": args.student_tier, "student_model": args.student_model,
+              "student_url": args.student_url, "probe": args.probe, "epochs": args.epochs, "seed": args.seed,
+              "version": args.version}
+    inputs = {"events": args.events}
+    for name in ("signals", "exclude"):
+        if getattr(args, name):
+            inputs[name] = getattr(args, name)
+    st = Stage("retrain", local_path(args.out, "--out"), inputs, params,
+               summary_metrics=("version", "requests", "signals", "student_quality", "thresholds"))
+    if st.done():
+        return st.finish_skipped()
+    with st.timed("read"):
+        _, rows = _read(args)
+    if args.exclude:  # queries the adapter was trained on: probing them would flatter the student and break the
+        # exchangeability the conformal guarantee rests on
+        seen = {r["request_id"] for r in read_jsonl(local_path(args.exclude, "--exclude"))}
+        rows = [r for r in rows if r["request_id"] not in seen]
+    if args.signals:
+        signals = read_jsonl(local_path(args.signals, "--signals"))
+        have = {s["request_id"] for s in signals}
+        rows = [r for r in rows if r["request_id"] in have]
+    elif args.student_url:
+        rng = np.random.default_rng(args.seed)
+        rows = [rows[i] for i in sorted(rng.choice(len(rows), size=min(args.probe, len(rows)), replace=False))]
+        with st.timed("probe"):
+            signals = probe(rows, args.student_url, args.student_model, args.system_prompt, args.student_tier)
+    else:
+        raise StageError("--student-url or --signals is needed: the student tier's quality signals")
+    st.out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(st.output("signals", "signals.jsonl"), signals)
+    with st.timed("embed"):
+        x = embed([r["query"] for r in rows], args.encoder)
+    q = quality_matrix(rows, signals, tiers, args.teacher_tier)
+    tasks = sorted({r["task"] for r in rows})
+    task_ids = np.array([tasks.index(r["task"]) for r in rows])
+    fit = np.array([split_of(r["request_id"], args.cal_fraction) == "fit" for r in rows])
+    with st.timed("fit"):
+        router = DifficultyRouter(tiers, tasks, input_dim=x.shape[1])
+        router.fit(x[fit], task_ids[fit], q[fit], epochs=args.epochs, seed=args.seed)
+    with st.timed("calibrate"):
+        conf, calibration, m = calibrate(router, rows, signals, q, x, tiers, args.cal_fraction, args.quality_target,
+                                         args.risk_level, args.delta, args.max_escalations, args.min_samples,
+                                         frozenset(args.generation_tasks))
+    version = args.version or f"r-{st.key[:12]}"
+    meta = {"trained_by": "routenlp train retrain", "student_tier": args.student_tier,
+            "student_model": args.student_model, "requests": len(rows), "metrics": m}
+    path = _save_version(local_path(args.artifact_dir, "--artifact-dir"), version, st.key, router, conf, calibration,
+                         meta)
+    st.metrics.update(version=version, artifact=str(path), requests=len(rows), signals=len(signals),
+                      router_loss_last=round(router.history[-1], 5) if router.history else None, **m)
+    return st.finish()
+
+
+def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
+    """Recalibrate an existing router version on signals (e.g. a later probe or labelled traffic)."""
+    from routenlp.router.artifacts import load_artifact
+
+    from .cluster import embed
+
+    params = {**_policy_params(args), "base_version": args.base_version, "version": args.version}
+    st = Stage("calibrate", local_path(args.out, "--out"), {"events": args.events, "signals": args.signals}, params,
+               summary_metrics=("version", "thresholds"))
+    if st.done():
+        return st.finish_skipped()
+    artifact_dir = local_path(args.artifact_dir, "--artifact-dir")
+    base = load_artifact(artifact_dir, args.base_version)
+    if base.router is None:
+        raise StageError(f"--base-version: router version {base.version!r} has no router weights to calibrate")
+    _, rows = _read(args)
+    signals = read_jsonl(local_path(args.signals, "--signals"))
+    keep = {s["request_id"] for s in signals}
+    rows = [r for r in rows if r["request_id"] in keep]
+    x = embed([r["query"] for r in rows], args.encoder)
+    tiers = base.router.tier_names
+    q = quality_matrix(rows, signals, tiers, args.teacher_tier)
+    conf, calibration, m = calibrate(base.router, rows, signals, q, x, tiers, args.cal_fraction, args.quality_target,
+                                     args.risk_level, args.delta, args.max_escalations, args.min_samples,
+                                         frozenset(args.generation_tasks))
+    version = args.version or f"c-{st.key[:12]}"
+    path = _save_version(artifact_dir, version, st.key, base.router, conf, calibration,
+                         {"trained_by": "routenlp train calibrate", "base_version": base.version, "metrics": m})
+    st.out_dir.mkdir(parents=True, exist_ok=True)
+    st.output("calibration", "calibration.json").write_text(json.dumps(calibration.to_json(), indent=1))
+    st.metrics.update(version=version, artifact=str(path), **m)
+    return st.finish()
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--events", required=True, help="event log directory (queries and teacher answers)")
+    p.add_argument("--out", required=True, help="stage output directory (manifest.json, signals)")
+    p.add_argument("--artifact-dir", required=True, help="router artifact directory the new version is written to")
+    p.add_argument("--version", help="name of the new router version (default: derived from the inputs)")
+    p.add_argument("--teacher-tier", required=True, help="the reference tier (last in the cascade)")
+    p.add_argument("--tiers", nargs="+", help="tier names, cheapest first, ending with the teacher tier")
+    p.add_argument("--quality-target", type=float, default=0.9, help="RoutingPolicy task qualityTarget")
+    p.add_argument("--risk-level", type=float, default=0.1, help="RoutingPolicy riskLevel (alpha)")
+    p.add_argument("--delta", type=float, default=0.1, help="1 - confidence of the conformal guarantee")
+    p.add_argument("--max-escalations", type=int, default=2)
+    p.add_argument("--generation-tasks", nargs="*", default=[],
+                   help="tasks of kind generation (free text); all others are scored as structured, as the router does")
+    p.add_argument("--min-samples", type=int, default=30, help="labelled answers needed to calibrate a tier")
+    p.add_argument("--cal-fraction", type=float, default=0.4, help="share of requests kept for conformal calibration")
+    p.add_argument("--system-prompt", default="Answer the customer's request.", help="system message the student is sent")
+    p.add_argument("--encoder", help="all-MiniLM-L6-v2 folder (default: the router's)")
+
+
+def main_retrain(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="routenlp train retrain", description=__doc__.split("\n\n")[1])
+    _common(p)
+    p.add_argument("--student-tier", required=True)
+    p.add_argument("--student-model", help="model name the student tier serves (e.g. the adapter's name)")
+    p.add_argument("--student-url", help="student tier's OpenAI-compatible base URL (…/v1) to probe")
+    p.add_argument("--signals", help="precomputed quality signals JSONL instead of probing")
+    p.add_argument("--probe", type=int, default=600, help="logged requests probed")
+    p.add_argument("--exclude", help="JSONL with request_id of queries to leave out (distill's train.jsonl)")
+    p.add_argument("--epochs", type=int, default=40, help="router training epochs")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.tiers = args.tiers or [args.student_tier, args.teacher_tier]
+    if args.student_url and not args.student_model:
+        raise StageError("--student-model: needed with --student-url (the name the student tier serves)")
+    print_summary(run_retrain(args))
+    return 0
+
+
+def main_calibrate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="routenlp train calibrate", description=__doc__.split("\n\n")[2])
+    _common(p)
+    p.add_argument("--signals", required=True, help="quality signals JSONL (e.g. retrain's signals.jsonl)")
+    p.add_argument("--base-version", help="router version whose weights are kept (default: the newest)")
+    print_summary(run_calibrate(p.parse_args(argv)))
+    return 0
