@@ -3,9 +3,13 @@
 Rules:
 - start tier: the cheapest tier whose predicted acceptance is at least quality_target x the reference (last) tier's
   predicted acceptance (`start_tiers`); no prediction -> the cheapest tier.
-- attempt plan: from the start tier upwards, skipping tiers whose circuit is open, at most 1 + max_escalations
-  attempts; when a limit >= 1 cuts the plan short, the last allowed attempt goes to the highest tier still up (the
-  reference when it is up), so an answer is either accepted by a threshold or comes from the reference.
+- usable tiers: a cheaper tier with no certified threshold for the task can only escalate (it accepts nothing), so
+  calling it costs money for nothing; the plan skips it (`usable`), the reference tier is always usable. The server
+  lets its exploration (shadow) sample try such tiers anyway, to collect labels.
+- attempt plan: from the start tier upwards, skipping tiers whose circuit is open or that are not usable, at most
+  1 + max_escalations attempts; when a limit >= 1 cuts the plan short, the last allowed attempt goes to the highest
+  tier still up (the reference when it is up), so an answer is either accepted by a threshold or comes from the
+  reference.
 - accept: the reference tier always answers; a cheaper tier's answer is accepted iff its threshold is certified and
   score >= threshold; otherwise escalate to the next tier of the plan. The last attempt of a plan answers anyway
   ("fallback" when it is not the reference and was not accepted).
@@ -19,15 +23,33 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def start_tiers(predicted: np.ndarray, quality_target) -> np.ndarray:
-    """(n,) start tier for (n, K) predicted acceptance; quality_target scalar or (n,). Reference tier = last column."""
+def start_tiers(predicted: np.ndarray, quality_target, usable=None) -> np.ndarray:
+    """(n,) start tier for (n, K) predicted acceptance; quality_target scalar or (n,). Reference tier = last column.
+
+    usable: optional (K,) or (n, K) bool (see `usable_tiers`); the start then moves up to the first usable tier at or
+    above the rule's start, which is exactly where `plan_for` with the same `usable` would begin (so calibration,
+    which skips in the plan, and callers that move the start agree)."""
     p = np.asarray(predicted, dtype=float)
     if p.ndim == 1:
         p = p[None, :]
     need = np.asarray(quality_target, dtype=float).reshape(-1, 1) * p[:, -1:]
     ok = p >= need
     ok[:, -1] = True  # the reference tier always qualifies
-    return ok.argmax(axis=1)
+    start = ok.argmax(axis=1)
+    if usable is None:
+        return start
+    u = np.broadcast_to(np.asarray(usable, dtype=bool), p.shape).copy()
+    u[:, -1] = True
+    u &= np.arange(p.shape[1])[None, :] >= start[:, None]
+    return u.argmax(axis=1)
+
+
+def usable_tiers(thresholds) -> np.ndarray:
+    """Bool array shaped like `thresholds` (NaN/None = uncertified): True where the tier may accept, i.e. it has a
+    certified threshold, or it is the reference (last) tier, which always answers."""
+    u = ~np.isnan(np.array(thresholds, dtype=float))  # numpy reads None as NaN here
+    u[..., -1] = True
+    return u
 
 
 def start_tier(predicted: np.ndarray | None, quality_target: float) -> int:
@@ -37,11 +59,19 @@ def start_tier(predicted: np.ndarray | None, quality_target: float) -> int:
     return int(start_tiers(np.asarray(predicted)[None, :], quality_target)[0])
 
 
-def plan_for(start: int, n_tiers: int, max_escalations: int, tier_up=None) -> list[int]:
-    """Tiers to try, in order, for one query (may be empty when every candidate tier is down)."""
+def plan_for(start: int, n_tiers: int, max_escalations: int, tier_up=None, usable=None) -> list[int]:
+    """Tiers to try, in order, for one query (may be empty when every candidate tier is down).
+
+    usable: optional (K,) bool; False = skip this non-reference tier (it cannot accept). Default: all usable."""
     up = [True] * n_tiers if tier_up is None else list(tier_up)
-    cands = [k for k in range(start, n_tiers) if up[k]]
+    use = [True] * n_tiers if usable is None else [bool(u) for u in usable]
+    use[-1] = True  # the reference always answers
+    cands = [k for k in range(start, n_tiers) if up[k] and use[k]]
     if not cands:
+        # No usable tier from the start up is available: an up-but-uncertified tier still beats no answer (fallback).
+        above = [k for k in range(start, n_tiers) if up[k]]
+        if above:
+            return above[-1:]
         # Everything from the start tier up is down: fall back to the highest cheaper tier that is up.
         lower = [k for k in range(start) if up[k]]
         return lower[-1:] if lower else []
@@ -52,14 +82,22 @@ def plan_for(start: int, n_tiers: int, max_escalations: int, tier_up=None) -> li
     return cands
 
 
-def attempt_plan(start: np.ndarray, n_tiers: int, max_escalations: int, tier_up=None) -> np.ndarray:
-    """(n, K) bool: tier k is in query i's plan (`plan_for` vectorised over start tiers)."""
+def attempt_plan(start: np.ndarray, n_tiers: int, max_escalations: int, tier_up=None, usable=None) -> np.ndarray:
+    """(n, K) bool: tier k is in query i's plan (`plan_for` vectorised over start tiers).
+
+    usable: optional (K,) or (n, K) bool per query (e.g. `usable_tiers(thr_table)[task_ids]`)."""
     start = np.asarray(start, dtype=int)
-    out = np.zeros((len(start), n_tiers), dtype=bool)
-    for s in np.unique(start):
-        cols = plan_for(int(s), n_tiers, max_escalations, tier_up)
+    n = len(start)
+    out = np.zeros((n, n_tiers), dtype=bool)
+    use = np.ones((n, n_tiers), dtype=bool) if usable is None else np.broadcast_to(
+        np.asarray(usable, dtype=bool), (n, n_tiers))
+    key = np.column_stack([start, use.astype(int)]) if n else np.zeros((0, n_tiers + 1), dtype=int)
+    combos, inverse = np.unique(key, axis=0, return_inverse=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    for i, row in enumerate(combos):
+        cols = plan_for(int(row[0]), n_tiers, max_escalations, tier_up, row[1:].astype(bool))
         if cols:
-            out[np.ix_(start == s, cols)] = True
+            out[np.ix_(inverse == i, cols)] = True
     return out
 
 
@@ -101,11 +139,13 @@ class CascadeResult:
 
 
 def simulate_cascade(start, scores, quality, costs, thresholds, max_escalations: int, tier_up=None,
-                     latencies=None) -> CascadeResult:
+                     latencies=None, skip_uncertified: bool = True) -> CascadeResult:
     """Run the cascade offline over recorded outcomes, vectorised over queries.
 
     start (n,) int; scores, quality, costs (n, K) per query and tier (cost: what calling that tier costs for that
     query); thresholds (n, K) per query (e.g. `thr_table[task_ids]`), NaN = uncertified (accepts nothing).
+    skip_uncertified: uncertified non-reference tiers are not called (as the server does outside its exploration
+    sample); False calls them and escalates (the old behaviour, which costs more than always-reference).
     Returns the tier answered, cost paid (all tiers called), quality obtained, escalations, acceptance."""
     scores = np.asarray(scores, dtype=float)
     n, K = scores.shape
@@ -114,7 +154,8 @@ def simulate_cascade(start, scores, quality, costs, thresholds, max_escalations:
     thr = np.asarray(thresholds, dtype=float)
     if thr.shape != (n, K):
         thr = np.broadcast_to(thr, (n, K))
-    plan = attempt_plan(np.asarray(start, dtype=int), K, max_escalations, tier_up)
+    usable = usable_tiers(thr) if skip_uncertified else None
+    plan = attempt_plan(np.asarray(start, dtype=int), K, max_escalations, tier_up, usable)
     # Position of each tier in its plan, and the last tier of each plan.
     last = np.where(plan.any(1), K - 1 - np.argmax(plan[:, ::-1], axis=1), -1)
     done = np.zeros(n, dtype=bool)

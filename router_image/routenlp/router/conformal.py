@@ -6,10 +6,15 @@ threshold lambda such that, with probability >= 1 - delta over the calibration s
     P(answer unacceptable | score >= lambda) <= alpha   (alpha = risk_level)
 
 i.e. the rate of unacceptable answers among the answers ACCEPTED at that tier is at most alpha. The work is done by
-MAPIE's `BinaryClassificationController` (Learn-then-Test with the precision risk, Hoeffding-Bentkus p-values and
-Bonferroni-Holm FWER control over a fixed grid of candidate thresholds). If no candidate is certified, the tier
-accepts nothing for that task (threshold None: always escalate). `calibrate_cascade` applies it tier by tier on the
-queries that reach each tier at run time. See docs/guarantee.md for the exact statement and assumptions.
+MAPIE's `BinaryClassificationController` (Learn-then-Test with the precision risk and Hoeffding-Bentkus p-values)
+over a grid of candidate thresholds fixed before the calibration labels are seen, with one of two FWER procedures:
+`fwer="holm"` (Bonferroni-Holm, any grid: the default grid 0.00..0.99) or `fwer="fixed_sequence"` (MAPIE's
+`FWERFixedSequenceTesting`: the grid is walked from strict (high) to loose and each test is at level delta /
+n_starts, stopping a branch at its first non-rejection; more powerful at a fixed alpha when the sequence starts
+where the scores lie: `ordered_grid` learns it from the router-TRAINING split, disjoint from the calibration data).
+If no candidate is certified, the tier accepts nothing for that task (threshold None: the cascade skips it).
+`calibrate_cascade` applies it tier by tier on the queries that reach each tier at run time. See docs/guarantee.md
+for the exact statement and assumptions.
 """
 
 from __future__ import annotations
@@ -56,6 +61,76 @@ def _holm_without_empty_sets():
     return _Holm()
 
 
+def _fixed_sequence(n_starts: int):
+    """MAPIE's fixed-sequence testing, with a NaN p-value (no calibration answer accepted) read as 1: a
+    non-rejection, which ends that branch (comparing NaN would do the same; made explicit here)."""
+    from mapie.risk_control.fwer_control import FWERFixedSequenceTesting
+
+    class _FST(FWERFixedSequenceTesting):
+        def run(self, p_values, delta):
+            return super().run(np.nan_to_num(np.asarray(p_values, float), nan=1.0), delta)
+
+    return _FST(n_starts=n_starts)
+
+
+FWER_METHODS = ("holm", "fixed_sequence")
+
+
+def training_grid(train_scores, n_points: int = 50, top: float = 0.99) -> np.ndarray | None:
+    """Candidate thresholds from scores of the router-TRAINING split (never calibration data): the quantiles at
+    levels `top` down to 0 (n_points of them), unique, descending. None when there are no finite scores."""
+    s = np.asarray(train_scores, dtype=float).reshape(-1)
+    s = s[np.isfinite(s)]
+    if not len(s):
+        return None
+    q = np.quantile(np.clip(s, 0.0, 1.0), np.linspace(top, 0.0, n_points))
+    return np.unique(np.round(q, 6))[::-1]
+
+
+def ordered_grid(train_scores, train_labels, n_cal: int, risk_level: float, delta: float, n_points: int = 50,
+                 n_boot: int = 50, seed: int = 0) -> np.ndarray | None:
+    """The fixed sequence for `fwer="fixed_sequence"`, learnt on the router-TRAINING split only.
+
+    Fixed-sequence testing stops at its first non-rejection, so where the sequence starts decides everything: a
+    start that accepts a handful of calibration answers certifies nothing, a start too loose fails its first test.
+    Candidates are `training_grid` quantiles (descending). The start is chosen by simulation on training answers
+    (score, label): `n_boot` bootstrap samples of size `n_cal` are drawn from them, each gets the Hoeffding-Bentkus
+    p-values MAPIE would compute, and for every possible start the fixed-sequence walk at level delta is replayed;
+    the start with the largest mean accepted share wins (ties: the stricter). The looser candidates follow in order.
+    Only training data and the calibration COUNT enter, never calibration scores or labels, so the sequence is fixed
+    before the calibration test and fixed-sequence validity holds."""
+    from mapie.risk_control.methods import compute_hoeffding_bentkus_p_value
+
+    s = np.asarray(train_scores, dtype=float).reshape(-1)
+    y = np.asarray(train_labels, dtype=float).reshape(-1)
+    keep = np.isfinite(s) & np.isfinite(y)
+    s, y = np.clip(s[keep], 0.0, 1.0), y[keep]
+    grid = training_grid(s, n_points)
+    if grid is None or n_cal <= 0 or len(grid) == 1:
+        return grid
+    acc = s[None, :] >= grid[:, None]  # (G, m)
+    bad = 1.0 - y
+    rng = np.random.default_rng(seed)
+    G = len(grid)
+    gain = np.zeros(G)
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(s), n_cal)
+        n_acc = acc[:, idx].sum(1)
+        risk = np.where(n_acc > 0, (acc[:, idx] * bad[idx]).sum(1) / np.maximum(n_acc, 1), 1.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            p = compute_hoeffding_bentkus_p_value(risk, np.maximum(n_acc, 1).astype(float), risk_level,
+                                                  binary=True)[:, 0]
+        rej = (n_acc > 0) & (np.nan_to_num(p, nan=1.0) <= delta)
+        # walk from each start j: the last index of the run of rejections beginning at j (-1 if j is not rejected)
+        last = np.full(G, -1)
+        for j in range(G - 1, -1, -1):
+            if rej[j]:
+                last[j] = last[j + 1] if j + 1 < G and rej[j + 1] else j
+        gain += np.where(last >= 0, n_acc[np.maximum(last, 0)] / n_cal, 0.0)
+    start = int(np.argmax(gain))  # first maximum = strictest among ties
+    return grid[start:]
+
+
 class _Scores:
     """predict_proba-like wrapper MAPIE calls with X = precomputed scores (column 1 = P(acceptable))."""
 
@@ -65,10 +140,16 @@ class _Scores:
 
 
 def calibrate_threshold(scores, labels, risk_level: float, delta: float, min_samples: int = 1,
-                        grid: np.ndarray | None = None) -> ThresholdResult:
+                        grid: np.ndarray | None = None, fwer: str = "holm", n_starts: int = 1,
+                        train=None) -> ThresholdResult:
     """Certify the lowest threshold on `grid` whose accepted-but-unacceptable rate is <= risk_level w.p. >= 1-delta.
 
-    scores: confidence in [0, 1]; labels: 1/True = acceptable answer. Fewer than `min_samples` labels -> uncertified."""
+    scores: confidence in [0, 1]; labels: 1/True = acceptable answer. Fewer than `min_samples` labels -> uncertified.
+    grid: candidate thresholds, chosen without the calibration labels (default: 0.00, 0.01, ..., 0.99).
+    fwer: "holm" (Bonferroni-Holm over the grid) or "fixed_sequence" (the grid sorted from strict to loose, tested
+    in that order at delta / n_starts per branch, `n_starts` equally spaced branch starts).
+    train: optional (scores, labels) of TRAINING answers for this (task, tier); with fwer="fixed_sequence" and no
+    grid, the sequence is `ordered_grid(train..., n_cal=len(scores))`."""
     from mapie.risk_control import BinaryClassificationController
 
     if not 0 < risk_level < 1 or not 0 < delta < 1:
@@ -82,10 +163,20 @@ def calibrate_threshold(scores, labels, risk_level: float, delta: float, min_sam
     n = int(len(s))
     if n < max(min_samples, 1):
         return ThresholdResult(None, n, 0, None, False)
-    grid = DEFAULT_GRID if grid is None else np.asarray(grid, dtype=float)
+    if fwer not in FWER_METHODS:
+        raise ValueError(f"fwer must be one of {FWER_METHODS}; got {fwer!r}")
+    if grid is None and train is not None and fwer == "fixed_sequence":
+        grid = ordered_grid(train[0], train[1], n, risk_level, delta)
+    grid = DEFAULT_GRID if grid is None else np.asarray(grid, dtype=float).reshape(-1)
+    if fwer == "fixed_sequence":
+        # The order is part of the procedure: strict (high threshold, fewest accepted) first, then looser.
+        grid = np.unique(grid)[::-1]
+        procedure = _fixed_sequence(max(1, min(int(n_starts), len(grid))))
+    else:
+        procedure = _holm_without_empty_sets()
     controller = BinaryClassificationController(
         predict_function=_Scores(), risk="precision", target_level=float(1.0 - risk_level),
-        confidence_level=float(1.0 - delta), list_predict_params=grid, fwer_method=_holm_without_empty_sets(),
+        confidence_level=float(1.0 - delta), list_predict_params=grid, fwer_method=procedure,
     )
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         warnings.simplefilter("ignore")  # all-0/1 score warnings, empty accepted sets at high thresholds
@@ -100,31 +191,50 @@ def calibrate_threshold(scores, labels, risk_level: float, delta: float, min_sam
 
 
 def calibrate_cascade(task_ids, start, scores, labels, n_tasks: int, risk_level: float, delta: float,
-                      min_samples: int, max_escalations: int, tier_up=None, grid=None) -> list[list[ThresholdResult]]:
+                      min_samples: int, max_escalations: int, tier_up=None, grid=None, *, grids=None,
+                      fwer: str = "holm", n_starts: int = 1, train=None,
+                      skip_uncertified: bool = True) -> list[list[ThresholdResult]]:
     """Sequential calibration over the cascade: result[task][tier].
 
     Arrays over calibration queries: task_ids (n,), start (n,) start tier from the router's start rule,
     scores (n, K) confidence of each tier's answer, labels (n, K) 1 = acceptable (NaN = unknown).
     Tier k of a task is calibrated only on the queries that would reach it at run time: their plan (start tier,
-    skipped tiers, escalation limit: `cascade.attempt_plan`) contains k and the already-calibrated thresholds of the
-    tiers tried before k reject them. The last (reference) tier is never thresholded: it always answers."""
+    tiers that are down or, with skip_uncertified, have no certified threshold for the task, escalation limit:
+    `cascade.attempt_plan`, as `cascade.simulate_cascade` and the server use it) contains k, and the already-fixed
+    thresholds of the tiers tried before k reject them. While k itself is calibrated it is taken as usable (if it
+    ends uncertified it is skipped, and the queries reaching it do not matter). The last (reference) tier is never
+    thresholded: it always answers.
+    grid: one candidate grid for every (task, tier); grids: per-(task, tier) grids, grids[t][k] (array or None =
+    `grid`), e.g. `training_grid` of training-split scores. fwer, n_starts: see `calibrate_threshold`.
+    train: optional (task_ids, scores (m, K), labels (m, K)) of router-TRAINING queries (disjoint from these); with
+    fwer="fixed_sequence" each (task, tier) without a grid gets `ordered_grid` from that task's training answers."""
     task_ids = np.asarray(task_ids, dtype=int)
     scores = np.asarray(scores, dtype=float)
     labels = np.asarray(labels, dtype=float)
     n, K = scores.shape
-    plan = _cascade.attempt_plan(np.asarray(start, dtype=int), K, max_escalations, tier_up)
+    start = np.asarray(start, dtype=int)
+    usable = np.ones((n_tasks, K), dtype=bool)  # tiers not yet calibrated count as usable (see docstring)
     thresholds = np.full((n_tasks, K), np.nan)
     out: list[list[ThresholdResult]] = [[ThresholdResult(None, 0, 0, None, False)] * K for _ in range(n_tasks)]
     rejected_so_far = np.ones(n, dtype=bool)  # not accepted by any earlier tier
     for k in range(K):
+        plan = _cascade.attempt_plan(start, K, max_escalations, tier_up,
+                                     usable[task_ids] if skip_uncertified and n else None)
         reach = plan[:, k] & rejected_so_far
         if k < K - 1:
             for t in range(n_tasks):
                 m = reach & (task_ids == t)
-                res = calibrate_threshold(scores[m, k], labels[m, k], risk_level, delta, min_samples, grid)
+                g = grids[t][k] if grids is not None and grids[t][k] is not None else grid
+                tr = None
+                if train is not None:
+                    mt = np.asarray(train[0], dtype=int) == t
+                    tr = (np.asarray(train[1], dtype=float)[mt, k], np.asarray(train[2], dtype=float)[mt, k])
+                res = calibrate_threshold(scores[m, k], labels[m, k], risk_level, delta, min_samples, g, fwer,
+                                          n_starts, tr)
                 out[t][k] = res
                 if res.threshold is not None:
                     thresholds[t, k] = res.threshold
+                usable[t, k] = res.threshold is not None
         else:
             for t in range(n_tasks):
                 m = reach & (task_ids == t) & ~np.isnan(labels[:, k])

@@ -1,7 +1,8 @@
 """The router: an OpenAI-compatible gateway doing difficulty-aware routing and conformal cascading.
 
 `routenlp router --config FILE [--host H] [--port P]`. Endpoints: POST /v1/chat/completions, /v1/completions
-(streaming SSE too), GET /v1/models, /healthz, /readyz, /metrics, POST /v1/feedback.
+(streaming SSE too), GET /v1/models, /healthz, /readyz, /metrics, /routenlp/rollout (per-version figures the
+operator reads: see rollout.py), POST /v1/feedback.
 
 Request path: validate -> task -> decision (encode + heads + start rule) -> cascade over tiers (logprob confidence,
 conformal thresholds, escalation, open circuits skipped) -> response with x-routenlp-* headers -> routing event to the
@@ -38,6 +39,7 @@ from .confidence import ConfidenceSet, answer_features
 from .eventlog import EventLogWriter, labelled_attempts, read_events
 from .events import FeedbackEvent, RoutingEvent, TierAttempt
 from .metrics import RouterMetrics
+from .rollout import RolloutFigures
 from .openai_api import (ApiError, ParsedRequest, answer_text, parse_chat, parse_completion, resolve_task, sse_events,
                          stream_delta_text, structured_agree, token_logprobs, usage)
 
@@ -80,6 +82,7 @@ class RouterState:
         self.config_path = config_path
         self._config_mtime = os.path.getmtime(config_path) if config_path else None
         self.metrics = RouterMetrics()
+        self.figures = RolloutFigures()
         self.tier_names = [t.name for t in config.tiers]
         self.K = len(self.tier_names)
         self.tasks = {t.name: t for t in config.tasks}
@@ -116,6 +119,8 @@ class RouterState:
         canary_name = rv.canary if rv.canary_percent > 0 else None
         if canary_name != (self.canary.version if self.canary else None):
             self.canary = load_artifact(rv.artifact_dir, canary_name) if canary_name else None
+        self.figures.set_versions(self.stable.version if self.stable else None,
+                                  self.canary.version if self.canary else None)
         self.metrics.version_info.clear()
         if self.stable:
             self.metrics.version_info.labels(self.config.policy, self.stable.version, "stable").set(1)
@@ -157,6 +162,8 @@ class RouterState:
     def add_label(self, event: RoutingEvent, tier: str, acceptable: bool) -> None:
         """Record a label for one attempt of a stable-version request (online calibration + violation gauge)."""
         att = next((a for a in event.attempts if a.tier == tier), None)
+        if att is not None and att.accepted and tier != self.tier_names[-1]:
+            self.figures.label(event.router_version, acceptable)  # canary labels count here too
         if att is None or self.stable is None or event.router_version != self.stable.version:
             return
         key = (event.task, tier)
@@ -319,7 +326,12 @@ class Handlers:
         s.metrics.decision_seconds.labels(cfg.policy).observe(time.perf_counter() - t_dec)
 
         up = s.tiers_up()
-        plan = cascade.plan_for(start, s.K, cfg.cascade.max_escalations, up)
+        # A cheaper tier with no certified threshold for this task can only escalate, so it is skipped (calling it
+        # would cost more than the reference alone), except on the exploration sample: the requests the shadow hash
+        # selects still try it, so it keeps collecting the random labels that recalibration needs to certify it.
+        explore = _fraction(request_id, "shadow") < cfg.shadow_sample_rate
+        usable = [explore or (t is not None and t.certified and t.threshold is not None) for t in thresholds]
+        plan = cascade.plan_for(start, s.K, cfg.cascade.max_escalations, up, usable)
         if not plan:
             return _error(503, "every tier is unavailable; retry later", headers={"Retry-After": str(s.retry_after())})
 
@@ -328,7 +340,9 @@ class Handlers:
 
         attempts: list[TierAttempt] = []
         answers: dict[str, tuple[dict, str | None]] = {}
-        final_body, final_tier, outcome, final_score = None, None, "accepted", None
+        # "fallback" unless a tier's answer clears its threshold: a loop that runs out of tiers after a rejected
+        # answer (the later tiers failed) returns that answer as a fallback, not as accepted.
+        final_body, final_tier, outcome, final_score = None, None, "fallback", None
         queue_ = list(plan)
         tried: set[int] = set()
         while queue_:
@@ -379,6 +393,7 @@ class Handlers:
                                         cost_usd=cost, latency_ms=res.latency_s * 1000))
             answers[tier.name] = (res.body, text)
             s.metrics.cost.labels(cfg.policy, task, tier.name).inc(cost)
+            s.figures.spent(version, cost)
             final_body, final_tier, final_score = res.body, tier.name, score
             if ok or not queue_:
                 outcome = "accepted" if ok else "fallback"
@@ -395,6 +410,8 @@ class Handlers:
         s.metrics.requests.labels(cfg.policy, task, final_tier, outcome).inc()
         ref_cost = cfg.tiers[-1].cost.usd(attempts[-1].input_tokens, attempts[-1].output_tokens)
         s.metrics.reference_cost.labels(cfg.policy, task).inc(ref_cost)
+        first_ok = len(attempts) == 1 and outcome == "accepted" and final_tier != s.tier_names[-1]
+        s.figures.answered(version, first_ok, escalations > 0, ref_cost)
         if s.tier_names[-1] in answers and len(answers) > 1:
             asyncio.get_running_loop().create_task(self._judge(event, answers[s.tier_names[-1]][1] or "", "judge"))
         if shadow:
@@ -476,6 +493,7 @@ class Handlers:
             return
         in_tok, out_tok = usage(res.body)
         s.metrics.cost.labels(s.config.policy, event.task, ref.name).inc(ref.cost.usd(in_tok, out_tok))
+        s.figures.spent(event.router_version, ref.cost.usd(in_tok, out_tok))
         await self._judge(event, answer_text(req.kind, res.body) or "", "shadow")
 
     async def _passthrough_stream(self, request, req, task, k, prior, art, request_id, arrived, t_start):
@@ -512,6 +530,7 @@ class Handlers:
         latency = time.perf_counter() - t_start
         s.metrics.tier_seconds.labels(s.config.policy, tier.name).observe(latency)
         s.metrics.requests.labels(s.config.policy, task, tier.name, "accepted").inc()
+        s.figures.answered(version, False, False, 0.0)  # streamed through: no confidence score, no usage
         att = TierAttempt(tier=tier.name, model=tier.served_model_name,
                           predicted=None if prior is None else float(prior[k]), accepted=k == s.K - 1,
                           response="".join(parts), latency_ms=latency * 1000)
@@ -545,6 +564,10 @@ class Handlers:
     async def metrics(self, request):
         self.s.tiers_up()
         return web.Response(body=generate_latest(self.s.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def rollout(self, request):
+        """Per-version figures since each version was first served (see rollout.py): the operator's input."""
+        return web.json_response(self.s.figures.answer())
 
     async def feedback(self, request):
         """Attach a label to an answered request: {"request_id", "accepted": bool | "score": 0..1, "tier"?}."""
@@ -619,6 +642,7 @@ def build_app(config: RouterConfig, config_path: str | None = None, encoder=None
     app.router.add_get("/healthz", h.healthz)
     app.router.add_get("/readyz", h.readyz)
     app.router.add_get("/metrics", h.metrics)
+    app.router.add_get("/routenlp/rollout", h.rollout)
 
     async def on_startup(app):
         if state.encoder is None:
@@ -634,6 +658,7 @@ def build_app(config: RouterConfig, config_path: str | None = None, encoder=None
             log.warning("router artifact missing (%s): starting at the cheapest tier, escalating conservatively", e)
             if state.stable is None:
                 state.stable = RouterArtifact(BOOTSTRAP_VERSION, None, ConfidenceSet(), None, {})
+            state.figures.set_versions(state.stable.version, state.canary.version if state.canary else None)
             state.publish_thresholds()
         state.tiers_up()
         state.background.append(asyncio.get_running_loop().create_task(_background(state)))

@@ -3,11 +3,13 @@ unacceptable answers among accepted ones at or below alpha on held-out data, in 
 calibration draws (plus sampling slack)."""
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from routenlp.router import cascade
-from routenlp.router.conformal import calibrate_cascade, calibrate_threshold, thresholds_table
+from routenlp.router.conformal import (calibrate_cascade, calibrate_threshold, ordered_grid, thresholds_table,
+                                       training_grid)
 
 
 def _true_risk(lam: float, gamma: float) -> float:
@@ -44,25 +46,87 @@ def test_nan_labels_are_ignored():
     assert calibrate_threshold(s, y, 0.1, 0.1, 10).n == 500
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(alpha=st.sampled_from([0.05, 0.1, 0.2]), delta=st.sampled_from([0.1, 0.2]),
-       gamma=st.floats(0.3, 3.0), n_cal=st.integers(300, 1500), seed=st.integers(0, 2**31 - 1))
-def test_violation_rate_controlled_over_random_splits(alpha, delta, gamma, n_cal, seed):
-    rng = np.random.default_rng(seed)
-    splits, true_violations = 60, 0
+# Procedures under test: (scores, labels, alpha, delta, train (scores, labels) from an independent sample) -> threshold
+PROCEDURES = {
+    "holm": lambda s, y, a, d, tr: calibrate_threshold(s, y, a, d, min_samples=50).threshold,
+    # fixed sequence over a grid learnt on independent "training" data (what the benchmark and trainer use)
+    "fixed_sequence_trained": lambda s, y, a, d, tr: calibrate_threshold(
+        s, y, a, d, min_samples=50, fwer="fixed_sequence", train=tr).threshold,
+    # fixed sequence, multi-start, over training quantiles
+    "fixed_sequence_3starts": lambda s, y, a, d, tr: calibrate_threshold(
+        s, y, a, d, min_samples=50, grid=training_grid(tr[0]), fwer="fixed_sequence", n_starts=3).threshold,
+}
+
+
+def _naive_threshold(s, y, a, d, tr):
+    """Deliberately INVALID: the lowest grid threshold whose calibration risk is <= alpha (no test, no correction).
+    The property check below must reject it, or the check cannot fail."""
+    for lam in np.round(np.linspace(0.0, 0.99, 100), 4):
+        acc = s >= lam
+        if acc.sum() and 1 - y[acc].mean() <= a:
+            return float(lam)
+    return None
+
+
+def _check_guarantee(procedure, alpha, delta, gamma, n_cal, rng, splits=60):
+    """Over `splits` calibration draws, the fractions of draws whose threshold (a) has true risk > alpha, (b) shows a
+    held-out rate (4,000 fresh answers) above alpha beyond sampling slack; and the binomial slack around delta.
+    Both fractions may reach delta: the guarantee allows a delta share of bad calibration draws."""
+    true_violations, held_violations = 0, 0
     for _ in range(splits):
         s, y = _draw(rng, n_cal + 4000, gamma)
-        r = calibrate_threshold(s[:n_cal], y[:n_cal], alpha, delta, min_samples=50)
-        if r.threshold is None:
+        thr = procedure(s[:n_cal], y[:n_cal], alpha, delta, _draw(rng, 2 * n_cal, gamma))
+        if thr is None:
             continue  # accepting nothing never violates
-        if _true_risk(r.threshold, gamma) > alpha:
+        if _true_risk(thr, gamma) > alpha:
             true_violations += 1
-        acc = s[n_cal:] >= r.threshold
-        if acc.sum() >= 50:  # held-out empirical rate within sampling slack of alpha
+        acc = s[n_cal:] >= thr
+        if acc.sum() >= 50:
             held = 1 - y[n_cal:][acc].mean()
-            assert held <= alpha + 3.5 * np.sqrt(alpha * (1 - alpha) / acc.sum()) + 1e-9
-    # P(true risk > alpha) <= delta; binomial slack for `splits` draws
-    assert true_violations / splits <= delta + 3 * np.sqrt(delta * (1 - delta) / splits)
+            held_violations += held > alpha + 3 * np.sqrt(alpha * (1 - alpha) / acc.sum())
+    return true_violations / splits, held_violations / splits, 3 * np.sqrt(delta * (1 - delta) / splits)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(alpha=st.sampled_from([0.05, 0.1, 0.2]), delta=st.sampled_from([0.1, 0.2]),
+       gamma=st.floats(0.3, 3.0), n_cal=st.integers(300, 1500), seed=st.integers(0, 2**31 - 1),
+       procedure=st.sampled_from(sorted(PROCEDURES)))
+def test_violation_rate_controlled_over_random_splits(alpha, delta, gamma, n_cal, seed, procedure):
+    rng = np.random.default_rng(seed)
+    true_frac, held_frac, slack = _check_guarantee(PROCEDURES[procedure], alpha, delta, gamma, n_cal, rng)
+    # P(true risk > alpha) <= delta (binomial slack for the number of draws); held-out rates agree
+    assert true_frac <= delta + slack
+    assert held_frac <= delta + slack
+
+
+def test_the_guarantee_check_rejects_an_invalid_procedure():
+    # The naive "calibration risk <= alpha" threshold has true risk > alpha about half the time: the same check that
+    # the real procedures pass must fail it.
+    true_frac, held_frac, slack = _check_guarantee(_naive_threshold, 0.1, 0.1, 1.0, 500, np.random.default_rng(0))
+    assert true_frac > 0.1 + slack  # ~57 % of draws: the property test's first assertion fails on it
+
+
+def test_fixed_sequence_is_more_powerful_than_holm_on_the_same_data():
+    # same calibration draws; the trained fixed sequence certifies more often and accepts more (lower thresholds)
+    rng = np.random.default_rng(5)
+    holm, fst = [], []
+    for _ in range(25):
+        s, y = _draw(rng, 1000, 1.0)
+        tr = _draw(rng, 2000, 1.0)
+        holm.append(PROCEDURES["holm"](s, y, 0.1, 0.1, tr) or 1.0)
+        fst.append(PROCEDURES["fixed_sequence_trained"](s, y, 0.1, 0.1, tr) or 1.0)
+    assert np.mean(np.array(fst) < 1) > np.mean(np.array(holm) < 1)
+    assert np.mean(fst) < np.mean(holm)
+
+
+def test_ordered_grid_uses_training_data_only_and_descends():
+    rng = np.random.default_rng(2)
+    st_, yt = _draw(rng, 2000, 1.0)
+    g = ordered_grid(st_, yt, 1000, 0.2, 0.1)
+    assert len(g) > 1 and np.all(np.diff(g) < 0)
+    # the start is predicted to pass: enough training answers above it, with training risk below alpha
+    assert 1 - yt[st_ >= g[0]].mean() < 0.2 and (st_ >= g[0]).sum() > 50
+    assert ordered_grid([], [], 100, 0.1, 0.1) is None
 
 
 def _cascade_data(rng, n):
@@ -76,14 +140,17 @@ def _cascade_data(rng, n):
     return task, start, score, ok
 
 
-def test_cascade_calibration_holds_per_task_and_tier_on_held_out_data():
+@pytest.mark.parametrize("fwer", ["holm", "fixed_sequence"])
+def test_cascade_calibration_holds_per_task_and_tier_on_held_out_data(fwer):
     alpha, delta = 0.1, 0.1
     failures, checks = 0, 0
     for seed in range(20):
         rng = np.random.default_rng(seed)
         task, start, score, ok = _cascade_data(rng, 6000)
+        train = _cascade_data(rng, 3000) if fwer == "fixed_sequence" else None
         res = calibrate_cascade(task[:3000], start[:3000], score[:3000], ok[:3000], n_tasks=2, risk_level=alpha,
-                                delta=delta, min_samples=100, max_escalations=2)
+                                delta=delta, min_samples=100, max_escalations=2, fwer=fwer,
+                                train=None if train is None else (train[0], train[2], train[3]))
         assert res[0][2].threshold is None  # the reference is never thresholded
         thr = thresholds_table(res)
         sim = cascade.simulate_cascade(start[3000:], score[3000:], ok[3000:], np.ones((3000, 3)),
@@ -109,3 +176,21 @@ def test_cascade_tier_calibrated_only_on_queries_that_reach_it():
     res = calibrate_cascade(np.zeros(n, int), np.zeros(n, int), score, labels, 1, 0.1, 0.1, 10, 2)
     assert res[0][0].threshold == 0.0  # everything acceptable at tier 0: it accepts all
     assert res[0][1].n == 0 and not res[0][1].certified  # nothing reaches tier 1
+
+
+def test_cascade_calibration_skips_uncertified_tiers_like_the_run_time():
+    # tier 0 is hopeless (never acceptable): uncertified, so at run time queries starting at 0 go straight to tier 1;
+    # tier 1 must therefore be calibrated on ALL queries (those starting at 0 and at 1), as simulate_cascade runs them
+    n = 3000
+    rng = np.random.default_rng(1)
+    score = rng.uniform(size=(n, 3))
+    labels = np.stack([np.zeros(n), (rng.uniform(size=n) < 0.5 + 0.5 * score[:, 1]).astype(float), np.ones(n)], 1)
+    start = (rng.uniform(size=n) < 0.3).astype(int)
+    res = calibrate_cascade(np.zeros(n, int), start, score, labels, 1, 0.2, 0.1, 10, 1)
+    assert not res[0][0].certified and res[0][1].n == n
+    # with max_escalations 1 and no skipping, queries starting at 0 would go 0 -> 2 and never reach tier 1
+    old = calibrate_cascade(np.zeros(n, int), start, score, labels, 1, 0.2, 0.1, 10, 1, skip_uncertified=False)
+    assert old[0][1].n == int((start == 1).sum())
+    thr = thresholds_table(res)
+    sim = cascade.simulate_cascade(start, score, labels, np.tile([1.0, 10.0, 100.0], (n, 1)), thr[np.zeros(n, int)], 1)
+    assert (sim.tier != 0).all() and (sim.tier == 1).any()

@@ -97,6 +97,17 @@ def test_attempt_plan_limits_and_circuits():
     assert cascade.plan_for(1, 3, 2, tier_up=[True, False, True]) == [2]  # open circuit skipped
     assert cascade.plan_for(1, 3, 2, tier_up=[True, False, False]) == [0]  # fall back below the start
     assert cascade.plan_for(0, 3, 2, tier_up=[False, False, False]) == []
+    # tiers that cannot accept (no certified threshold) are skipped; the reference always stays
+    assert cascade.plan_for(0, 3, 2, usable=[False, True, False]) == [1, 2]
+    assert cascade.plan_for(0, 4, 1, usable=[False, True, True, True]) == [1, 3]  # the limit counts usable tiers
+    assert cascade.plan_for(0, 3, 2, tier_up=[True, True, False], usable=[False, False, True]) == [1]  # fallback
+    np.testing.assert_array_equal(cascade.attempt_plan(np.array([0, 0]), 3, 2, usable=[[True, False, True],
+                                                                                        [False, True, True]]),
+                                  [[True, False, True], [False, True, True]])
+    np.testing.assert_array_equal(cascade.usable_tiers([[None, 0.3, None], [np.nan, np.nan, np.nan]]),
+                                  [[False, True, True], [False, False, True]])
+    np.testing.assert_array_equal(cascade.start_tiers(np.array([[0.9, 0.9, 0.9]]), 1.0, usable=[False, True, True]),
+                                  [1])
     plan = cascade.attempt_plan(np.array([0, 2]), 3, 2)
     np.testing.assert_array_equal(plan, [[True, True, True], [False, False, True]])
 
@@ -135,17 +146,36 @@ def test_simulate_cascade_agrees_with_per_query_rules():
     scores, quality, costs = rng.uniform(size=(n, K)), rng.integers(0, 2, (n, K)).astype(float), rng.uniform(size=(n, K))
     thr = np.where(rng.uniform(size=(n, K)) < 0.2, np.nan, rng.uniform(size=(n, K)))
     start, up = rng.integers(0, K, n), [True, False, True, True]
-    r = cascade.simulate_cascade(start, scores, quality, costs, thr, 2, tier_up=up)
-    for i in range(n):
-        cost, chosen = 0.0, -1
-        plan = cascade.plan_for(int(start[i]), K, 2, up)
-        for j, k in enumerate(plan):
-            cost += costs[i, k]
-            t = None if np.isnan(thr[i, k]) else thr[i, k]
-            if cascade.accept(scores[i, k], t, k == K - 1) or j == len(plan) - 1:
-                chosen = k
-                break
-        assert r.tier[i] == chosen and r.cost[i] == pytest.approx(cost)
+    for skip in (True, False):
+        r = cascade.simulate_cascade(start, scores, quality, costs, thr, 2, tier_up=up, skip_uncertified=skip)
+        for i in range(n):
+            cost, chosen = 0.0, -1
+            usable = ~np.isnan(thr[i]) if skip else None
+            plan = cascade.plan_for(int(start[i]), K, 2, up, usable)
+            for j, k in enumerate(plan):
+                cost += costs[i, k]
+                t = None if np.isnan(thr[i, k]) else thr[i, k]
+                if cascade.accept(scores[i, k], t, k == K - 1) or j == len(plan) - 1:
+                    chosen = k
+                    break
+            assert r.tier[i] == chosen and r.cost[i] == pytest.approx(cost)
+
+
+def test_uncertified_tiers_are_skipped_so_the_floor_is_always_reference():
+    rng = np.random.default_rng(4)
+    n, K = 300, 3
+    scores, costs = rng.uniform(size=(n, K)), np.tile([1.0, 10.0, 100.0], (n, 1))
+    quality = np.ones((n, K))
+    none = np.full((n, K), np.nan)
+    skipped = cascade.simulate_cascade(np.zeros(n, int), scores, quality, costs, none, 2)
+    called = cascade.simulate_cascade(np.zeros(n, int), scores, quality, costs, none, 2, skip_uncertified=False)
+    assert skipped.cost.sum() == pytest.approx(100.0 * n)  # exactly always-reference
+    assert called.cost.sum() == pytest.approx(111.0 * n)  # the old behaviour paid for two useless calls
+    assert (skipped.escalations == 0).all() and (skipped.tier == 2).all()
+    # tier 1 certified, tier 0 not: start at 0 goes straight to tier 1
+    thr = np.tile([np.nan, 0.5, np.nan], (n, 1))
+    r = cascade.simulate_cascade(np.zeros(n, int), scores, quality, costs, thr, 2)
+    assert set(np.unique(r.tier)) <= {1, 2} and (r.cost >= 10.0).all() and (r.cost <= 110.0).all()
 
 
 def test_canary_bucket_is_stable():

@@ -104,8 +104,15 @@ def stack_factory(tmp_path):
         s.close()
 
 
+def test_uncalibrated_tiers_are_skipped_outside_the_exploration_sample(stack_factory):
+    s = stack_factory()  # shadowSampleRate 0: no exploration; small and medium have no threshold
+    status, h, body = s.chat("I want a refund, easy")
+    assert status == 200 and h["x-routenlp-tier"] == "big" and h["x-routenlp-escalations"] == "0"
+    assert not s.fakes[0].calls and not s.fakes[1].calls  # never paid for a call that could only escalate
+
+
 def test_uncalibrated_escalates_conservatively_and_labels_by_reference(stack_factory):
-    s = stack_factory()
+    s = stack_factory(shadowSampleRate=1.0)  # every request is in the exploration sample: uncalibrated tiers tried
     status, h, body = s.chat("I want a refund, easy")
     assert status == 200, body
     assert h["x-routenlp-tier"] == "big" and h["x-routenlp-escalations"] == "2"
@@ -283,7 +290,7 @@ def test_streaming_synthesised_after_cascade_and_passthrough(stack_factory):
     chunks = [json.loads(line[6:]) for line in body.decode().split("\n\n") if line.startswith("data: {")]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "refund"
     assert body.decode().rstrip().endswith("data: [DONE]")
-    s2 = stack_factory(cascade={"maxEscalations": 0})  # one-tier plan: streamed straight through
+    s2 = stack_factory(cascade={"maxEscalations": 0}, shadowSampleRate=1.0)  # one-tier plan: streamed straight through
     status, h, body = s2.chat("easy", stream=True)
     assert status == 200 and h["x-routenlp-tier"] == "small"
     assert s2.fakes[0].calls[-1]["stream"] is True
@@ -367,7 +374,7 @@ def test_hot_reload_without_dropping_requests(stack_factory):
 
 
 def test_online_recalibration_certifies_after_enough_labels(stack_factory):
-    s = stack_factory(cascade={"riskLevel": 0.2, "minCalibrationSamples": 40})
+    s = stack_factory(cascade={"riskLevel": 0.2, "minCalibrationSamples": 40}, shadowSampleRate=1.0)
     for i in range(50):
         assert s.chat(f"easy refund {i}")[1]["x-routenlp-tier"] == "big"
     wait_for(lambda: len(s.state.window.get(("intent", "small"), ())) == 50)  # judge labels come after responses
@@ -400,7 +407,7 @@ def test_api_key_from_named_env_var_is_sent_never_shown(stack_factory, monkeypat
     import logging
 
     monkeypatch.setenv("BIG_TIER_KEY", "sk-secret-123")
-    s = stack_factory()
+    s = stack_factory(shadowSampleRate=1.0)  # explore: the uncalibrated small tier is called too
     s.config.tiers[2].api_key_env = "BIG_TIER_KEY"
     from routenlp.router.clients import TierClient
 

@@ -8,7 +8,10 @@
    sees the calibration data.
 3. Start tier = `cascade.start_tiers(prior, quality_target)`; thresholds per (task, tier) =
    `conformal.calibrate_cascade` (MAPIE Learn-then-Test) on the calibration split at risk level alpha, confidence
-   1 - delta; test = `cascade.simulate_cascade` with those thresholds.
+   1 - delta; by default fixed-sequence testing over a sequence learnt on the TRAINING split's confidences and labels
+   (`conformal.ordered_grid`; `fwer="holm"`: Bonferroni-Holm over the fixed 0.00..0.99 grid); test =
+   `cascade.simulate_cascade` with those thresholds (tiers with no certified threshold for a task are skipped, and
+   calibration uses the same plans).
 
 Knob = (quality_target, alpha). The headline is the configured (--quality-target, --risk); the operating points at
 quality ratios 0.95/0.97/0.99 sweep the grid on calibration data.
@@ -43,8 +46,9 @@ class RouteNLP(Method):
 
     def __init__(self, risk: float = 0.05, delta: float = 0.1, quality_target: float = 0.97,
                  min_calibration_samples: int = 10, epochs: int = 30, folds: int = 3,
-                 quality_targets=None, risks=None, task_of=None):
+                 quality_targets=None, risks=None, task_of=None, fwer: str = "fixed_sequence"):
         self.risk, self.delta, self.quality_target = risk, delta, quality_target
+        self.fwer = fwer
         self.min_samples, self.epochs, self.folds = min_calibration_samples, epochs, folds
         qts = QUALITY_TARGETS if quality_targets is None else quality_targets
         rs = RISKS if risks is None else risks
@@ -116,8 +120,11 @@ class RouteNLP(Method):
         K = len(s.tiers)
         start = start_tiers(self.prior[cal_idx], quality_target)
         labels = (s.Q[np.ix_(cal_idx, s.tiers)] >= 0.5).astype(float)
+        tr = s.train
+        train = (self.tasks[tr], self.conf[tr], (s.Q[np.ix_(tr, s.tiers)] >= 0.5).astype(float))
         res = calibrate_cascade(self.tasks[cal_idx], start, self.conf[cal_idx], labels, len(self.task_names),
-                                risk, self.delta, self.min_samples, max_escalations=K - 1)
+                                risk, self.delta, self.min_samples, max_escalations=K - 1, fwer=self.fwer,
+                                train=train if self.fwer == "fixed_sequence" else None)
         return thresholds_table(res)
 
     def thresholds(self, knob, cal_idx=None) -> np.ndarray:

@@ -159,7 +159,8 @@ def run_seed(o: Outcomes, X: np.ndarray, resp: ResponseEmbeddings, seed: int, ar
         "always_cheapest": AlwaysModel("always_cheapest", "cheapest"),
         "best_single": BestSingle(), "knn": KNNRouter(), "mf": MFRouter(), "frugalgpt": FrugalCascade(),
         "routenlp": RouteNLP(risk=args.risk, delta=args.delta, quality_target=args.quality_target,
-                             min_calibration_samples=args.min_calibration_samples, epochs=args.epochs),
+                             min_calibration_samples=args.min_calibration_samples, epochs=args.epochs,
+                             fwer=args.fwer),
         "random": RandomMix(), "oracle": Oracle(),
     }
     out: dict = {"tiers": [o.models[j] for j in tiers], "methods": {}}
@@ -218,7 +219,8 @@ def shift_study(o: Outcomes, X, resp, s: Split, seed: int, args) -> dict:
     ss = Split(o, X, train, cal, tgt_test, seed, s.tiers)
     ss.scores = answer_scores(ss, resp, pooled, 1, train)
     rn = RouteNLP(risk=args.risk, delta=args.delta, quality_target=args.quality_target,
-                  min_calibration_samples=args.min_calibration_samples, epochs=args.epochs, task_of=pooled).fit(ss)
+                  min_calibration_samples=args.min_calibration_samples, epochs=args.epochs, task_of=pooled,
+                  fwer=args.fwer).fit(ss)
     ref_c, ref_q = o.cost[tgt_test, o.reference].mean(), o.quality[tgt_test, o.reference].mean()
     window = np.random.default_rng(seed + 2000).permutation(tgt_cal)[: args.shift_window]
     out = {"source_tasks": sorted(o.task_names[t] for t in src_tasks), "window": int(len(window))}
@@ -416,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument("--quality-target", type=float, default=0.97)
     ap.add_argument("--min-calibration-samples", type=int, default=10)
+    ap.add_argument("--fwer", choices=("fixed_sequence", "holm"), default="fixed_sequence",
+                    help="RouteNLP's Learn-then-Test FWER procedure: fixed-sequence testing over a sequence learnt on "
+                    "the training split (default) or Bonferroni-Holm over the fixed 0.00..0.99 grid")
     ap.add_argument("--study-quality-target", type=float, default=0.0,
                     help="start rule of the violation study (default 0: every query reaches the cheapest tier, so "
                     "each (task, tier) gets the whole calibration sample)")
