@@ -45,7 +45,9 @@ def cluster(tmp_path_factory):
                                             "ROUTENLP_WEBHOOK_CERT", "ROUTENLP_WEBHOOK_KEY")}
     os.environ.update(KUBECONFIG=kubeconfig, ROUTENLP_WEBHOOK_PORT=str(webhook_port), ROUTENLP_WEBHOOK_ADDR="127.0.0.1",
                       ROUTENLP_WEBHOOK_CERT=str(cert), ROUTENLP_WEBHOOK_KEY=str(key))
-    from routenlp.operator import handlers  # after the environment above: it decides what registers
+    # The webhook handler registers at startup from the environment above, even when this module was imported
+    # earlier without it (pytest collects tests/unit/operator, which imports handlers, before this runs).
+    from routenlp.operator import handlers
 
     pods = FakePods()
     handlers.RT.pod_http = pods

@@ -78,6 +78,8 @@ async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.admission.server = kopf.WebhookServer(
             addr=os.environ.get("ROUTENLP_WEBHOOK_ADDR", "0.0.0.0"), port=port,
             certfile=os.environ["ROUTENLP_WEBHOOK_CERT"], pkeyfile=os.environ["ROUTENLP_WEBHOOK_KEY"])
+        # The server and its handler follow the same environment, read now (root tasks start after startup).
+        register_sidecar_webhook()
 
 
 @kopf.on.login()
@@ -701,7 +703,25 @@ def inject_router(body: kopf.Body, patch: kopf.Patch, policies_by_name: kopf.Ind
         patch.fns.append(lambda b: jsonpatch.apply_patch(b, ops, in_place=True))
 
 
-# kopf refuses to start with admission handlers but no webhook server: register only when one is configured.
-if int(os.environ.get("ROUTENLP_WEBHOOK_PORT", "0")):
-    kopf.on.mutate("v1", "pods", id="routenlp-sidecar", operation="CREATE", labels={"routenlp.io/policy": kopf.PRESENT},
-                   side_effects=False, ignore_failures=False)(inject_router)
+def register_sidecar_webhook(registry: kopf.OperatorRegistry | None = None) -> bool:
+    """Register the sidecar-injection mutating handler once, if ROUTENLP_WEBHOOK_PORT names a webhook server.
+
+    kopf refuses to start with admission handlers but no webhook server, so registration follows the environment.
+    It runs at import (the usual `kopf run -m routenlp.operator.handlers`) and again in `_startup`, where the
+    server is configured: a process that imported this module before the port was set (tests collected first, an
+    embedding program) would otherwise serve a webhook with no handler, answering 404 to every review.
+    Returns whether the handler is registered.
+    """
+    registry = kopf.get_default_registry() if registry is None else registry
+    # kopf has no public lookup by handler id; its own observation code reads the same registry.
+    if any(h.id == "routenlp-sidecar" for h in registry._webhooks.get_all_handlers()):
+        return True
+    if not int(os.environ.get("ROUTENLP_WEBHOOK_PORT", "0")):
+        return False
+    kopf.on.mutate("v1", "pods", id="routenlp-sidecar", operation="CREATE",
+                   labels={"routenlp.io/policy": kopf.PRESENT}, side_effects=False, ignore_failures=False,
+                   registry=registry)(inject_router)
+    return True
+
+
+register_sidecar_webhook()

@@ -1,0 +1,30 @@
+"""The sidecar webhook handler follows ROUTENLP_WEBHOOK_PORT whenever it is read, not only at import.
+
+Regression: in a full test run, pytest collected tests/unit/operator (which imports routenlp.operator.handlers)
+before the `cluster` fixture set the port, so the handler never registered and kopf's webhook server answered
+404 "no handlers" for pods. Registration is now repeated at operator startup, next to the server's configuration.
+"""
+
+from __future__ import annotations
+
+import kopf
+
+from routenlp.operator import handlers
+
+
+def _sidecar_handlers(registry: kopf.OperatorRegistry) -> list:
+    return [h for h in registry._webhooks.get_all_handlers() if h.id == "routenlp-sidecar"]
+
+
+def test_registers_only_when_a_port_is_configured_and_only_once(monkeypatch):
+    registry = kopf.OperatorRegistry()
+    monkeypatch.delenv("ROUTENLP_WEBHOOK_PORT", raising=False)
+    assert handlers.register_sidecar_webhook(registry) is False
+    assert _sidecar_handlers(registry) == []  # kopf would refuse to start: handlers but no server
+    monkeypatch.setenv("ROUTENLP_WEBHOOK_PORT", "9443")  # set after the module was imported
+    assert handlers.register_sidecar_webhook(registry) is True
+    assert handlers.register_sidecar_webhook(registry) is True  # startup after import: no duplicate
+    [handler] = _sidecar_handlers(registry)
+    assert handler.fn is handlers.inject_router
+    assert handler.selector.is_specific and handler.selector.select(
+        {kopf.Resource("", "v1", "pods")}) == {kopf.Resource("", "v1", "pods")}
