@@ -23,16 +23,8 @@ def plot_all(res: dict, out: Path) -> list[Path]:
             style = dict(marker="X", ms=12, ls="none", color="black")
         ax.plot(xs, ys, label=m, **style)
     ax.axhline(0.97, color="grey", ls=":", lw=1)
-    ax.set_xlabel("cost / cost of always-reference")
-    ax.set_ylabel("quality / quality of always-reference")
-    ax.set_title(f"{name}: cost-quality on test (seed 0)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    p = out / f"{name}-cost-quality.png"
-    fig.tight_layout()
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_finish(fig, ax, out / f"{name}-cost-quality.png", "cost / cost of always-reference",
+                         "quality / quality of always-reference", f"{name}: cost-quality on test (seed 0)"))
     # 2. Violation rate vs alpha per calibration size, with y = alpha.
     study = res.get("violation_study") or []
     if study:
@@ -55,14 +47,22 @@ def plot_all(res: dict, out: Path) -> list[Path]:
         ax.plot([0, lim], [0, lim], "k--", lw=1, label="y = alpha")
         ax.text(0.02, 0.97, "no point = nothing accepted below the reference (vacuous)", transform=ax.transAxes,
                 fontsize=8, va="top")
-        ax.set_xlabel("risk level alpha")
-        ax.set_ylabel("test violation rate (accepted below reference)")
-        ax.set_title(f"{name}: RouteNLP violation rate vs alpha")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        p = out / f"{name}-violation.png"
-        fig.tight_layout()
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_finish(fig, ax, out / f"{name}-violation.png", "risk level alpha",
+                             "test violation rate (accepted below reference)",
+                             f"{name}: RouteNLP violation rate vs alpha"))
     return paths
+
+
+def _finish(fig, ax, path, xlabel: str, ylabel: str, title: str):
+    """Label, save and close one figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -18,6 +18,19 @@ from typing import Any
 from .manifest import Stage, StageError, local_path, print_summary, sha256_path
 
 
+
+def _source(value: str, flag: str, marker: str, hint: str):
+    """The folder to publish, checked to be what the stage expects (it holds `marker`)."""
+    src = local_path(value, flag)
+    if not (src / marker).is_file():
+        raise StageError(f"{flag}: {src} has no {marker} ({hint})")
+    return src
+
+
+def _copy(src, dest) -> dict[str, Any]:
+    """Copy atomically; what the manifest records about the copy."""
+    return {"uri": dest.resolve().as_uri(), "action": copy_atomic(src, dest), "sha256": sha256_path(src)}
+
 def copy_atomic(src: Path, dest: Path) -> str:
     """Copy folder `src` to `dest` (rename into place); returns 'copied' or 'unchanged'."""
     digest = sha256_path(src)
@@ -53,19 +66,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return st.finish_skipped()
     published: dict[str, Any] = {}
     if args.adapter:
-        src = local_path(args.adapter, "--adapter")
-        if not (src / "adapter_config.json").is_file():
-            raise StageError(f"--adapter: {src} has no adapter_config.json (give distill's adapter/ folder)")
-        dest = local_path(args.adapter_to, "--adapter-to") / args.adapter_name
-        published["adapter"] = {"name": args.adapter_name, "uri": dest.resolve().as_uri(),
-                                "action": copy_atomic(src, dest), "sha256": sha256_path(src)}
+        src = _source(args.adapter, "--adapter", "adapter_config.json", "give distill's adapter/ folder")
+        published["adapter"] = {"name": args.adapter_name,
+                                **_copy(src, local_path(args.adapter_to, "--adapter-to") / args.adapter_name)}
     if args.router_version:
-        src = local_path(args.router_version, "--router-version")
-        if not (src / "metadata.json").is_file():
-            raise StageError(f"--router-version: {src} is not a router version folder (no metadata.json)")
-        dest = local_path(args.router_to, "--router-to") / src.name
-        published["router_version"] = {"version": src.name, "uri": dest.resolve().as_uri(),
-                                       "action": copy_atomic(src, dest), "sha256": sha256_path(src)}
+        src = _source(args.router_version, "--router-version", "metadata.json", "not a router version folder")
+        published["router_version"] = {"version": src.name,
+                                       **_copy(src, local_path(args.router_to, "--router-to") / src.name)}
     st.metrics.update(
         adapter=f"{published['adapter']['name']}@{published['adapter']['uri']}" if "adapter" in published else None,
         router_version=published.get("router_version", {}).get("version"), published=published)
