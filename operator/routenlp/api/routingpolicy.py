@@ -91,6 +91,13 @@ class Task(ApiModel):
         return self
 
 
+class RiskMeasure(str, Enum):
+    """What `riskLevel` bounds per (task, tier); the values `routenlp.router.conformal` takes."""
+
+    ACCEPTED_ANSWERS = "acceptedAnswers"
+    ALL_REQUESTS = "allRequests"
+
+
 class ConfidenceSource(str, Enum):
     """Where the confidence score of an answer comes from."""
 
@@ -117,7 +124,14 @@ class Cascade(ApiModel):
         default=0.05,
         gt=0,
         lt=1,
-        description="alpha: the highest tolerated rate of accepted-but-unacceptable answers per (task, tier).",
+        description="alpha: the highest tolerated rate of accepted-but-unacceptable answers per (task, tier), "
+        "measured as `riskMeasure` says.",
+    )
+    risk_measure: RiskMeasure = Field(
+        default=RiskMeasure.ACCEPTED_ANSWERS,
+        description="`acceptedAnswers`: riskLevel bounds the unacceptable share among the answers a tier accepts. "
+        "`allRequests`: it bounds the share of all requests reaching the tier that get an unacceptable answer "
+        "accepted there, which caps each tier's quality cost per task at riskLevel (see docs/guarantee.md).",
     )
     delta: float = Field(
         default=0.1,

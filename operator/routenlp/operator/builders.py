@@ -15,6 +15,7 @@ import yaml
 
 from routenlp.api import API_VERSION, DistillationCampaign, ModelTier, RoutingPolicy
 from routenlp.api.common import SecretKeyRef
+from routenlp.api.routingpolicy import RiskMeasure
 from routenlp.router.config import RouterConfig, RouterVersions, TierEndpoint
 
 FIELD_MANAGER = "routenlp-operator"
@@ -472,6 +473,7 @@ class StageContext:
     risk_level: float
     delta: float
     max_escalations: int
+    risk_measure: str = "acceptedAnswers"
     generation_tasks: tuple[str, ...] = ()  # tasks of kind generation: the trainer scores them as the router does
     teacher_key: SecretKeyRef | None = None
     student_cache_claim: str | None = None  # student tier's model-cache PVC: where adapters are published
@@ -512,7 +514,7 @@ def stage_args(campaign: DistillationCampaign, ctx: StageContext, cmd: str, run:
                 "--max-regression", str(spec.evaluation.max_regression), *teacher]
     common = ["--events", events, "--artifact-dir", routers, "--version", version,
               "--teacher-tier", spec.teacher_tier, "--tiers", *ctx.tiers, "--risk-level", str(ctx.risk_level),
-              "--delta", str(ctx.delta), "--max-escalations", str(ctx.max_escalations),
+              "--risk-measure", ctx.risk_measure, "--delta", str(ctx.delta), "--max-escalations", str(ctx.max_escalations),
               "--generation-tasks", *ctx.generation_tasks]
     if cmd == "retrain":
         return [*common, "--out", f"{work}/retrain", "--student-tier", spec.student_tier,
@@ -602,6 +604,7 @@ def stage_context(campaign: DistillationCampaign, policy: RoutingPolicy, student
         teacher_model=ext.model if ext else teacher.spec.served_model_name,
         tiers=tuple(t.name for t in policy.spec.tiers),
         risk_level=policy.spec.cascade.risk_level,
+        risk_measure=RiskMeasure(policy.spec.cascade.risk_measure).value,
         delta=policy.spec.cascade.delta,
         max_escalations=policy.spec.cascade.max_escalations,
         generation_tasks=tuple(t.name for t in policy.spec.tasks if t.kind == "generation"),

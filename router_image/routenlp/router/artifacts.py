@@ -36,18 +36,20 @@ class Calibration:
     delta: float
     time: float = field(default_factory=time.time)
     tasks: dict[str, dict[str, ThresholdResult]] = field(default_factory=dict)
+    risk_measure: str = "acceptedAnswers"  # what risk_level bounds (conformal.RISK_MEASURES)
 
     def get(self, task: str, tier: str) -> ThresholdResult | None:
         return self.tasks.get(task, {}).get(tier)
 
     def to_json(self) -> dict:
-        return {"risk_level": self.risk_level, "delta": self.delta, "time": self.time,
+        return {"risk_level": self.risk_level, "delta": self.delta, "risk_measure": self.risk_measure, "time": self.time,
                 "tasks": {t: {k: r.to_json() for k, r in tiers.items()} for t, tiers in self.tasks.items()}}
 
     @classmethod
     def from_json(cls, d: dict) -> "Calibration":
         return cls(float(d["risk_level"]), float(d["delta"]), float(d.get("time", 0.0)),
-                   {t: {k: ThresholdResult.from_json(r) for k, r in tiers.items()} for t, tiers in d.get("tasks", {}).items()})
+                   {t: {k: ThresholdResult.from_json(r) for k, r in tiers.items()} for t, tiers in d.get("tasks", {}).items()},
+                   d.get("risk_measure", "acceptedAnswers"))
 
 
 @dataclass

@@ -127,6 +127,7 @@ class CascadeResult:
     escalations: np.ndarray  # tiers tried after the first
     accepted: np.ndarray  # returned answer accepted by a threshold or from the reference (False = fallback)
     latency: np.ndarray | None = None  # summed latency when latencies are given
+    called: np.ndarray | None = None  # (n, K) which tiers were called (the requests that reached each tier)
 
     def summary(self) -> dict:
         """Means over the queries (quality, cost, escalations, acceptance) and the share answered by each tier."""
@@ -164,6 +165,7 @@ def simulate_cascade(start, scores, quality, costs, thresholds, max_escalations:
     lat = np.zeros(n) if latencies is not None else None
     tried = np.zeros(n, dtype=int)
     acc_out = np.zeros(n, dtype=bool)
+    called = np.zeros((n, K), dtype=bool)
     ok_score = np.nan_to_num(scores, nan=-np.inf) >= np.nan_to_num(thr, nan=np.inf)
     for k in range(K):
         call = plan[:, k] & ~done
@@ -171,6 +173,7 @@ def simulate_cascade(start, scores, quality, costs, thresholds, max_escalations:
         if lat is not None:
             lat += np.where(call, np.asarray(latencies, dtype=float)[:, k], 0.0)
         tried += call
+        called[:, k] = call
         accepted_k = call & ((k == K - 1) | ok_score[:, k])
         finish = call & (accepted_k | (last == k))
         tier[finish] = k
@@ -179,4 +182,4 @@ def simulate_cascade(start, scores, quality, costs, thresholds, max_escalations:
     qual = np.full(n, np.nan)
     has = tier >= 0
     qual[has] = quality[np.flatnonzero(has), tier[has]]
-    return CascadeResult(tier, cost, qual, np.maximum(tried - 1, 0), acc_out, lat)
+    return CascadeResult(tier, cost, qual, np.maximum(tried - 1, 0), acc_out, lat, called)

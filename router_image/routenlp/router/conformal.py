@@ -1,12 +1,17 @@
 """The guarantee: conformal (Learn-then-Test) thresholds per (task, tier).
 
-For one (task, tier) and labelled calibration answers (score s_i, acceptable y_i), `calibrate_threshold` returns a
-threshold lambda such that, with probability >= 1 - delta over the calibration sample,
+For one (task, tier) and labelled calibration answers (score s_i, acceptable y_i) of requests that reach the tier,
+`calibrate_threshold` returns a threshold lambda such that, with probability >= 1 - delta over the calibration
+sample, the policy's risk measure is at most alpha (= risk_level):
 
-    P(answer unacceptable | score >= lambda) <= alpha   (alpha = risk_level)
+    risk_measure="acceptedAnswers":  P(answer unacceptable | score >= lambda) <= alpha
+        the rate of unacceptable answers among the answers ACCEPTED at that tier;
+    risk_measure="allRequests":      P(score >= lambda and answer unacceptable) <= alpha
+        the share of ALL requests reaching the tier that get an unacceptable answer accepted there (so the tier
+        costs the task at most alpha of quality versus a perfect fallback: it bounds the quality drop directly).
 
-i.e. the rate of unacceptable answers among the answers ACCEPTED at that tier is at most alpha. The work is done by
-MAPIE's `BinaryClassificationController` (Learn-then-Test with the precision risk and Hoeffding-Bentkus p-values)
+The work is done by MAPIE's `BinaryClassificationController` (Learn-then-Test with Hoeffding-Bentkus p-values; the
+precision risk, or the `ACCEPTED_AND_UNACCEPTABLE` risk below)
 over a grid of candidate thresholds fixed before the calibration labels are seen, with one of two FWER procedures:
 `fwer="holm"` (Bonferroni-Holm, any grid: the default grid 0.00..0.99) or `fwer="fixed_sequence"` (MAPIE's
 `FWERFixedSequenceTesting`: the grid is walked from strict (high) to loose and each test is at level delta /
@@ -37,7 +42,7 @@ class ThresholdResult:
     threshold: float | None
     n: int  # labelled calibration answers used
     n_accepted: int  # of those, how many the threshold accepts
-    empirical_risk: float | None  # unacceptable rate among the accepted calibration answers
+    empirical_risk: float | None  # the risk measure on the calibration answers at that threshold
     certified: bool
 
     def to_json(self) -> dict:
@@ -74,6 +79,24 @@ def _fixed_sequence(n_starts: int):
 
 
 FWER_METHODS = ("holm", "fixed_sequence")
+# One name per concept: the values of the RoutingPolicy's `cascade.riskMeasure`.
+ACCEPTED_ANSWERS, ALL_REQUESTS = "acceptedAnswers", "allRequests"
+RISK_MEASURES = (ACCEPTED_ANSWERS, ALL_REQUESTS)
+
+
+def _accepted_and_unacceptable():
+    """MAPIE binary risk for `allRequests`: the share of all calibration answers that are accepted (y_pred = 1)
+    and unacceptable (y_true = 0). Every answer counts (condition always true), so the effective sample is n."""
+    from mapie.risk_control import BinaryRisk
+
+    return BinaryRisk(risk_occurrence=lambda y_true, y_pred: (y_pred.ravel() == 1) & (y_true.ravel() == 0),
+                      risk_condition=lambda y_true, y_pred: np.ones(len(y_true.ravel()), dtype=bool),
+                      higher_is_better=False)
+
+
+def _check_measure(risk_measure: str) -> None:
+    if risk_measure not in RISK_MEASURES:
+        raise ValueError(f"risk_measure must be one of {RISK_MEASURES}; got {risk_measure!r}")
 
 
 def training_grid(train_scores, n_points: int = 50, top: float = 0.99) -> np.ndarray | None:
@@ -88,7 +111,7 @@ def training_grid(train_scores, n_points: int = 50, top: float = 0.99) -> np.nda
 
 
 def ordered_grid(train_scores, train_labels, n_cal: int, risk_level: float, delta: float, n_points: int = 50,
-                 n_boot: int = 50, seed: int = 0) -> np.ndarray | None:
+                 n_boot: int = 50, seed: int = 0, risk_measure: str = ACCEPTED_ANSWERS) -> np.ndarray | None:
     """The fixed sequence for `fwer="fixed_sequence"`, learnt on the router-TRAINING split only.
 
     Fixed-sequence testing stops at its first non-rejection, so where the sequence starts decides everything: a
@@ -98,7 +121,8 @@ def ordered_grid(train_scores, train_labels, n_cal: int, risk_level: float, delt
     p-values MAPIE would compute, and for every possible start the fixed-sequence walk at level delta is replayed;
     the start with the largest mean accepted share wins (ties: the stricter). The looser candidates follow in order.
     Only training data and the calibration COUNT enter, never calibration scores or labels, so the sequence is fixed
-    before the calibration test and fixed-sequence validity holds."""
+    before the calibration test and fixed-sequence validity holds. With `allRequests` the risk grows as the
+    threshold falls, so the best start is usually the strictest candidate; the simulation finds that too."""
     from mapie.risk_control.methods import compute_hoeffding_bentkus_p_value
 
     s = np.asarray(train_scores, dtype=float).reshape(-1)
@@ -116,11 +140,14 @@ def ordered_grid(train_scores, train_labels, n_cal: int, risk_level: float, delt
     for _ in range(n_boot):
         idx = rng.integers(0, len(s), n_cal)
         n_acc = acc[:, idx].sum(1)
-        risk = np.where(n_acc > 0, (acc[:, idx] * bad[idx]).sum(1) / np.maximum(n_acc, 1), 1.0)
+        n_bad = (acc[:, idx] * bad[idx]).sum(1)
+        if risk_measure == ALL_REQUESTS:  # every answer is in the sample; accepting none is risk 0
+            risk, n_obs, defined = n_bad / n_cal, np.full(G, float(n_cal)), np.ones(G, dtype=bool)
+        else:
+            risk, n_obs, defined = np.where(n_acc > 0, n_bad / np.maximum(n_acc, 1), 1.0), np.maximum(n_acc, 1.0), n_acc > 0
         with np.errstate(divide="ignore", invalid="ignore"):
-            p = compute_hoeffding_bentkus_p_value(risk, np.maximum(n_acc, 1).astype(float), risk_level,
-                                                  binary=True)[:, 0]
-        rej = (n_acc > 0) & (np.nan_to_num(p, nan=1.0) <= delta)
+            p = compute_hoeffding_bentkus_p_value(risk, n_obs.astype(float), risk_level, binary=True)[:, 0]
+        rej = defined & (np.nan_to_num(p, nan=1.0) <= delta)
         # walk from each start j: the last index of the run of rejections beginning at j (-1 if j is not rejected)
         last = np.full(G, -1)
         for j in range(G - 1, -1, -1):
@@ -141,16 +168,18 @@ class _Scores:
 
 def calibrate_threshold(scores, labels, risk_level: float, delta: float, min_samples: int = 1,
                         grid: np.ndarray | None = None, fwer: str = "holm", n_starts: int = 1,
-                        train=None) -> ThresholdResult:
-    """Certify the lowest threshold on `grid` whose accepted-but-unacceptable rate is <= risk_level w.p. >= 1-delta.
+                        train=None, risk_measure: str = ACCEPTED_ANSWERS) -> ThresholdResult:
+    """Certify the lowest threshold on `grid` whose risk (`risk_measure`, see the module docstring) is <= risk_level
+    with probability >= 1 - delta.
 
     scores: confidence in [0, 1]; labels: 1/True = acceptable answer. Fewer than `min_samples` labels -> uncertified.
     grid: candidate thresholds, chosen without the calibration labels (default: 0.00, 0.01, ..., 0.99).
     fwer: "holm" (Bonferroni-Holm over the grid) or "fixed_sequence" (the grid sorted from strict to loose, tested
     in that order at delta / n_starts per branch, `n_starts` equally spaced branch starts).
     train: optional (scores, labels) of TRAINING answers for this (task, tier); with fwer="fixed_sequence" and no
-    grid, the sequence is `ordered_grid(train..., n_cal=len(scores))`."""
-    from mapie.risk_control import BinaryClassificationController
+    grid, the sequence is `ordered_grid(train..., n_cal=len(scores))`.
+    Returns the threshold with n, n_accepted and the empirical risk (in the chosen measure) on the calibration data."""
+    from mapie.risk_control import BinaryClassificationController, recall
 
     if not 0 < risk_level < 1 or not 0 < delta < 1:
         raise ValueError(f"risk_level and delta must be in (0, 1); got {risk_level}, {delta}")
@@ -165,8 +194,9 @@ def calibrate_threshold(scores, labels, risk_level: float, delta: float, min_sam
         return ThresholdResult(None, n, 0, None, False)
     if fwer not in FWER_METHODS:
         raise ValueError(f"fwer must be one of {FWER_METHODS}; got {fwer!r}")
+    _check_measure(risk_measure)
     if grid is None and train is not None and fwer == "fixed_sequence":
-        grid = ordered_grid(train[0], train[1], n, risk_level, delta)
+        grid = ordered_grid(train[0], train[1], n, risk_level, delta, risk_measure=risk_measure)
     grid = DEFAULT_GRID if grid is None else np.asarray(grid, dtype=float).reshape(-1)
     if fwer == "fixed_sequence":
         # The order is part of the procedure: strict (high threshold, fewest accepted) first, then looser.
@@ -174,9 +204,14 @@ def calibrate_threshold(scores, labels, risk_level: float, delta: float, min_sam
         procedure = _fixed_sequence(max(1, min(int(n_starts), len(grid))))
     else:
         procedure = _holm_without_empty_sets()
+    if risk_measure == ALL_REQUESTS:
+        # Among certified thresholds MAPIE keeps the one maximising recall, i.e. the lowest (most accepted).
+        risk = dict(risk=_accepted_and_unacceptable(), target_level=float(risk_level), best_predict_param_choice=recall)
+    else:
+        risk = dict(risk="precision", target_level=float(1.0 - risk_level))
     controller = BinaryClassificationController(
-        predict_function=_Scores(), risk="precision", target_level=float(1.0 - risk_level),
-        confidence_level=float(1.0 - delta), list_predict_params=grid, fwer_method=procedure,
+        predict_function=_Scores(), confidence_level=float(1.0 - delta), list_predict_params=grid,
+        fwer_method=procedure, **risk,
     )
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         warnings.simplefilter("ignore")  # all-0/1 score warnings, empty accepted sets at high thresholds
@@ -186,14 +221,17 @@ def calibrate_threshold(scores, labels, risk_level: float, delta: float, min_sam
         return ThresholdResult(None, n, 0, None, False)
     acc = s >= thr
     n_acc = int(acc.sum())
-    risk = float(1.0 - y[acc].mean()) if n_acc else None
-    return ThresholdResult(float(thr), n, n_acc, risk, True)
+    if risk_measure == ALL_REQUESTS:
+        emp = float((acc & (y == 0)).mean())
+    else:
+        emp = float(1.0 - y[acc].mean()) if n_acc else None
+    return ThresholdResult(float(thr), n, n_acc, emp, True)
 
 
 def calibrate_cascade(task_ids, start, scores, labels, n_tasks: int, risk_level: float, delta: float,
                       min_samples: int, max_escalations: int, tier_up=None, grid=None, *, grids=None,
                       fwer: str = "holm", n_starts: int = 1, train=None,
-                      skip_uncertified: bool = True) -> list[list[ThresholdResult]]:
+                      skip_uncertified: bool = True, risk_measure: str = ACCEPTED_ANSWERS) -> list[list[ThresholdResult]]:
     """Sequential calibration over the cascade: result[task][tier].
 
     Arrays over calibration queries: task_ids (n,), start (n,) start tier from the router's start rule,
@@ -230,7 +268,7 @@ def calibrate_cascade(task_ids, start, scores, labels, n_tasks: int, risk_level:
                     mt = np.asarray(train[0], dtype=int) == t
                     tr = (np.asarray(train[1], dtype=float)[mt, k], np.asarray(train[2], dtype=float)[mt, k])
                 res = calibrate_threshold(scores[m, k], labels[m, k], risk_level, delta, min_samples, g, fwer,
-                                          n_starts, tr)
+                                          n_starts, tr, risk_measure)
                 out[t][k] = res
                 if res.threshold is not None:
                     thresholds[t, k] = res.threshold

@@ -29,6 +29,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from routenlp.api.common import parse_duration
+from routenlp.api.routingpolicy import RiskMeasure
 
 from . import cascade
 from .artifacts import Calibration, RouterArtifact, latest_version, load_artifact
@@ -136,11 +137,13 @@ class RouterState:
 
     def threshold(self, art: RouterArtifact | None, task: str, tier: str) -> ThresholdResult | None:
         """Threshold in force: online recalibration (stable version) wins over the artifact's calibration, which is
-        used only if calibrated at a risk level no higher than the policy's."""
+        used only if calibrated for the policy's risk measure at a risk level no higher than the policy's."""
         if art is not None and art is self.stable and (task, tier) in self.online:
             return self.online[(task, tier)]
         cal: Calibration | None = art.calibration if art is not None else None
-        if cal is None or cal.risk_level > self.config.cascade.risk_level or cal.delta > self.config.cascade.delta:
+        c = self.config.cascade
+        if (cal is None or cal.risk_level > c.risk_level or cal.delta > c.delta
+                or cal.risk_measure != RiskMeasure(c.risk_measure).value):
             return None
         return cal.get(task, tier)
 
@@ -186,7 +189,8 @@ class RouterState:
             if tier == self.tier_names[-1] or len(w) < c.min_calibration_samples:
                 continue
             s, y = np.array([x[0] for x in w]), np.array([x[1] for x in w], dtype=float)
-            self.online[(task, tier)] = calibrate_threshold(s, y, c.risk_level, c.delta, c.min_calibration_samples)
+            self.online[(task, tier)] = calibrate_threshold(s, y, c.risk_level, c.delta, c.min_calibration_samples,
+                                                            risk_measure=RiskMeasure(c.risk_measure).value)
         self.publish_thresholds()
 
     def warm_from_log(self) -> int:

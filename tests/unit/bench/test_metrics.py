@@ -43,3 +43,29 @@ def test_violations_count_only_answers_accepted_below_the_reference():
     assert v["violation_rate"] == pytest.approx(1 / 4)  # tier 0: 1 bad of 3, tier 1: 0 of 1; reference excluded
     assert v["unacceptable_share"] == pytest.approx(1 / 7)
     assert v["cells_over_risk"] == pytest.approx(1 / 2)  # tier 0 (1/3 > 0.2) over, tier 1 not
+
+
+def test_violations_all_requests_divide_by_the_requests_reaching_the_tier():
+    # 6 requests; tier 0 is called for the first 5 (the 6th starts at the reference), accepts 3 of them (1 bad)
+    tier = np.array([0, 0, 0, 1, 1, 1])
+    accepted = np.array([True, True, True, True, True, True])
+    quality = np.array([1, 0, 1, 1, 1, 0])
+    called = np.array([[1, 0], [1, 0], [1, 0], [1, 1], [1, 1], [0, 1]], dtype=bool)
+    tasks = np.zeros(6, dtype=int)
+    v = M.violations(tier, accepted, quality, tasks, n_tiers=2, risk=0.1, called=called, risk_measure="allRequests")
+    assert v["violation_rate"] == pytest.approx(1 / 5)  # 1 accepted-and-bad of 5 requests reaching tier 0
+    assert v["cells"][0]["reached"] == 5 and v["cells"][0]["accepted"] == 3
+    assert v["cells_over_risk"] == 1.0
+    conditional = M.violations(tier, accepted, quality, tasks, n_tiers=2, risk=0.1, called=called)
+    assert conditional["violation_rate"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="called"):
+        M.violations(tier, accepted, quality, tasks, n_tiers=2, risk=0.1, risk_measure="allRequests")
+
+
+def test_simulated_cascade_records_which_tiers_were_called():
+    from routenlp.router.cascade import simulate_cascade
+
+    scores = np.array([[0.9, 1.0], [0.1, 1.0], [0.9, 1.0]])
+    r = simulate_cascade(np.array([0, 0, 1]), scores, np.ones((3, 2)), np.ones((3, 2)), np.array([0.5, np.nan]),
+                         max_escalations=1)
+    assert r.called.tolist() == [[True, False], [True, True], [False, True]]

@@ -219,3 +219,16 @@ def test_short_names_stay_dns_labels():
     name = builders.job_name("a" * 60, 12, "RetrainingRouter", 3)
     assert len(name) <= 63 and name == builders.job_name("a" * 60, 12, "RetrainingRouter", 3)
     assert name != builders.job_name("a" * 60, 12, "RetrainingRouter", 4)
+
+
+@pytest.mark.parametrize("measure", [None, "allRequests"])
+def test_retrain_jobs_calibrate_for_the_policys_risk_measure(measure):
+    student = mt("small", engine={"model": "pvc://weights/small", "modelCache": {"claimName": "weights"}})
+    teacher = mt("large")
+    cascade = {"riskLevel": 0.07, **({"riskMeasure": measure} if measure else {})}
+    c = builders.stage_context(dc(), rp(tiers=("small", "large"), cascade=cascade), student, teacher, NS)
+    job = builders.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "RetrainingRouter", 1, 1, "ev", c)
+    for container in job["spec"]["template"]["spec"]["initContainers"]:  # retrain, then calibrate
+        args = container["args"]
+        assert args[args.index("--risk-level") + 1] == "0.07"
+        assert args[args.index("--risk-measure") + 1] == (measure or "acceptedAnswers")

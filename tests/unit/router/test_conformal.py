@@ -1,5 +1,6 @@
-"""The guarantee, tested: thresholds certified by calibrate_threshold / calibrate_cascade keep the rate of
-unacceptable answers among accepted ones at or below alpha on held-out data, in at least 1 - delta of the
+"""The guarantee, tested: thresholds certified by calibrate_threshold / calibrate_cascade keep the risk measure
+(`acceptedAnswers`: the rate of unacceptable answers among accepted ones; `allRequests`: the share of all requests
+whose answer is accepted and unacceptable) at or below alpha on held-out data, in at least 1 - delta of the
 calibration draws (plus sampling slack)."""
 
 import numpy as np
@@ -12,11 +13,21 @@ from routenlp.router.conformal import (calibrate_cascade, calibrate_threshold, o
                                        training_grid)
 
 
-def _true_risk(lam: float, gamma: float) -> float:
-    """P(Y = 0 | S >= lam) for S ~ U(0, 1), P(Y = 1 | S = s) = s ** gamma."""
+def _true_risk(lam: float, gamma: float, measure: str = "acceptedAnswers") -> float:
+    """For S ~ U(0, 1), P(Y = 1 | S = s) = s ** gamma: P(Y = 0 | S >= lam) (`acceptedAnswers`) or
+    P(S >= lam, Y = 0) (`allRequests`)."""
     if lam >= 1:
         return 0.0
-    return 1 - (1 - lam ** (gamma + 1)) / ((gamma + 1) * (1 - lam))
+    joint = (1 - lam) - (1 - lam ** (gamma + 1)) / (gamma + 1)  # integral of (1 - s^gamma) over [lam, 1]
+    return joint if measure == "allRequests" else joint / (1 - lam)
+
+
+def _held_out_risk(s, y, thr, measure):
+    """(risk on fresh answers, its effective sample size)."""
+    acc = s >= thr
+    if measure == "allRequests":
+        return float((acc & (y == 0)).mean()), len(s)
+    return (float(1 - y[acc].mean()) if acc.sum() else 0.0), int(acc.sum())
 
 
 def _draw(rng, n, gamma):
@@ -48,62 +59,93 @@ def test_nan_labels_are_ignored():
 
 # Procedures under test: (scores, labels, alpha, delta, train (scores, labels) from an independent sample) -> threshold
 PROCEDURES = {
-    "holm": lambda s, y, a, d, tr: calibrate_threshold(s, y, a, d, min_samples=50).threshold,
+    "holm": lambda s, y, a, d, tr, m="acceptedAnswers": calibrate_threshold(
+        s, y, a, d, min_samples=50, risk_measure=m).threshold,
     # fixed sequence over a grid learnt on independent "training" data (what the benchmark and trainer use)
-    "fixed_sequence_trained": lambda s, y, a, d, tr: calibrate_threshold(
-        s, y, a, d, min_samples=50, fwer="fixed_sequence", train=tr).threshold,
+    "fixed_sequence_trained": lambda s, y, a, d, tr, m="acceptedAnswers": calibrate_threshold(
+        s, y, a, d, min_samples=50, fwer="fixed_sequence", train=tr, risk_measure=m).threshold,
     # fixed sequence, multi-start, over training quantiles
-    "fixed_sequence_3starts": lambda s, y, a, d, tr: calibrate_threshold(
-        s, y, a, d, min_samples=50, grid=training_grid(tr[0]), fwer="fixed_sequence", n_starts=3).threshold,
+    "fixed_sequence_3starts": lambda s, y, a, d, tr, m="acceptedAnswers": calibrate_threshold(
+        s, y, a, d, min_samples=50, grid=training_grid(tr[0]), fwer="fixed_sequence", n_starts=3,
+        risk_measure=m).threshold,
 }
 
 
-def _naive_threshold(s, y, a, d, tr):
+def _naive_threshold(s, y, a, d, tr, measure="acceptedAnswers"):
     """Deliberately INVALID: the lowest grid threshold whose calibration risk is <= alpha (no test, no correction).
     The property check below must reject it, or the check cannot fail."""
     for lam in np.round(np.linspace(0.0, 0.99, 100), 4):
         acc = s >= lam
-        if acc.sum() and 1 - y[acc].mean() <= a:
+        if acc.sum() and _held_out_risk(s, y, lam, measure)[0] <= a:
             return float(lam)
     return None
 
 
-def _check_guarantee(procedure, alpha, delta, gamma, n_cal, rng, splits=60):
+def _check_guarantee(procedure, alpha, delta, gamma, n_cal, rng, splits=60, measure="acceptedAnswers"):
     """Over `splits` calibration draws, the fractions of draws whose threshold (a) has true risk > alpha, (b) shows a
-    held-out rate (4,000 fresh answers) above alpha beyond sampling slack; and the binomial slack around delta.
+    held-out risk (4,000 fresh answers) above alpha beyond sampling slack; and the binomial slack around delta.
     Both fractions may reach delta: the guarantee allows a delta share of bad calibration draws."""
     true_violations, held_violations = 0, 0
     for _ in range(splits):
         s, y = _draw(rng, n_cal + 4000, gamma)
-        thr = procedure(s[:n_cal], y[:n_cal], alpha, delta, _draw(rng, 2 * n_cal, gamma))
+        thr = procedure(s[:n_cal], y[:n_cal], alpha, delta, _draw(rng, 2 * n_cal, gamma), measure)
         if thr is None:
             continue  # accepting nothing never violates
-        if _true_risk(thr, gamma) > alpha:
+        if _true_risk(thr, gamma, measure) > alpha:
             true_violations += 1
-        acc = s[n_cal:] >= thr
-        if acc.sum() >= 50:
-            held = 1 - y[n_cal:][acc].mean()
-            held_violations += held > alpha + 3 * np.sqrt(alpha * (1 - alpha) / acc.sum())
+        held, n_eff = _held_out_risk(s[n_cal:], y[n_cal:], thr, measure)
+        if n_eff >= 50:
+            held_violations += held > alpha + 3 * np.sqrt(alpha * (1 - alpha) / n_eff)
     return true_violations / splits, held_violations / splits, 3 * np.sqrt(delta * (1 - delta) / splits)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(alpha=st.sampled_from([0.05, 0.1, 0.2]), delta=st.sampled_from([0.1, 0.2]),
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(alpha=st.sampled_from([0.02, 0.05, 0.1, 0.2]), delta=st.sampled_from([0.1, 0.2]),
        gamma=st.floats(0.3, 3.0), n_cal=st.integers(300, 1500), seed=st.integers(0, 2**31 - 1),
-       procedure=st.sampled_from(sorted(PROCEDURES)))
-def test_violation_rate_controlled_over_random_splits(alpha, delta, gamma, n_cal, seed, procedure):
+       procedure=st.sampled_from(sorted(PROCEDURES)), measure=st.sampled_from(["acceptedAnswers", "allRequests"]))
+def test_violation_rate_controlled_over_random_splits(alpha, delta, gamma, n_cal, seed, procedure, measure):
     rng = np.random.default_rng(seed)
-    true_frac, held_frac, slack = _check_guarantee(PROCEDURES[procedure], alpha, delta, gamma, n_cal, rng)
+    true_frac, held_frac, slack = _check_guarantee(PROCEDURES[procedure], alpha, delta, gamma, n_cal, rng,
+                                                   measure=measure)
     # P(true risk > alpha) <= delta (binomial slack for the number of draws); held-out rates agree
     assert true_frac <= delta + slack
     assert held_frac <= delta + slack
 
 
-def test_the_guarantee_check_rejects_an_invalid_procedure():
+@pytest.mark.parametrize("measure", ["acceptedAnswers", "allRequests"])
+def test_the_guarantee_check_rejects_an_invalid_procedure(measure):
     # The naive "calibration risk <= alpha" threshold has true risk > alpha about half the time: the same check that
     # the real procedures pass must fail it.
-    true_frac, held_frac, slack = _check_guarantee(_naive_threshold, 0.1, 0.1, 1.0, 500, np.random.default_rng(0))
-    assert true_frac > 0.1 + slack  # ~57 % of draws: the property test's first assertion fails on it
+    true_frac, held_frac, slack = _check_guarantee(_naive_threshold, 0.1, 0.1, 1.0, 500, np.random.default_rng(0),
+                                                   measure=measure)
+    assert true_frac > 0.1 + slack  # the property test's first assertion fails on it
+
+
+def test_all_requests_threshold_matches_a_hand_computed_fixed_sequence():
+    # The MAPIE path equals the definition: walk the grid from strict to loose, Hoeffding-Bentkus p-value of the
+    # share of ALL answers accepted and unacceptable, stop at the first p > delta; keep the last rejection.
+    from mapie.risk_control.methods import compute_hoeffding_bentkus_p_value
+
+    rng = np.random.default_rng(11)
+    s, y = _draw(rng, 800, 1.0)
+    grid = np.round(np.linspace(0.0, 0.99, 100), 4)
+    expect = None
+    for lam in grid[::-1]:
+        r = np.array([((s >= lam) & (y == 0)).mean()])
+        if compute_hoeffding_bentkus_p_value(r, np.array([800.0]), 0.05, binary=True)[0, 0] > 0.1:
+            break
+        expect = float(lam)
+    got = calibrate_threshold(s, y, 0.05, 0.1, grid=grid, fwer="fixed_sequence", risk_measure="allRequests")
+    assert expect is not None and got.threshold == pytest.approx(expect)
+    assert got.empirical_risk == pytest.approx(((s >= expect) & (y == 0)).mean())
+    # the same threshold bounds the conditional measure much less tightly: it accepts far more at the same alpha
+    cond = calibrate_threshold(s, y, 0.05, 0.1, grid=grid, fwer="fixed_sequence")
+    assert cond.threshold is None or cond.threshold > got.threshold
+
+
+def test_unknown_risk_measure_is_refused():
+    with pytest.raises(ValueError, match="risk_measure"):
+        calibrate_threshold(np.ones(10), np.ones(10), 0.1, 0.1, risk_measure="perTask")
 
 
 def test_fixed_sequence_is_more_powerful_than_holm_on_the_same_data():

@@ -159,6 +159,19 @@ def test_calibration_at_a_looser_risk_level_is_not_used(stack_factory):
     assert h["x-routenlp-tier"] == "big"
 
 
+def test_calibration_for_another_risk_measure_is_not_used(stack_factory):
+    # thresholds certified for `acceptedAnswers` say nothing about `allRequests` and vice versa
+    s = stack_factory(artifacts=[("v1", {"router": None, "calibration": calibrated()})],
+                      cascade={"riskMeasure": "allRequests"})
+    _, h, _ = s.chat("refund please, easy")
+    assert h["x-routenlp-tier"] == "big"
+    cal = calibrated()
+    cal.risk_measure = "allRequests"
+    s = stack_factory(artifacts=[("v1", {"router": None, "calibration": cal})], cascade={"riskMeasure": "allRequests"})
+    _, h, _ = s.chat("refund please, easy")
+    assert h["x-routenlp-tier"] == "small"
+
+
 def test_max_escalations_jumps_to_reference(stack_factory):
     s = stack_factory(artifacts=[("v1", {"router": None, "calibration": calibrated()})], cascade={"maxEscalations": 1})
     _, h, _ = s.chat("medium")

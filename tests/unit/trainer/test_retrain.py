@@ -40,7 +40,8 @@ def synthetic_signals(rows, seed=0):
 def _args(tmp_path, **kw):
     ns = dict(events=str(tmp_path / "events"), out=str(tmp_path / "out"), artifact_dir=str(tmp_path / "artifacts"),
               version=None, teacher_tier="reference", tiers=["student", "reference"], quality_target=0.9,
-              risk_level=0.2, delta=0.2, max_escalations=1, generation_tasks=[], min_samples=10, cal_fraction=0.5, system_prompt="c",
+              risk_level=0.2, risk_measure="acceptedAnswers", delta=0.2, max_escalations=1, generation_tasks=[],
+              min_samples=10, cal_fraction=0.5, system_prompt="c",
               encoder=None, student_tier="student", student_model="adapter", student_url=None, signals=None,
               exclude=None, probe=100, epochs=30, seed=0)
     ns.update(kw)

@@ -87,34 +87,50 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, list[float]]:
 
 
 def violations(tier: np.ndarray, accepted: np.ndarray, quality: np.ndarray, tasks: np.ndarray, n_tiers: int,
-               risk: float, min_accepted: int = 1) -> dict:
+               risk: float, min_accepted: int = 1, called: np.ndarray | None = None,
+               risk_measure: str = "acceptedAnswers") -> dict:
     """The quantity RouteNLP's guarantee bounds, measured on test queries.
 
-    Guarantee (docs/guarantee.md): for each (task, non-reference tier), among the answers that tier ACCEPTS (score
-    above its certified threshold), the share that is unacceptable is <= risk, with probability >= 1 - delta over
-    the calibration sample. Measured here:
-    - `violation_rate`: unacceptable / accepted, pooled over every (task, non-reference tier) cell (None when no
-      answer was accepted below the reference: the guarantee then holds vacuously);
-    - `cells`: per cell (task, tier, accepted, unacceptable, rate); `cells_over_risk`: share of cells (with at least
-      `min_accepted` accepted answers) whose test rate exceeds `risk` (finite test samples make some noise);
-    - `unacceptable_share`: unacceptable accepted answers / all test queries (the issue's wording).
+    Guarantee (docs/guarantee.md), for each (task, non-reference tier), with probability >= 1 - delta over the
+    calibration sample: `acceptedAnswers`: among the answers that tier ACCEPTS (score above its certified
+    threshold), the unacceptable share is <= risk; `allRequests`: among the requests that REACH the tier (`called`,
+    (n, K)), the share whose answer the tier accepts and is unacceptable is <= risk. Measured here:
+    - `violation_rate`: that rate pooled over every (task, non-reference tier) cell: unacceptable accepted answers /
+      accepted answers (`acceptedAnswers`; None when nothing was accepted below the reference: the guarantee then
+      holds vacuously) or / requests reaching the tier (`allRequests`; None when no request reached one);
+    - `cells`: per cell (task, tier, reached, accepted, unacceptable, rate); `cells_over_risk`: share of cells (with
+      at least `min_accepted` answers in the denominator) whose test rate exceeds `risk` (finite test samples make
+      some noise);
+    - `unacceptable_share`: unacceptable accepted answers / all test queries.
     Answers from the reference tier, and fallbacks (not accepted by a threshold), are outside the guarantee."""
     tier, accepted = np.asarray(tier), np.asarray(accepted, dtype=bool)
     bad = np.asarray(quality, dtype=float) < ACCEPTABLE
     sel = accepted & (tier >= 0) & (tier < n_tiers - 1)
+    per_request = risk_measure == "allRequests"
+    if per_request and called is None:
+        raise ValueError("risk_measure='allRequests' needs `called` (which tiers each request reached)")
     cells = []
+    n_den = 0
     for t in np.unique(tasks):
         for k in range(n_tiers - 1):
             m = sel & (tasks == t) & (tier == k)
             na = int(m.sum())
-            if na:
+            reached = int((called[:, k] & (tasks == t)).sum()) if called is not None else None
+            den = reached if per_request else na
+            n_den += den
+            if den:
                 nb = int((m & bad).sum())
-                cells.append({"task": int(t), "tier": k, "accepted": na, "unacceptable": nb, "rate": nb / na})
+                cells.append({"task": int(t), "tier": k, "reached": reached, "accepted": na, "unacceptable": nb,
+                              "rate": nb / den, "denominator": den})
     n_acc = int(sel.sum())
     n_bad = int((sel & bad).sum())
-    counted = [c for c in cells if c["accepted"] >= min_accepted]
+    counted = [c for c in cells if c["denominator"] >= min_accepted]
+    if per_request:
+        rate = n_bad / n_den if n_den else None
+    else:
+        rate = n_bad / n_acc if n_acc else None  # None: nothing accepted, nothing to measure
     return {
-        "violation_rate": n_bad / n_acc if n_acc else None,  # None: nothing accepted, nothing to measure
+        "violation_rate": rate,
         "accepted_below_reference": n_acc / max(len(tier), 1),
         "unacceptable_share": n_bad / max(len(tier), 1),
         "cells": cells,

@@ -47,8 +47,10 @@ def plot_all(res: dict, out: Path) -> list[Path]:
         ax.plot([0, lim], [0, lim], "k--", lw=1, label="y = alpha")
         ax.text(0.02, 0.97, "no point = nothing accepted below the reference (vacuous)", transform=ax.transAxes,
                 fontsize=8, va="top")
+        per_request = (res.get("routenlp") or {}).get("risk_measure") == "allRequests"
         paths.append(_finish(fig, ax, out / f"{name}-violation.png", "risk level alpha",
-                             "test violation rate (accepted below reference)",
+                             "test violation rate (" + ("share of requests reaching the tier" if per_request
+                                                        else "among answers accepted below the reference") + ")",
                              f"{name}: RouteNLP violation rate vs alpha"))
     return paths
 

@@ -8,7 +8,8 @@
    sees the calibration data.
 3. Start tier = `cascade.start_tiers(prior, quality_target)`; thresholds per (task, tier) =
    `conformal.calibrate_cascade` (MAPIE Learn-then-Test) on the calibration split at risk level alpha, confidence
-   1 - delta; by default fixed-sequence testing over a sequence learnt on the TRAINING split's confidences and labels
+   1 - delta, for the risk measure `risk_measure` (default `allRequests`: the share of the task's requests reaching
+   the tier that get an unacceptable answer accepted there; `acceptedAnswers`: the error rate among accepted answers); by default fixed-sequence testing over a sequence learnt on the TRAINING split's confidences and labels
    (`conformal.ordered_grid`; `fwer="holm"`: Bonferroni-Holm over the fixed 0.00..0.99 grid); test =
    `cascade.simulate_cascade` with those thresholds (tiers with no certified threshold for a task are skipped, and
    calibration uses the same plans).
@@ -25,7 +26,12 @@ from .baselines import Method, Split
 from .features import out_of_fold
 
 QUALITY_TARGETS = [0.0, 0.9, 0.97, 1.0]
-RISKS = [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5]
+# Risk levels swept for the operating points, per risk measure. Under `allRequests` alpha is a share of all
+# requests reaching the tier, up to the tier's own error rate (accepting everything); a 0.01 step keeps the
+# cost/quality curve fine enough that the operating point is not decided by the grid (calibrating one level costs
+# ~0.1 s on MMLU-Pro).
+RISKS = {"acceptedAnswers": [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5],
+         "allRequests": [0.005] + [round(0.01 * i, 2) for i in range(1, 51)]}
 
 
 def preference_pairs(quality: np.ndarray) -> np.ndarray:
@@ -46,12 +52,13 @@ class RouteNLP(Method):
 
     def __init__(self, risk: float = 0.05, delta: float = 0.1, quality_target: float = 0.97,
                  min_calibration_samples: int = 10, epochs: int = 30, folds: int = 3,
-                 quality_targets=None, risks=None, task_of=None, fwer: str = "fixed_sequence"):
+                 quality_targets=None, risks=None, task_of=None, fwer: str = "fixed_sequence",
+                 risk_measure: str = "allRequests"):
         self.risk, self.delta, self.quality_target = risk, delta, quality_target
-        self.fwer = fwer
+        self.fwer, self.risk_measure = fwer, risk_measure
         self.min_samples, self.epochs, self.folds = min_calibration_samples, epochs, folds
         qts = QUALITY_TARGETS if quality_targets is None else quality_targets
-        rs = RISKS if risks is None else risks
+        rs = RISKS[risk_measure] if risks is None else risks
         self.knobs = [(qt, r) for qt in qts for r in rs]
         if (quality_target, risk) not in self.knobs:
             self.knobs.append((quality_target, risk))
@@ -124,7 +131,7 @@ class RouteNLP(Method):
         train = (self.tasks[tr], self.conf[tr], (s.Q[np.ix_(tr, s.tiers)] >= 0.5).astype(float))
         res = calibrate_cascade(self.tasks[cal_idx], start, self.conf[cal_idx], labels, len(self.task_names),
                                 risk, self.delta, self.min_samples, max_escalations=K - 1, fwer=self.fwer,
-                                train=train if self.fwer == "fixed_sequence" else None)
+                                train=train if self.fwer == "fixed_sequence" else None, risk_measure=self.risk_measure)
         return thresholds_table(res)
 
     def thresholds(self, knob, cal_idx=None) -> np.ndarray:

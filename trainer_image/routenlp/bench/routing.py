@@ -24,6 +24,13 @@ from .routenlp_method import RouteNLP
 METHODS = ("always_reference", "always_cheapest", "best_single", "random", "knn", "mf", "frugalgpt", "routenlp",
            "oracle")
 TARGETS = (0.95, 0.97, 0.99)
+# What the violation rate counts, per risk measure (the quantity the guarantee bounds).
+MEASURE_TEXT = {
+    "acceptedAnswers": "test rate of unacceptable answers among the answers accepted below the "
+                       "reference tier, per (task, tier), pooled",
+    "allRequests": "test share of the requests reaching a non-reference tier that got an unacceptable answer "
+                   "accepted there, per (task, tier), pooled",
+}
 
 
 # ------------------------------------------------------------------------------------------------ splits, scores
@@ -160,7 +167,7 @@ def run_seed(o: Outcomes, X: np.ndarray, resp: ResponseEmbeddings, seed: int, ar
         "best_single": BestSingle(), "knn": KNNRouter(), "mf": MFRouter(), "frugalgpt": FrugalCascade(),
         "routenlp": RouteNLP(risk=args.risk, delta=args.delta, quality_target=args.quality_target,
                              min_calibration_samples=args.min_calibration_samples, epochs=args.epochs,
-                             fwer=args.fwer),
+                             fwer=args.fwer, risk_measure=args.risk_measure),
         "random": RandomMix(), "oracle": Oracle(),
     }
     out: dict = {"tiers": [o.models[j] for j in tiers], "methods": {}}
@@ -175,7 +182,8 @@ def run_seed(o: Outcomes, X: np.ndarray, resp: ResponseEmbeddings, seed: int, ar
         out["methods"][name] = evaluate_method(m, s, ref_c, ref_q, cal_ref_q, c_lo)
     rn: RouteNLP = methods["routenlp"]
     r = rn.simulate(test, rn.default)
-    v = M.violations(r.tier, r.accepted, r.quality, rn.tasks[test], len(tiers), args.risk)
+    v = M.violations(r.tier, r.accepted, r.quality, rn.tasks[test], len(tiers), args.risk, called=r.called,
+                     risk_measure=args.risk_measure)
     out["routenlp"] = {
         "violation_rate": v["violation_rate"], "cells_over_risk": v["cells_over_risk"],
         "unacceptable_share": v["unacceptable_share"], "accepted_below_reference": v["accepted_below_reference"],
@@ -191,7 +199,8 @@ def run_seed(o: Outcomes, X: np.ndarray, resp: ResponseEmbeddings, seed: int, ar
             sub = stratified_subsample(cal, rn.tasks, size, seed + size)
             thr = rn.calibrate(sub, args.study_quality_target, alpha)
             rr = rn.simulate(test, (args.study_quality_target, alpha), thr)
-            vv = M.violations(rr.tier, rr.accepted, rr.quality, rn.tasks[test], len(tiers), alpha)
+            vv = M.violations(rr.tier, rr.accepted, rr.quality, rn.tasks[test], len(tiers), alpha, called=rr.called,
+                              risk_measure=args.risk_measure)
             study.append({"alpha": alpha, "cal_size": int(len(sub)), "requested_size": size,
                           "violation_rate": vv["violation_rate"], "cells_over_risk": vv["cells_over_risk"],
                           "accepted_below_reference": vv["accepted_below_reference"],
@@ -220,14 +229,15 @@ def shift_study(o: Outcomes, X, resp, s: Split, seed: int, args) -> dict:
     ss.scores = answer_scores(ss, resp, pooled, 1, train)
     rn = RouteNLP(risk=args.risk, delta=args.delta, quality_target=args.quality_target,
                   min_calibration_samples=args.min_calibration_samples, epochs=args.epochs, task_of=pooled,
-                  fwer=args.fwer).fit(ss)
+                  fwer=args.fwer, risk_measure=args.risk_measure).fit(ss)
     ref_c, ref_q = o.cost[tgt_test, o.reference].mean(), o.quality[tgt_test, o.reference].mean()
     window = np.random.default_rng(seed + 2000).permutation(tgt_cal)[: args.shift_window]
     out = {"source_tasks": sorted(o.task_names[t] for t in src_tasks), "window": int(len(window))}
     for mode, cal_idx in (("static", cal), ("recalibrated", window)):
         thr = rn.calibrate(cal_idx, args.study_quality_target, args.shift_risk)
         r = rn.simulate(tgt_test, (args.study_quality_target, args.shift_risk), thr)
-        v = M.violations(r.tier, r.accepted, r.quality, pooled[tgt_test], len(s.tiers), args.shift_risk)
+        v = M.violations(r.tier, r.accepted, r.quality, pooled[tgt_test], len(s.tiers), args.shift_risk,
+                         called=r.called, risk_measure=args.risk_measure)
         out[mode] = {"violation_rate": v["violation_rate"], "accepted_below_reference": v["accepted_below_reference"],
                      "cost_reduction": M.cost_reduction(r.cost.mean(), ref_c),
                      "quality_ratio": M.quality_ratio(np.nanmean(r.quality), ref_q)}
@@ -280,7 +290,8 @@ def aggregate(o: Outcomes, per_seed: list[dict], args, wall_s: float) -> dict:
     rn = [p["routenlp"] for p in per_seed]
     vr, vr_ci = M.mean_ci([r["violation_rate"] for r in rn])
     vr_ci = [max(0.0, vr_ci[0]), min(1.0, vr_ci[1])] if np.isfinite(vr) else vr_ci
-    res["routenlp"] = {"risk": args.risk, "delta": args.delta, "quality_target": args.quality_target,
+    res["routenlp"] = {"risk": args.risk, "risk_measure": args.risk_measure, "delta": args.delta,
+                       "quality_target": args.quality_target,
                        "violation_rate": vr, "violation_rate_ci": vr_ci,
                        "escalation_rate": M.mean_ci([r["escalation_rate"] for r in rn])[0],
                        "calls_per_query": M.mean_ci([r["calls_per_query"] for r in rn])[0],
@@ -370,7 +381,8 @@ def markdown(res: dict) -> str:
         L.append(f"| {name} | {_pct(m['cost_reduction'])} {_ci(m['cost_reduction_ci'])} | {_num3(m['quality_ratio'])} | "
                  f"{'n/a' if m['aiq'] is None else format(m['aiq'], '.4f')} | {cell('0.95')} | {cell('0.97', True)} | {cell('0.99')} |")
     r = res["routenlp"]
-    L += ["", f"RouteNLP headline (risk alpha={r['risk']}, delta={r['delta']}, quality target {r['quality_target']}): "
+    L += ["", f"RouteNLP headline (risk alpha={r['risk']} ({r['risk_measure']}), delta={r['delta']}, quality target "
+          f"{r['quality_target']}): "
           f"violation rate {_pct(r['violation_rate'])} {_ci(r['violation_rate_ci'])}, escalation rate "
           f"{_pct(r['escalation_rate'])}, calls/query {_num3(r['calls_per_query'])}, answers accepted below the "
           f"reference {_pct(r['accepted_below_reference'])}, tier share {[round(x, 3) for x in r['tier_share']]}.",
@@ -380,8 +392,8 @@ def markdown(res: dict) -> str:
         L.append(f"| {name} | {_pct(mg['margin'])} {_ci(mg['ci'])} |")
     g = r["oracle_gap_at_0.97"]
     L += ["", f"Gap to the oracle's cost reduction: {_pct(g['gap'])} {_ci(g['ci'])}.", "",
-          "Violation study (test rate of unacceptable answers among answers accepted below the reference tier; "
-          f"start rule quality target {res['study_quality_target']}):", "",
+          f"Violation study ({MEASURE_TEXT[r['risk_measure']]}; start rule quality target "
+          f"{res['study_quality_target']}):", "",
           "| alpha | calibration size | violation rate [95% CI] | <= alpha within CI | cells over alpha | "
           "accepted below ref. | cost reduction | quality ratio |",
           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -418,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument("--quality-target", type=float, default=0.97)
     ap.add_argument("--min-calibration-samples", type=int, default=10)
+    ap.add_argument("--risk-measure", choices=("allRequests", "acceptedAnswers"), default="allRequests",
+                    help="what RouteNLP's risk level bounds per (task, tier) (RoutingPolicy cascade.riskMeasure; "
+                    "docs/guarantee.md)")
     ap.add_argument("--fwer", choices=("fixed_sequence", "holm"), default="fixed_sequence",
                     help="RouteNLP's Learn-then-Test FWER procedure: fixed-sequence testing over a sequence learnt on "
                     "the training split (default) or Bonferroni-Holm over the fixed 0.00..0.99 grid")

@@ -98,8 +98,11 @@ def quality_matrix(rows: list[dict[str, Any]], signals: list[dict[str, Any]], ti
 def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, Any]], q: np.ndarray,
               x: np.ndarray, tiers: list[str], cal_fraction: float, quality_target: float, risk_level: float,
               delta: float, max_escalations: int, min_samples: int, generation_tasks: frozenset[str] = frozenset(),
-              ) -> tuple[Any, Any, dict[str, Any]]:
-    """(ConfidenceSet fitted on the fit split, Calibration from the cal split, metrics)."""
+              risk_measure: str = "acceptedAnswers") -> tuple[Any, Any, dict[str, Any]]:
+    """(ConfidenceSet fitted on the fit split, Calibration from the cal split, metrics).
+
+    Thresholds: fixed-sequence Learn-then-Test along an order learnt on the fit split's scores and labels (disjoint
+    from the calibration split, as fixed-sequence validity needs; docs/guarantee.md)."""
     from routenlp.router.artifacts import Calibration
     from routenlp.router.cascade import start_tiers
     from routenlp.router.confidence import FEATURES, ConfidenceSet, answer_features, fit_confidence
@@ -135,8 +138,10 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
     pred = router.predict_proba(x, np.array([router.task_index(r["task"]) or 0 for r in rows]))
     start = start_tiers(pred, quality_target)
     results = calibrate_cascade(task_ids[cal], start[cal], scores[cal], q[cal], len(tasks), risk_level, delta,
-                                min_samples, max_escalations)
-    calibration = Calibration(risk_level, delta, tasks={task: dict(zip(tiers, results[t])) for t, task in enumerate(tasks)})
+                                min_samples, max_escalations, fwer="fixed_sequence",
+                                train=(task_ids[~cal], scores[~cal], q[~cal]), risk_measure=risk_measure)
+    calibration = Calibration(risk_level, delta, tasks={task: dict(zip(tiers, results[t])) for t, task in enumerate(tasks)},
+                              risk_measure=risk_measure)
     metrics = {
         "calibration_queries": int(cal.sum()), "fit_queries": int((~cal).sum()),
         "thresholds": {task: {tier: r.threshold for tier, r in zip(tiers, results[t])} for t, task in enumerate(tasks)},
@@ -178,7 +183,8 @@ def _read(args: argparse.Namespace) -> tuple[list[Any], list[dict[str, Any]]]:
 
 def _policy_params(args: argparse.Namespace) -> dict[str, Any]:
     return {"tiers": args.tiers, "teacher_tier": args.teacher_tier, "quality_target": args.quality_target,
-            "risk_level": args.risk_level, "delta": args.delta, "max_escalations": args.max_escalations,
+            "risk_level": args.risk_level, "risk_measure": args.risk_measure, "delta": args.delta,
+            "max_escalations": args.max_escalations,
             "min_samples": args.min_samples, "cal_fraction": args.cal_fraction, "system_prompt": args.system_prompt}
 
 
@@ -233,7 +239,7 @@ def run_retrain(args: argparse.Namespace) -> dict[str, Any]:
     with st.timed("calibrate"):
         conf, calibration, m = calibrate(router, rows, signals, q, x, tiers, args.cal_fraction, args.quality_target,
                                          args.risk_level, args.delta, args.max_escalations, args.min_samples,
-                                         frozenset(args.generation_tasks))
+                                         frozenset(args.generation_tasks), args.risk_measure)
     version = args.version or f"r-{st.key[:12]}"
     meta = {"trained_by": "routenlp train retrain", "student_tier": args.student_tier,
             "student_model": args.student_model, "requests": len(rows), "metrics": m}
@@ -268,7 +274,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     q = quality_matrix(rows, signals, tiers, args.teacher_tier)
     conf, calibration, m = calibrate(base.router, rows, signals, q, x, tiers, args.cal_fraction, args.quality_target,
                                      args.risk_level, args.delta, args.max_escalations, args.min_samples,
-                                         frozenset(args.generation_tasks))
+                                     frozenset(args.generation_tasks), args.risk_measure)
     version = args.version or f"c-{st.key[:12]}"
     path = _save_version(artifact_dir, version, st.key, base.router, conf, calibration,
                          {"trained_by": "routenlp train calibrate", "base_version": base.version, "metrics": m})
@@ -287,6 +293,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiers", nargs="+", help="tier names, cheapest first, ending with the teacher tier")
     p.add_argument("--quality-target", type=float, default=0.9, help="RoutingPolicy task qualityTarget")
     p.add_argument("--risk-level", type=float, default=0.1, help="RoutingPolicy riskLevel (alpha)")
+    p.add_argument("--risk-measure", choices=("acceptedAnswers", "allRequests"), default="acceptedAnswers",
+                   help="RoutingPolicy riskMeasure: what riskLevel bounds")
     p.add_argument("--delta", type=float, default=0.1, help="1 - confidence of the conformal guarantee")
     p.add_argument("--max-escalations", type=int, default=2)
     p.add_argument("--generation-tasks", nargs="*", default=[],
