@@ -27,7 +27,9 @@ class RouterMetrics:
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.risk_level = Gauge("routenlp_risk_level", "Risk level alpha in force.", ["policy", "task"], registry=r)
         self.violation_rate = Gauge("routenlp_violation_rate",
-                                    "Accepted-but-unacceptable rate on labelled events (recalibration window).",
+                                    "Observed risk (the policy's riskMeasure) on labelled events: acceptedAnswers = "
+                                    "unacceptable share of accepted answers; allRequests = share of the labelled "
+                                    "requests reaching the tier accepted there and unacceptable.",
                                     ["policy", "task", "tier"], registry=r)
         self.threshold = Gauge("routenlp_threshold", "Conformal threshold in force (NaN: none certified).",
                                ["policy", "task", "tier"], registry=r)

@@ -158,9 +158,21 @@ class RouterState:
                 self.metrics.threshold.labels(p, task, tier).set(r.threshold if ok else math.nan)
                 w = self.window.get((task, tier))
                 self.metrics.labels.labels(p, task, tier).set(len(w) if w else 0)
-                v = self.violations.get((task, tier))
-                if v:
-                    self.metrics.violation_rate.labels(p, task, tier).set(1 - sum(v) / len(v))
+                rate = self.observed_risk(task, tier, r.threshold if ok else None)
+                if rate is not None:
+                    self.metrics.violation_rate.labels(p, task, tier).set(rate)
+
+    def observed_risk(self, task: str, tier: str, threshold: float | None) -> float | None:
+        """The policy's risk measure on labelled traffic (None: no labels yet). `acceptedAnswers`: the unacceptable
+        share of labelled accepted answers. `allRequests`: on the random-sample labels of the calibration window
+        (requests that reached the tier), the share the threshold in force accepts and that are unacceptable."""
+        if RiskMeasure(self.config.cascade.risk_measure) == RiskMeasure.ALL_REQUESTS:
+            w = self.window.get((task, tier))
+            if not w:
+                return None
+            return sum(1 for s, ok in w if threshold is not None and s >= threshold and not ok) / len(w)
+        v = self.violations.get((task, tier))
+        return 1 - sum(v) / len(v) if v else None
 
     def add_label(self, event: RoutingEvent, tier: str, acceptable: bool) -> None:
         """Record a label for one attempt of a stable-version request (online calibration + violation gauge)."""

@@ -404,6 +404,23 @@ def test_online_recalibration_certifies_after_enough_labels(stack_factory):
     assert h["x-routenlp-tier"] == "small"
 
 
+def test_all_requests_measure_recalibrates_and_reports_its_own_risk(stack_factory):
+    s = stack_factory(cascade={"riskLevel": 0.2, "minCalibrationSamples": 40, "riskMeasure": "allRequests"},
+                      shadowSampleRate=1.0)
+    for i in range(30):
+        s.chat(f"easy refund {i}")
+    for i in range(20):
+        s.chat(f"hard question {i}")  # the small tier's answer to these is unacceptable
+    wait_for(lambda: len(s.state.window.get(("intent", "small"), ())) == 50)
+    s.state.recalibrate()
+    r = s.state.online[("intent", "small")]
+    assert r.certified and r.empirical_risk <= 0.2
+    w = s.state.window[("intent", "small")]
+    assert any(not ok for _, ok in w) and any(ok for _, ok in w)
+    expect = sum(1 for score, ok in w if score >= r.threshold and not ok) / len(w)
+    assert s.metric("routenlp_violation_rate", task="intent", tier="small") == pytest.approx(expect)
+
+
 def test_shadow_requests_label_accepted_answers(stack_factory):
     s = stack_factory(artifacts=[("v1", {"router": None, "calibration": calibrated()})], shadowSampleRate=1.0)
     _, h, _ = s.chat("easy")
