@@ -11,12 +11,11 @@ sample, the policy's risk measure is at most alpha (= risk_level):
         costs the task at most alpha of quality versus a perfect fallback: it bounds the quality drop directly).
 
 The work is done by MAPIE's `BinaryClassificationController` (Learn-then-Test with Hoeffding-Bentkus p-values; the
-precision risk, or the `ACCEPTED_AND_UNACCEPTABLE` risk below)
-over a grid of candidate thresholds fixed before the calibration labels are seen, with one of two FWER procedures:
-`fwer="holm"` (Bonferroni-Holm, any grid: the default grid 0.00..0.99) or `fwer="fixed_sequence"` (MAPIE's
-`FWERFixedSequenceTesting`: the grid is walked from strict (high) to loose and each test is at level delta /
-n_starts, stopping a branch at its first non-rejection; more powerful at a fixed alpha when the sequence starts
-where the scores lie: `ordered_grid` learns it from the router-TRAINING split, disjoint from the calibration data).
+precision risk, or `_accepted_and_unacceptable` for allRequests) over a grid of candidate thresholds fixed before
+the calibration labels are seen, with one of two FWER procedures: `fwer="holm"` (Bonferroni-Holm, any grid: the
+default grid 0.00..0.99) or `fwer="fixed_sequence"` (MAPIE's `FWERFixedSequenceTesting`: the grid is walked from
+strict (high) to loose and each test is at level delta / n_starts, stopping a branch at its first non-rejection;
+more powerful at a fixed alpha when the sequence starts where the scores lie: `ordered_grid` learns it from the router-TRAINING split, disjoint from the calibration data).
 If no candidate is certified, the tier accepts nothing for that task (threshold None: the cascade skips it).
 `calibrate_cascade` applies it tier by tier on the queries that reach each tier at run time. See docs/guarantee.md
 for the exact statement and assumptions.
@@ -144,7 +143,8 @@ def ordered_grid(train_scores, train_labels, n_cal: int, risk_level: float, delt
         if risk_measure == ALL_REQUESTS:  # every answer is in the sample; accepting none is risk 0
             risk, n_obs, defined = n_bad / n_cal, np.full(G, float(n_cal)), np.ones(G, dtype=bool)
         else:
-            risk, n_obs, defined = np.where(n_acc > 0, n_bad / np.maximum(n_acc, 1), 1.0), np.maximum(n_acc, 1.0), n_acc > 0
+            risk = np.where(n_acc > 0, n_bad / np.maximum(n_acc, 1), 1.0)
+            n_obs, defined = np.maximum(n_acc, 1.0), n_acc > 0
         with np.errstate(divide="ignore", invalid="ignore"):
             p = compute_hoeffding_bentkus_p_value(risk, n_obs.astype(float), risk_level, binary=True)[:, 0]
         rej = defined & (np.nan_to_num(p, nan=1.0) <= delta)
@@ -231,7 +231,8 @@ def calibrate_threshold(scores, labels, risk_level: float, delta: float, min_sam
 def calibrate_cascade(task_ids, start, scores, labels, n_tasks: int, risk_level: float, delta: float,
                       min_samples: int, max_escalations: int, tier_up=None, grid=None, *, grids=None,
                       fwer: str = "holm", n_starts: int = 1, train=None,
-                      skip_uncertified: bool = True, risk_measure: str = ACCEPTED_ANSWERS) -> list[list[ThresholdResult]]:
+                      skip_uncertified: bool = True,
+                      risk_measure: str = ACCEPTED_ANSWERS) -> list[list[ThresholdResult]]:
     """Sequential calibration over the cascade: result[task][tier].
 
     Arrays over calibration queries: task_ids (n,), start (n,) start tier from the router's start rule,

@@ -9,7 +9,8 @@
 3. Start tier = `cascade.start_tiers(prior, quality_target)`; thresholds per (task, tier) =
    `conformal.calibrate_cascade` (MAPIE Learn-then-Test) on the calibration split at risk level alpha, confidence
    1 - delta, for the risk measure `risk_measure` (default `allRequests`: the share of the task's requests reaching
-   the tier that get an unacceptable answer accepted there; `acceptedAnswers`: the error rate among accepted answers); by default fixed-sequence testing over a sequence learnt on the TRAINING split's confidences and labels
+   the tier that get an unacceptable answer accepted there; `acceptedAnswers`: the error rate among accepted
+   answers); by default fixed-sequence testing over a sequence learnt on the TRAINING split's confidences and labels
    (`conformal.ordered_grid`; `fwer="holm"`: Bonferroni-Holm over the fixed 0.00..0.99 grid); test =
    `cascade.simulate_cascade` with those thresholds (tiers with no certified threshold for a task are skipped, and
    calibration uses the same plans).
