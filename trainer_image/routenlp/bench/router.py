@@ -260,7 +260,7 @@ def run(use_vllm: bool, n_single: int, n_concurrent: int, n_pairs: int, n_load: 
             env = {**os.environ, "ROUTENLP_RELOAD_SECONDS": "3600"}
             procs.append(subprocess.Popen([sys.executable, "-m", "routenlp.cli.main", "router", "--config", str(cfg),
                                            "--host", "127.0.0.1", "--port", str(rport), "--log-level", "WARNING"],
-                                          env=env))
+                                          env=env, stdout=sys.stderr))  # stdout is the report (--json: one object)
             _wait_http(f"http://127.0.0.1:{rport}/readyz", 120, procs[-1])
             progress("measuring routing decisions (1 and 32 clients) ...")
             result = asyncio.run(_decisions(queries, tmp / "artifacts", n_single, n_concurrent))
