@@ -514,8 +514,8 @@ def stage_args(campaign: DistillationCampaign, ctx: StageContext, cmd: str, run:
                 "--max-regression", str(spec.evaluation.max_regression), *teacher]
     common = ["--events", events, "--artifact-dir", routers, "--version", version,
               "--teacher-tier", spec.teacher_tier, "--tiers", *ctx.tiers, "--risk-level", str(ctx.risk_level),
-              "--risk-measure", ctx.risk_measure, "--delta", str(ctx.delta), "--max-escalations", str(ctx.max_escalations),
-              "--generation-tasks", *ctx.generation_tasks]
+              "--risk-measure", ctx.risk_measure, "--delta", str(ctx.delta),
+              "--max-escalations", str(ctx.max_escalations), "--generation-tasks", *ctx.generation_tasks]
     if cmd == "retrain":
         return [*common, "--out", f"{work}/retrain", "--student-tier", spec.student_tier,
                 "--student-model", ctx.student_served_name, "--student-url", ctx.student_url,

@@ -201,8 +201,12 @@ class RouterState:
             if tier == self.tier_names[-1] or len(w) < c.min_calibration_samples:
                 continue
             s, y = np.array([x[0] for x in w]), np.array([x[1] for x in w], dtype=float)
+            measure = RiskMeasure(c.risk_measure).value
+            # allRequests' risk only grows as the threshold falls, so the fixed grid walked from strict to loose is a
+            # valid fixed sequence with no training data; acceptedAnswers' is not monotone there: Holm over the grid.
+            fwer = "fixed_sequence" if measure == RiskMeasure.ALL_REQUESTS.value else "holm"
             self.online[(task, tier)] = calibrate_threshold(s, y, c.risk_level, c.delta, c.min_calibration_samples,
-                                                            risk_measure=RiskMeasure(c.risk_measure).value)
+                                                            fwer=fwer, risk_measure=measure)
         self.publish_thresholds()
 
     def warm_from_log(self) -> int:

@@ -64,6 +64,9 @@ PROCEDURES = {
     # fixed sequence over a grid learnt on independent "training" data (what the benchmark and trainer use)
     "fixed_sequence_trained": lambda s, y, a, d, tr, m="acceptedAnswers": calibrate_threshold(
         s, y, a, d, min_samples=50, fwer="fixed_sequence", train=tr, risk_measure=m).threshold,
+    # fixed sequence down the fixed 0.99..0.00 grid, no training data (the router's online path for allRequests)
+    "fixed_sequence_fixed_grid": lambda s, y, a, d, tr, m="acceptedAnswers": calibrate_threshold(
+        s, y, a, d, min_samples=50, fwer="fixed_sequence", risk_measure=m).threshold,
     # fixed sequence, multi-start, over training quantiles
     "fixed_sequence_3starts": lambda s, y, a, d, tr, m="acceptedAnswers": calibrate_threshold(
         s, y, a, d, min_samples=50, grid=training_grid(tr[0]), fwer="fixed_sequence", n_starts=3,
@@ -236,3 +239,11 @@ def test_cascade_calibration_skips_uncertified_tiers_like_the_run_time():
     thr = thresholds_table(res)
     sim = cascade.simulate_cascade(start, score, labels, np.tile([1.0, 10.0, 100.0], (n, 1)), thr[np.zeros(n, int)], 1)
     assert (sim.tier != 0).all() and (sim.tier == 1).any()
+
+
+@pytest.mark.parametrize("alpha,gamma", [(0.02, 0.5), (0.05, 1.0), (0.2, 2.0)])
+def test_online_all_requests_path_holds_the_guarantee(alpha, gamma):
+    # what the router's online recalibration runs under allRequests: fixed sequence down the fixed grid
+    true_frac, held_frac, slack = _check_guarantee(PROCEDURES["fixed_sequence_fixed_grid"], alpha, 0.1, gamma, 500,
+                                                   np.random.default_rng(7), measure="allRequests")
+    assert true_frac <= 0.1 + slack and held_frac <= 0.1 + slack

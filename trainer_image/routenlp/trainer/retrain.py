@@ -140,8 +140,8 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
     results = calibrate_cascade(task_ids[cal], start[cal], scores[cal], q[cal], len(tasks), risk_level, delta,
                                 min_samples, max_escalations, fwer="fixed_sequence",
                                 train=(task_ids[~cal], scores[~cal], q[~cal]), risk_measure=risk_measure)
-    calibration = Calibration(risk_level, delta, tasks={task: dict(zip(tiers, results[t])) for t, task in enumerate(tasks)},
-                              risk_measure=risk_measure)
+    calibration = Calibration(risk_level, delta, risk_measure=risk_measure,
+                              tasks={task: dict(zip(tiers, results[t])) for t, task in enumerate(tasks)})
     metrics = {
         "calibration_queries": int(cal.sum()), "fit_queries": int((~cal).sum()),
         "thresholds": {task: {tier: r.threshold for tier, r in zip(tiers, results[t])} for t, task in enumerate(tasks)},
