@@ -473,7 +473,7 @@ class StageContext:
     risk_level: float
     delta: float
     max_escalations: int
-    risk_measure: str = "acceptedAnswers"
+    risk_measure: str = RiskMeasure.ACCEPTED_ANSWERS.value
     generation_tasks: tuple[str, ...] = ()  # tasks of kind generation: the trainer scores them as the router does
     teacher_key: SecretKeyRef | None = None
     student_cache_claim: str | None = None  # student tier's model-cache PVC: where adapters are published

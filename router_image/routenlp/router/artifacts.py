@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .conformal import ThresholdResult
+from .conformal import ACCEPTED_ANSWERS, ThresholdResult
 from .confidence import ConfidenceSet
 from .difficulty import DifficultyRouter
 
@@ -36,7 +36,7 @@ class Calibration:
     delta: float
     time: float = field(default_factory=time.time)
     tasks: dict[str, dict[str, ThresholdResult]] = field(default_factory=dict)
-    risk_measure: str = "acceptedAnswers"  # what risk_level bounds (conformal.RISK_MEASURES)
+    risk_measure: str = ACCEPTED_ANSWERS  # what risk_level bounds (conformal.RISK_MEASURES)
 
     def get(self, task: str, tier: str) -> ThresholdResult | None:
         return self.tasks.get(task, {}).get(tier)
@@ -49,7 +49,7 @@ class Calibration:
     def from_json(cls, d: dict) -> "Calibration":
         return cls(float(d["risk_level"]), float(d["delta"]), float(d.get("time", 0.0)),
                    {t: {k: ThresholdResult.from_json(r) for k, r in tiers.items()} for t, tiers in d.get("tasks", {}).items()},
-                   d.get("risk_measure", "acceptedAnswers"))
+                   d.get("risk_measure", ACCEPTED_ANSWERS))
 
 
 @dataclass

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from routenlp.api.routingpolicy import RiskMeasure
+
 from . import cascade as _cascade
 
 # Candidate thresholds: fixed before seeing data (the FWER correction pays for each one).
@@ -79,8 +81,8 @@ def _fixed_sequence(n_starts: int):
 
 FWER_METHODS = ("holm", "fixed_sequence")
 # One name per concept: the values of the RoutingPolicy's `cascade.riskMeasure`.
-ACCEPTED_ANSWERS, ALL_REQUESTS = "acceptedAnswers", "allRequests"
-RISK_MEASURES = (ACCEPTED_ANSWERS, ALL_REQUESTS)
+ACCEPTED_ANSWERS, ALL_REQUESTS = RiskMeasure.ACCEPTED_ANSWERS.value, RiskMeasure.ALL_REQUESTS.value
+RISK_MEASURES = tuple(m.value for m in RiskMeasure)
 
 
 def _accepted_and_unacceptable():

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from routenlp.router.conformal import ALL_REQUESTS, RISK_MEASURES
+
 STUDENT, REFERENCE = "student", "reference"
 TASK = "banking77-intent"
 # Short instruction: training cost on CPU grows with prompt length (the 77-label list would make each step ~15x
@@ -77,7 +79,7 @@ class Settings:
     risk_level: float = 0.1
     # allRequests: at most risk_level of the requests that reach the student get an unacceptable answer accepted
     # there, i.e. the student costs each task at most risk_level of quality (docs/guarantee.md)
-    risk_measure: str = "allRequests"
+    risk_measure: str = ALL_REQUESTS
     delta: float = 0.1
     seed: int = 0
     # intent mix of the traffic: 0 = drawn uniformly from the BANKING77 split (its intents are near-uniform);
@@ -434,7 +436,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per stage (0: torch's default)")
     p.add_argument("--risk-level", type=float, help="policy riskLevel (alpha) of the student tier's threshold")
-    p.add_argument("--risk-measure", choices=("allRequests", "acceptedAnswers"),
+    p.add_argument("--risk-measure", choices=RISK_MEASURES,
                    help="policy riskMeasure: what riskLevel bounds (default allRequests)")
     p.add_argument("--delta", type=float, help="policy delta: the guarantee holds with probability >= 1 - delta")
     p.add_argument("--quality-target", type=float, help="task qualityTarget of the router's start rule")

@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from routenlp.router.conformal import ACCEPTED_ANSWERS, ALL_REQUESTS
+
 ACCEPTABLE = 0.5
 
 
@@ -88,7 +90,7 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, list[float]]:
 
 def violations(tier: np.ndarray, accepted: np.ndarray, quality: np.ndarray, tasks: np.ndarray, n_tiers: int,
                risk: float, min_accepted: int = 1, called: np.ndarray | None = None,
-               risk_measure: str = "acceptedAnswers") -> dict:
+               risk_measure: str = ACCEPTED_ANSWERS) -> dict:
     """The quantity RouteNLP's guarantee bounds, measured on test queries.
 
     Guarantee (docs/guarantee.md), for each (task, non-reference tier), with probability >= 1 - delta over the
@@ -106,7 +108,7 @@ def violations(tier: np.ndarray, accepted: np.ndarray, quality: np.ndarray, task
     tier, accepted = np.asarray(tier), np.asarray(accepted, dtype=bool)
     bad = np.asarray(quality, dtype=float) < ACCEPTABLE
     sel = accepted & (tier >= 0) & (tier < n_tiers - 1)
-    per_request = risk_measure == "allRequests"
+    per_request = risk_measure == ALL_REQUESTS
     if per_request and called is None:
         raise ValueError("risk_measure='allRequests' needs `called` (which tiers each request reached)")
     cells = []

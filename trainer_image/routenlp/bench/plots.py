@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from routenlp.router.conformal import ALL_REQUESTS
+
 
 def plot_all(res: dict, out: Path) -> list[Path]:
     import matplotlib
@@ -47,7 +49,7 @@ def plot_all(res: dict, out: Path) -> list[Path]:
         ax.plot([0, lim], [0, lim], "k--", lw=1, label="y = alpha")
         ax.text(0.02, 0.97, "no point = nothing accepted below the reference (vacuous)", transform=ax.transAxes,
                 fontsize=8, va="top")
-        per_request = (res.get("routenlp") or {}).get("risk_measure") == "allRequests"
+        per_request = (res.get("routenlp") or {}).get("risk_measure") == ALL_REQUESTS
         paths.append(_finish(fig, ax, out / f"{name}-violation.png", "risk level alpha",
                              "test violation rate (" + ("share of requests reaching the tier" if per_request
                                                         else "among answers accepted below the reference") + ")",

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from routenlp.router.conformal import ACCEPTED_ANSWERS, ALL_REQUESTS
+
 from .baselines import Method, Split
 from .features import out_of_fold
 
@@ -31,8 +33,8 @@ QUALITY_TARGETS = [0.0, 0.9, 0.97, 1.0]
 # requests reaching the tier, up to the tier's own error rate (accepting everything); a 0.01 step keeps the
 # cost/quality curve fine enough that the operating point is not decided by the grid (calibrating one level costs
 # ~0.1 s on MMLU-Pro).
-RISKS = {"acceptedAnswers": [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5],
-         "allRequests": [0.005] + [round(0.01 * i, 2) for i in range(1, 51)]}
+RISKS = {ACCEPTED_ANSWERS: [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5],
+         ALL_REQUESTS: [0.005] + [round(0.01 * i, 2) for i in range(1, 51)]}
 
 
 def preference_pairs(quality: np.ndarray) -> np.ndarray:
@@ -54,7 +56,7 @@ class RouteNLP(Method):
     def __init__(self, risk: float = 0.05, delta: float = 0.1, quality_target: float = 0.97,
                  min_calibration_samples: int = 10, epochs: int = 30, folds: int = 3,
                  quality_targets=None, risks=None, task_of=None, fwer: str = "fixed_sequence",
-                 risk_measure: str = "allRequests"):
+                 risk_measure: str = ALL_REQUESTS):
         self.risk, self.delta, self.quality_target = risk, delta, quality_target
         self.fwer, self.risk_measure = fwer, risk_measure
         self.min_samples, self.epochs, self.folds = min_calibration_samples, epochs, folds

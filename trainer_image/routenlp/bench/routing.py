@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from routenlp.router.conformal import ACCEPTED_ANSWERS, ALL_REQUESTS, RISK_MEASURES
+
 from . import metrics as M
 from .baselines import (AlwaysModel, BestSingle, FrugalCascade, KNNRouter, MFRouter, Oracle, RandomMix, Split)
 from .features import AnswerScorer, EmbeddingCache, hashed_ngrams, out_of_fold, response_tail, scorer_features
@@ -26,9 +28,9 @@ METHODS = ("always_reference", "always_cheapest", "best_single", "random", "knn"
 TARGETS = (0.95, 0.97, 0.99)
 # What the violation rate counts, per risk measure (the quantity the guarantee bounds).
 MEASURE_TEXT = {
-    "acceptedAnswers": "test rate of unacceptable answers among the answers accepted below the "
+    ACCEPTED_ANSWERS: "test rate of unacceptable answers among the answers accepted below the "
                        "reference tier, per (task, tier), pooled",
-    "allRequests": "test share of the requests reaching a non-reference tier that got an unacceptable answer "
+    ALL_REQUESTS: "test share of the requests reaching a non-reference tier that got an unacceptable answer "
                    "accepted there, per (task, tier), pooled",
 }
 
@@ -142,6 +144,12 @@ def _jsonable(x):
     return x
 
 
+def measured_violations(r, tasks: np.ndarray, n_tiers: int, risk: float, args) -> dict:
+    """`metrics.violations` of a simulated cascade (`cascade.CascadeResult`) in the run's risk measure."""
+    return M.violations(r.tier, r.accepted, r.quality, tasks, n_tiers, risk, called=r.called,
+                        risk_measure=args.risk_measure)
+
+
 def run_seed(o: Outcomes, X: np.ndarray, resp: ResponseEmbeddings, seed: int, args, bar=None) -> dict:
     train, cal, test = split_indices(o.tasks, seed, args.train_frac, args.cal_frac)
     tiers = ([o.models.index(t) for t in args.tiers] if args.tiers
@@ -182,8 +190,7 @@ def run_seed(o: Outcomes, X: np.ndarray, resp: ResponseEmbeddings, seed: int, ar
         out["methods"][name] = evaluate_method(m, s, ref_c, ref_q, cal_ref_q, c_lo)
     rn: RouteNLP = methods["routenlp"]
     r = rn.simulate(test, rn.default)
-    v = M.violations(r.tier, r.accepted, r.quality, rn.tasks[test], len(tiers), args.risk, called=r.called,
-                     risk_measure=args.risk_measure)
+    v = measured_violations(r, rn.tasks[test], len(tiers), args.risk, args)
     out["routenlp"] = {
         "violation_rate": v["violation_rate"], "cells_over_risk": v["cells_over_risk"],
         "unacceptable_share": v["unacceptable_share"], "accepted_below_reference": v["accepted_below_reference"],
@@ -199,8 +206,7 @@ def run_seed(o: Outcomes, X: np.ndarray, resp: ResponseEmbeddings, seed: int, ar
             sub = stratified_subsample(cal, rn.tasks, size, seed + size)
             thr = rn.calibrate(sub, args.study_quality_target, alpha)
             rr = rn.simulate(test, (args.study_quality_target, alpha), thr)
-            vv = M.violations(rr.tier, rr.accepted, rr.quality, rn.tasks[test], len(tiers), alpha, called=rr.called,
-                              risk_measure=args.risk_measure)
+            vv = measured_violations(rr, rn.tasks[test], len(tiers), alpha, args)
             study.append({"alpha": alpha, "cal_size": int(len(sub)), "requested_size": size,
                           "violation_rate": vv["violation_rate"], "cells_over_risk": vv["cells_over_risk"],
                           "accepted_below_reference": vv["accepted_below_reference"],
@@ -236,8 +242,7 @@ def shift_study(o: Outcomes, X, resp, s: Split, seed: int, args) -> dict:
     for mode, cal_idx in (("static", cal), ("recalibrated", window)):
         thr = rn.calibrate(cal_idx, args.study_quality_target, args.shift_risk)
         r = rn.simulate(tgt_test, (args.study_quality_target, args.shift_risk), thr)
-        v = M.violations(r.tier, r.accepted, r.quality, pooled[tgt_test], len(s.tiers), args.shift_risk,
-                         called=r.called, risk_measure=args.risk_measure)
+        v = measured_violations(r, pooled[tgt_test], len(s.tiers), args.shift_risk, args)
         out[mode] = {"violation_rate": v["violation_rate"], "accepted_below_reference": v["accepted_below_reference"],
                      "cost_reduction": M.cost_reduction(r.cost.mean(), ref_c),
                      "quality_ratio": M.quality_ratio(np.nanmean(r.quality), ref_q)}
@@ -430,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument("--quality-target", type=float, default=0.97)
     ap.add_argument("--min-calibration-samples", type=int, default=10)
-    ap.add_argument("--risk-measure", choices=("allRequests", "acceptedAnswers"), default="allRequests",
+    ap.add_argument("--risk-measure", choices=RISK_MEASURES, default=ALL_REQUESTS,
                     help="what RouteNLP's risk level bounds per (task, tier) (RoutingPolicy cascade.riskMeasure; "
                     "docs/guarantee.md)")
     ap.add_argument("--fwer", choices=("fixed_sequence", "holm"), default="fixed_sequence",

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from routenlp.router.conformal import ACCEPTED_ANSWERS, RISK_MEASURES
+
 from .evaluate import matches
 from .manifest import Stage, StageError, local_path, print_summary, read_jsonl, write_jsonl
 
@@ -98,7 +100,7 @@ def quality_matrix(rows: list[dict[str, Any]], signals: list[dict[str, Any]], ti
 def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, Any]], q: np.ndarray,
               x: np.ndarray, tiers: list[str], cal_fraction: float, quality_target: float, risk_level: float,
               delta: float, max_escalations: int, min_samples: int, generation_tasks: frozenset[str] = frozenset(),
-              risk_measure: str = "acceptedAnswers") -> tuple[Any, Any, dict[str, Any]]:
+              risk_measure: str = ACCEPTED_ANSWERS) -> tuple[Any, Any, dict[str, Any]]:
     """(ConfidenceSet fitted on the fit split, Calibration from the cal split, metrics).
 
     Thresholds: fixed-sequence Learn-then-Test along an order learnt on the fit split's scores and labels (disjoint
@@ -293,7 +295,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiers", nargs="+", help="tier names, cheapest first, ending with the teacher tier")
     p.add_argument("--quality-target", type=float, default=0.9, help="RoutingPolicy task qualityTarget")
     p.add_argument("--risk-level", type=float, default=0.1, help="RoutingPolicy riskLevel (alpha)")
-    p.add_argument("--risk-measure", choices=("acceptedAnswers", "allRequests"), default="acceptedAnswers",
+    p.add_argument("--risk-measure", choices=RISK_MEASURES, default=ACCEPTED_ANSWERS,
                    help="RoutingPolicy riskMeasure: what riskLevel bounds")
     p.add_argument("--delta", type=float, default=0.1, help="1 - confidence of the conformal guarantee")
     p.add_argument("--max-escalations", type=int, default=2)
