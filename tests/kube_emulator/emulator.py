@@ -11,8 +11,8 @@ replaces its object store to close those gaps:
   after `timeoutSeconds`, and filter by namespace, labelSelector and fieldSelector (`a.b=c`, `!=`);
 - status subresource (kinds that declare one): create drops `.status`; writes to the main resource keep `.status`, writes to `/status` change only `.status`;
   `/scale` of custom resources with a scale subresource (GET and merge PATCH);
-- patch types: merge (RFC 7386), strategic merge (treated as merge: lists replaced), JSON patch, and server-side
-  apply (create if absent, else a deep merge of the applied fields: lists replaced);
+- patch types: merge (RFC 7386), strategic merge (treated as merge: lists replaced), JSON patch (a failed `test`
+  op is a 422, as kopf's resourceVersion check expects), and server-side apply (create if absent, else a deep merge of the applied fields: lists replaced);
 - finalizers: DELETE sets deletionTimestamp; removing the last finalizer deletes;
 - created CRDs become discoverable (with their subresources) and `kubectl get` gets server-side Tables built from
   their additionalPrinterColumns; `GET /api/v1/namespaces` (the bare path) answers 403, as for an operator without
@@ -384,7 +384,12 @@ class Emulator(kmock.KubernetesEmulator):
             raise kmock.KubernetesObjectNotFoundError()
         patch = request.data if isinstance(request.data, dict | list) else yaml.safe_load(request.text)
         if ctype == "application/json-patch+json":
-            new = jsonpatch.apply_patch(old, patch)
+            try:
+                new = jsonpatch.apply_patch(old, patch)
+            except (jsonpatch.JsonPatchTestFailed, jsonpatch.JsonPatchConflict) as e:
+                # The API server answers 422 to a failed `test` op (kopf's optimistic-concurrency check on
+                # resourceVersion) and kopf then retries on its next cycle; a 500 made it back off for seconds.
+                raise kmock.KubernetesError(status=422, reason="Invalid", message=f"json patch: {e}") from None
         elif ctype == "application/apply-patch+yaml":
             new = apply_merge(old, patch)
         else:  # merge and strategic merge (lists replaced)
