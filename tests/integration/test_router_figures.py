@@ -217,11 +217,13 @@ def test_real_router_figures_promote_then_roll_back_a_canary(cluster, real_route
     st = cluster.get_cr("routingpolicies", ns, "p")["status"]
     assert st["costReduction"] == pytest.approx(served["stable"]["costReduction"], abs=1e-9)
     assert st["escalations"] == 0 and st["escalationRate"] == 0.0
-    # Users now say the canary's answers were wrong: its violation rate on labelled traffic climbs to 0.5.
+    # Users now say the canary's answers were wrong: their labels replace the shadow judge's (one label per attempt),
+    # so the canary's violation rate on labelled traffic climbs to 1.
     from unit.router.live import request
     for rid in canary_ids:
         assert request(port, "POST", "/v1/feedback", {"request_id": rid, "accepted": False})[0] == 202
-    assert _figures(port)["canary"]["violationRate"] == pytest.approx(0.5)
+    assert _figures(port)["canary"]["violationRate"] == pytest.approx(1.0)
+    assert _figures(port)["canary"]["labelled"] == len(canary_ids)
     # Namespace B, same figures: the canary breaks the guarantee -> rolled back, the stable keeps serving.
     ns = "fig-real-rollback"
     _canary_policy(cluster, ns, min_requests=20, deployment={"replicas": 1, "service": {"port": port}})

@@ -167,7 +167,8 @@ class PromotionGuard(ApiModel):
 
     min_requests: int = Field(default=500, ge=1, description="Canary requests needed before a decision.")
     max_violation_rate: float | None = Field(
-        default=None, gt=0, lt=1, description="Highest violation rate allowed on labelled canary traffic (default: riskLevel)."
+        default=None, gt=0, lt=1, description="Highest violation rate allowed on labelled canary traffic, in the policy's "
+        "riskMeasure (default: riskLevel)."
     )
     max_acceptance_drop: float = Field(
         default=0.02, ge=0, le=1, description="Largest drop in first-tier acceptance versus the current version."
@@ -355,7 +356,8 @@ class RoutingPolicyStatus(StatusBase):
     router: RouterVersionStatus = Field(default_factory=RouterVersionStatus, description="Router versions and rollout.")
     cost_reduction: float | None = Field(default=None, description="Observed 1 - cost / cost of always using the reference tier.")
     escalation_rate: float | None = Field(default=None, description="Observed share of requests that escalated.")
-    violation_rate: float | None = Field(default=None, description="Observed accepted-but-unacceptable rate on labelled events.")
+    violation_rate: float | None = Field(default=None, description="Observed risk of the stable router version in the policy's "
+                                         "riskMeasure, on labelled events (see docs/operator.md).")
     escalations: int | None = Field(
         default=None, description="Observed requests that escalated since the stable router version was first served "
         "(compared with a campaign's `trigger.minFailures`)."

@@ -12,11 +12,15 @@ is neither stable nor canary any more, so a promoted canary keeps its history. D
 - acceptanceRate: answered requests accepted by the first tier they tried, at a non-reference tier
   (the "first-tier acceptance" the promotion guard compares), over answered requests;
 - escalationRate: answered requests that escalated at least once (`escalations`) over answered requests;
-- violationRate: labels of accepted answers at non-reference tiers that said unacceptable (`violations`) over such
-  labels (`labelled`) — routenlp_violation_rate; None without labels;
+- violationRate: the observed risk in the policy's `riskMeasure` (served as `riskMeasure`), as
+  routenlp_violation_rate: `acceptedAnswers`: labels of accepted answers at non-reference tiers that said unacceptable
+  (`violations`) over such labels (`labelled`); `allRequests`: over the random-sample labels of attempts at
+  non-reference tiers (`sampled`: shadow-labelled, or at a tier with no threshold yet: the requests that reached the
+  tier, whatever it decided), the ones accepted there and unacceptable (`sampledViolations`). None without labels;
 - costReduction: 1 - spentUsd / referenceCostUsd (what always-reference would have cost; shadow calls count as
   spent, as in routenlp_cost_usd_total); None before any cost.
-Counts (requests, escalations, labelled, violations, spentUsd, referenceCostUsd) are served too, so an aggregator
+Counts (requests, escalations, labelled, violations, sampled, sampledViolations, spentUsd, referenceCostUsd)
+are served too, so an aggregator
 over several router pods can sum them and recompute exact rates (`merge`).
 """
 
@@ -27,7 +31,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from routenlp.api.routingpolicy import RiskMeasure
+
 SPEND_BUCKET_SECONDS = 60
+LABELS_REMEMBERED = 20_000  # attempts whose label a later one may replace (as many as the router keeps requests)
 DAY_SECONDS = 24 * 3600
 
 
@@ -38,39 +45,49 @@ class VersionCounts:
     requests: int = 0  # answered requests
     accepted: int = 0  # answered by the first tier tried, accepted, not the reference tier
     escalations: int = 0  # answered requests that escalated at least once
-    labelled: int = 0
-    violations: int = 0
+    labelled: int = 0  # labels of accepted answers at non-reference tiers
+    violations: int = 0  # ... that said unacceptable
+    sampled: int = 0  # random-sample labels of attempts at non-reference tiers
+    sampled_violations: int = 0  # ... accepted there and unacceptable
     spent_usd: float = 0.0
     reference_cost_usd: float = 0.0
 
-    def figures(self) -> dict[str, Any]:
+    def counts(self) -> dict[str, float]:
+        return {"requests": self.requests, "accepted": self.accepted, "escalations": self.escalations,
+                "labelled": self.labelled, "violations": self.violations, "sampled": self.sampled,
+                "sampledViolations": self.sampled_violations, "spentUsd": self.spent_usd,
+                "referenceCostUsd": self.reference_cost_usd}
+
+    def figures(self, risk_measure: str) -> dict[str, Any]:
         return {
             "version": self.version,
             "since": datetime.fromtimestamp(self.since, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            **rates(self.requests, self.accepted, self.escalations, self.labelled, self.violations, self.spent_usd,
-                    self.reference_cost_usd),
+            **rates(self.counts(), risk_measure),
         }
 
 
-def rates(requests: int, accepted: int, escalations: int, labelled: int, violations: int, spent_usd: float,
-          reference_cost_usd: float) -> dict[str, Any]:
-    """The served block from counts (None where the denominator is empty)."""
+COUNT_FIELDS = ("requests", "accepted", "escalations", "labelled", "violations", "sampled", "sampledViolations",
+                "spentUsd", "referenceCostUsd")
+
+
+def rates(counts: dict[str, float], risk_measure: str) -> dict[str, Any]:
+    """The served block from counts (`COUNT_FIELDS`; None where the denominator is empty)."""
+    c = {k: float(counts.get(k) or 0) for k in COUNT_FIELDS}
+    n, spent, ref = c["requests"], c["spentUsd"], c["referenceCostUsd"]
+    if RiskMeasure(risk_measure) == RiskMeasure.ALL_REQUESTS:
+        bad, over = c["sampledViolations"], c["sampled"]
+    else:
+        bad, over = c["violations"], c["labelled"]
     return {
-        "requests": requests,
-        "accepted": accepted,
-        "escalations": escalations,
-        "labelled": labelled,
-        "violations": violations,
-        "spentUsd": round(spent_usd, 9),
-        "referenceCostUsd": round(reference_cost_usd, 9),
-        "acceptanceRate": accepted / requests if requests else None,
-        "escalationRate": escalations / requests if requests else None,
-        "violationRate": violations / labelled if labelled else None,
-        "costReduction": 1 - spent_usd / reference_cost_usd if reference_cost_usd > 0 else None,
+        **{k: int(c[k]) for k in COUNT_FIELDS if k not in ("spentUsd", "referenceCostUsd")},
+        "spentUsd": round(spent, 9),
+        "referenceCostUsd": round(ref, 9),
+        "riskMeasure": RiskMeasure(risk_measure).value,
+        "acceptanceRate": c["accepted"] / n if n else None,
+        "escalationRate": c["escalations"] / n if n else None,
+        "violationRate": bad / over if over else None,
+        "costReduction": 1 - spent / ref if ref > 0 else None,
     }
-
-
-COUNT_FIELDS = ("requests", "accepted", "escalations", "labelled", "violations", "spentUsd", "referenceCostUsd")
 
 
 @dataclass
@@ -98,12 +115,14 @@ class SpendWindow:
 class RolloutFigures:
     """Counters per router version (only the stable and canary ones are kept) and the 24 h spend."""
 
-    def __init__(self, clock=time.time):
+    def __init__(self, clock=time.time, risk_measure: str = RiskMeasure.ACCEPTED_ANSWERS.value):
         self.clock = clock
+        self.risk_measure = risk_measure  # the policy's; the router sets it on every config load
         self.versions: dict[str, VersionCounts] = {}
         self.spend = SpendWindow()
         self.stable: str | None = None
         self.canary: str | None = None
+        self._labels: dict[tuple[str, str], tuple] = {}  # (request id, tier) -> what its label added (insertion order)
 
     def set_versions(self, stable: str | None, canary: str | None) -> None:
         self.stable, self.canary = stable, canary
@@ -132,16 +151,37 @@ class RolloutFigures:
         if c is not None:
             c.spent_usd += usd
 
-    def label(self, version: str | None, acceptable: bool) -> None:
-        """A label on an accepted answer at a non-reference tier."""
+    def label(self, version: str | None, acceptable: bool, accepted: bool, sampled: bool,
+              attempt: tuple[str, str] | None = None) -> None:
+        """A label on an attempt at a non-reference tier: `accepted` there or not, `sampled`: a random-sample label
+        (shadow, or a tier with no threshold), which counts whatever the tier decided. `attempt` = (request id,
+        tier): a later label of the same attempt (a user correcting the judge) replaces the earlier one, as in the
+        trainer's `eventlog.labelled_attempts`, instead of counting the attempt twice."""
         c = self._counts(version)
-        if c is not None:
-            c.labelled += 1
-            c.violations += not acceptable
+        if c is None:
+            return
+        if attempt is not None:
+            old = self._labels.pop(attempt, None)
+            if old is not None and old[0] is c:
+                self._count(c, *old[1:], sign=-1)
+            self._labels[attempt] = (c, acceptable, accepted, sampled)
+            while len(self._labels) > LABELS_REMEMBERED:
+                self._labels.pop(next(iter(self._labels)))
+        self._count(c, acceptable, accepted, sampled)
+
+    @staticmethod
+    def _count(c: VersionCounts, acceptable: bool, accepted: bool, sampled: bool, sign: int = 1) -> None:
+        if accepted:
+            c.labelled += sign
+            c.violations += sign * (not acceptable)
+        if sampled:
+            c.sampled += sign
+            c.sampled_violations += sign * (accepted and not acceptable)
 
     def answer(self) -> dict[str, Any]:
         stable, canary = self._counts(self.stable), self._counts(self.canary)
-        return {"stable": stable.figures() if stable else None, "canary": canary.figures() if canary else None,
+        m = self.risk_measure
+        return {"stable": stable.figures(m) if stable else None, "canary": canary.figures(m) if canary else None,
                 "spentUsd24h": round(self.spend.total(self.clock()), 9)}
 
 
@@ -158,8 +198,9 @@ def merge(answers: list[dict[str, Any]]) -> dict[str, Any]:
         version = max(set(versions), key=versions.count)
         blocks = [b for b in blocks if b.get("version") == version]
         sums = {k: sum(float(b.get(k) or 0) for b in blocks) for k in COUNT_FIELDS}
-        merged = rates(int(sums["requests"]), int(sums["accepted"]), int(sums["escalations"]), int(sums["labelled"]),
-                       int(sums["violations"]), sums["spentUsd"], sums["referenceCostUsd"])
+        # Pods of one policy share its config; a pod from before riskMeasure was served counts as the default.
+        measure = blocks[0].get("riskMeasure") or RiskMeasure.ACCEPTED_ANSWERS.value
+        merged = rates(sums, measure)
         out[role] = {"version": version, "since": min(str(b.get("since") or "") for b in blocks), "pods": len(blocks),
                      **merged}
     return out

@@ -83,7 +83,7 @@ class RouterState:
         self.config_path = config_path
         self._config_mtime = os.path.getmtime(config_path) if config_path else None
         self.metrics = RouterMetrics()
-        self.figures = RolloutFigures()
+        self.figures = RolloutFigures(risk_measure=RiskMeasure(config.cascade.risk_measure).value)
         self.tier_names = [t.name for t in config.tiers]
         self.K = len(self.tier_names)
         self.tasks = {t.name: t for t in config.tasks}
@@ -177,16 +177,20 @@ class RouterState:
     def add_label(self, event: RoutingEvent, tier: str, acceptable: bool) -> None:
         """Record a label for one attempt of a stable-version request (online calibration + violation gauge)."""
         att = next((a for a in event.attempts if a.tier == tier), None)
-        if att is not None and att.accepted and tier != self.tier_names[-1]:
-            self.figures.label(event.router_version, acceptable)  # canary labels count here too
-        if att is None or self.stable is None or event.router_version != self.stable.version:
+        if att is None:
+            return
+        # Only labels that are a random sample of the attempts reaching the tier keep the calibration unbiased.
+        sampled = att.score is not None and (event.shadow or att.threshold is None)
+        if tier != self.tier_names[-1]:
+            self.figures.label(event.router_version, acceptable, att.accepted, sampled,  # canary labels count too
+                              attempt=(event.request_id, tier))
+        if self.stable is None or event.router_version != self.stable.version:
             return
         key = (event.task, tier)
         if att.accepted:
             self.violations.setdefault(key, collections.deque(maxlen=self.config.cascade.calibration_window)).append(
                 acceptable)
-        # Only labels that are a random sample of the attempts reaching the tier keep the calibration unbiased.
-        if att.score is not None and (event.shadow or att.threshold is None):
+        if sampled:
             self.window.setdefault(key, collections.deque(maxlen=self.config.cascade.calibration_window)).append(
                 (att.score, acceptable))
 

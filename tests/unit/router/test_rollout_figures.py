@@ -27,14 +27,14 @@ def test_counters_rates_and_version_windows():
     f.answered("v1", False, True, 10.0)
     f.spent("v1", 1.0)
     f.spent("v1", 10.0)
-    f.label("v1", True)
-    f.label("v1", False)
-    f.label("v1", True)
-    f.label("v1", True)
+    for ok in (True, False, True, True):  # user labels of accepted answers
+        f.label("v1", ok, accepted=True, sampled=False)
+    f.label("v1", False, accepted=False, sampled=False)  # a rejected answer's label is no violation
     a = f.answer()
     s = a["stable"]
     assert (s["version"], s["requests"], s["escalations"]) == ("v1", 2, 1)
     assert (s["acceptanceRate"], s["escalationRate"], s["violationRate"]) == (0.5, 0.5, 0.25)
+    assert (s["labelled"], s["violations"], s["riskMeasure"]) == (4, 1, "acceptedAnswers")
     assert s["costReduction"] == pytest.approx(1 - 12 / 20)
     assert a["canary"] is None and a["spentUsd24h"] == 12.0
     f.answered("v9", True, False, 5.0)  # a version no longer served is not counted
@@ -48,6 +48,32 @@ def test_counters_rates_and_version_windows():
     f.set_versions("v3", None)
     empty = f.answer()["stable"]
     assert (empty["requests"], empty["acceptanceRate"], empty["costReduction"]) == (0, None, None)
+
+
+def test_violation_rate_follows_the_risk_measure():
+    """allRequests: over random-sample labels of the requests reaching a cheaper tier, the share accepted there and
+    unacceptable (what riskLevel bounds); labels that are not a random sample (user feedback on accepted answers)
+    do not enter it. acceptedAnswers: over labels of accepted answers."""
+    f = RolloutFigures(Clock(), risk_measure="allRequests")
+    f.set_versions("v1", None)
+    for ok, accepted in ((False, True), (True, True), (False, False), (True, False), (True, True)):
+        f.label("v1", ok, accepted=accepted, sampled=True)
+    for _ in range(3):
+        f.label("v1", False, accepted=True, sampled=False)  # complaints on accepted answers: a biased sample
+    s = f.answer()["stable"]
+    assert (s["sampled"], s["sampledViolations"], s["riskMeasure"]) == (5, 1, "allRequests")
+    assert s["violationRate"] == pytest.approx(1 / 5)
+    assert (s["labelled"], s["violations"]) == (6, 4)
+    f.risk_measure = "acceptedAnswers"
+    assert f.answer()["stable"]["violationRate"] == pytest.approx(4 / 6)
+    # a later label of the same attempt replaces the earlier one (a user correcting the judge)
+    f.label("v1", True, accepted=True, sampled=True, attempt=("r1", "small"))
+    f.label("v1", False, accepted=True, sampled=True, attempt=("r1", "small"))
+    s2 = f.answer()["stable"]
+    assert (s2["labelled"], s2["violations"], s2["sampled"], s2["sampledViolations"]) == (7, 5, 6, 2)
+    f.risk_measure = "everything"
+    with pytest.raises(ValueError):
+        f.answer()
 
 
 def test_spend_window_forgets_after_a_day():
@@ -73,6 +99,11 @@ def test_merge_sums_counts_and_recomputes_rates():
     assert (s["acceptanceRate"], s["escalationRate"], s["violationRate"]) == (0.75, 0.25, 0.05)
     assert s["costReduction"] == 0.5 and m["spentUsd24h"] == pytest.approx(4.1)
     assert m["canary"]["requests"] == 7 and m["canary"]["pods"] == 1
+    # under allRequests the merged rate is over the random-sample labels of all pods
+    for blk, (n, v) in ((a["stable"], (20, 1)), (b["stable"], (30, 4))):
+        blk.update(riskMeasure="allRequests", sampled=n, sampledViolations=v)
+    s = merge([a, b])["stable"]
+    assert (s["riskMeasure"], s["sampled"], s["violationRate"]) == ("allRequests", 50, 0.1)
 
 
 def test_rollout_endpoint_over_http(stack_factory):
@@ -110,3 +141,33 @@ def test_rollout_endpoint_over_http(stack_factory):
     # same definition as the metrics: spend = sum of routenlp_cost_usd_total
     metric_spent = sum(s.metric("routenlp_cost_usd_total", tier=t) or 0 for t in ("small", "medium", "big"))
     assert a["spentUsd24h"] == pytest.approx(metric_spent)
+
+
+def test_rollout_violation_rate_under_all_requests_over_http(stack_factory):
+    """allRequests: the served violationRate is over shadow (random-sample) labels of the requests reaching the cheaper
+    tiers; a user complaint about an accepted answer counts as an accepted-answer label but not in that rate."""
+    from routenlp.router.artifacts import Calibration
+    from routenlp.router.conformal import ALL_REQUESTS, ThresholdResult
+
+    res = ThresholdResult(0.5, 500, 300, 0.01, True)
+    cal = Calibration(0.05, 0.1, tasks={"intent": {"small": res, "medium": res}}, risk_measure=ALL_REQUESTS)
+    s = stack_factory(artifacts=[("v1", {"router": None, "calibration": cal})], router={"current": "v1"},
+                      shadowSampleRate=1.0, cascade={"riskMeasure": ALL_REQUESTS})
+    ids = [f"q{i}" for i in range(3)]
+    for rid in ids:
+        status, h, _ = s.chat("refund easy", headers={"x-request-id": rid})
+        assert status == 200 and h["x-routenlp-tier"] == "small"  # accepted at the cheap tier, then shadowed
+    wait_for(lambda: _figures(s)["stable"]["sampled"] == 3)
+    assert request(s.port, "POST", "/v1/feedback", {"request_id": ids[0], "accepted": False})[0] == 202
+    st = _figures(s)["stable"]
+    assert st["riskMeasure"] == ALL_REQUESTS
+    # The shadow judge found every cheap answer right; the user's later label of q0's answer replaces the judge's
+    # (one label per attempt, as the trainer reads the log): one sampled violation in three, not four labels.
+    assert (st["sampled"], st["sampledViolations"], st["violationRate"]) == (3, 1, pytest.approx(1 / 3))
+    assert (st["labelled"], st["violations"]) == (3, 1)
+
+
+def _figures(stack):
+    status, _, body = request(stack.port, "GET", "/routenlp/rollout")
+    assert status == 200
+    return json.loads(body)
