@@ -5,7 +5,9 @@
    cheaper tiers are tried; for each answer the demo POSTs /v1/feedback with the gold label (accepted = the answer
    names the gold intent). The router escalates uncertified answers to the reference tier and labels each cheaper
    attempt by agreement with the reference answer; once `cascade.minCalibrationSamples` labels exist its periodic
-   recalibration (every `cascade.recalibrationInterval`) certifies conformal thresholds. The demo waits for that.
+   recalibration (every `cascade.recalibrationInterval`) certifies conformal thresholds. The demo waits until every
+   label of the phase is in the router's windows and a recalibration has run over all of them (so the threshold
+   does not depend on which part of the phase a periodic recalibration happened to see).
 2. Demo queries (other test queries), one row each: which tier answered, escalations, confidence, correct?, cost;
    each query is also sent straight to the reference tier to measure the always-reference baseline (quality + cost).
 3. Summary: quality vs always-reference, cost vs always-reference, escalation rate, tier shares.
@@ -164,18 +166,46 @@ async def ask_reference(session, tier, ex: b77.Example, label_list) -> tuple[boo
                 tier.cost.usd(u.get("prompt_tokens", 0), u.get("completion_tokens", 0)))
 
 
-async def wait_calibrated(session, router_url: str, policy: str, task: str, tiers: list[str], timeout: float):
-    """Poll /metrics until a cheaper tier has a certified threshold (or timeout); returns (calibrated, samples, thr)."""
+def expected_labels(state, request_ids: list[str], tiers: list[str]) -> dict[str, int]:
+    """Random-sample labels the router will hold per cheaper tier for these requests: one per attempt that reached the
+    tier on the exploration sample or without a threshold (the ones its calibration window takes)."""
+    from routenlp.router.events import random_sample_label
+
+    n = dict.fromkeys(tiers, 0)
+    for rid in request_ids:
+        ev = state.recent.get(rid)
+        for att in ev.attempts if ev is not None else ():
+            if att.tier in n and att.error is None and att.score is not None and random_sample_label(ev, att):
+                n[att.tier] += 1
+    return n
+
+
+async def wait_calibrated(session, router_url: str, policy: str, task: str, tiers: list[str], state,
+                          request_ids: list[str], timeout: float):
+    """Wait until every label of the calibration phase is in the router's windows, then for a recalibration that
+    started after that (two more runs of `routenlp_recalibrations_total`: the next may have snapshotted the windows
+    just before), so the thresholds read are those of the whole phase, not of whatever part of it a periodic
+    recalibration happened to see. Returns (calibrated, samples, threshold) per tier from /metrics (partial on
+    timeout)."""
     deadline = time.monotonic() + timeout
-    while True:
+    want = expected_labels(state, request_ids, tiers)
+    while any(len(state.window.get((task, t), ())) < k for t, k in want.items()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+
+    async def metrics():
         async with session.get(f"{router_url}/metrics") as r:
-            text = await r.text()
-        cal = parse_metric(text, "routenlp_calibrated", policy=policy, task=task)
-        samples = parse_metric(text, "routenlp_calibration_samples", policy=policy, task=task)
-        thr = parse_metric(text, "routenlp_threshold", policy=policy, task=task)
-        if any(cal.get(t) == 1.0 for t in tiers) or time.monotonic() > deadline:
+            return await r.text()
+
+    runs = parse_metric(await metrics(), "routenlp_recalibrations_total", policy=policy).get("", 0.0)
+    while True:
+        text = await metrics()
+        if parse_metric(text, "routenlp_recalibrations_total", policy=policy).get("", 0.0) >= runs + 2 \
+                or time.monotonic() > deadline:
+            cal = parse_metric(text, "routenlp_calibrated", policy=policy, task=task)
+            samples = parse_metric(text, "routenlp_calibration_samples", policy=policy, task=task)
+            thr = parse_metric(text, "routenlp_threshold", policy=policy, task=task)
             return cal, samples, thr
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(0.5)
 
 
 async def run_demo(rt, warmup: int = 150, queries: int = 30, seed: int = 0, concurrency: int = 4,
@@ -232,7 +262,8 @@ async def run_demo(rt, warmup: int = 150, queries: int = 30, seed: int = 0, conc
             "(uncalibrated tiers escalate)")
         interval = parse_duration(c.recalibration_interval)
         cal, samples, thr = await wait_calibrated(session, url, policy.metadata.name, task.name, cheaper,
-                                                  timeout=min(3 * interval + 10, 120))
+                                                  router_state(rt.app), [r["request_id"] for r in warm_rows],
+                                                  timeout=min(3 * interval + 30, 150))
         for t in cheaper:
             state = (f"threshold {thr.get(t):.3f} certified" if cal.get(t) == 1.0
                      else "no threshold certified (always escalates)")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .events import FeedbackEvent, RoutingEvent
+from .events import FeedbackEvent, RoutingEvent, random_sample_label
 
 SEGMENT_GLOB = "events-*.jsonl"
 
@@ -170,8 +170,7 @@ class LabelledAttempt:
 def labelled_attempts(events, require_random_sample: bool = False) -> list[LabelledAttempt]:
     """Join feedback to the attempts it labels (feedback.tier, default the request's final tier). Later feedback on
     the same (request, tier) wins. With `require_random_sample`, keep only labels that are an unbiased sample of the
-    attempts reaching a tier: shadow-sampled requests, and attempts made while the tier had no threshold (then every
-    attempt escalates and is compared with the reference)."""
+    attempts reaching a tier (`events.random_sample_label`)."""
     requests: dict[str, RoutingEvent] = {}
     feedback: list[FeedbackEvent] = []
     for ev in events:
@@ -191,7 +190,7 @@ def labelled_attempts(events, require_random_sample: bool = False) -> list[Label
         if att is None:
             continue
         ok = fb.accepted if fb.accepted is not None else (fb.score is not None and fb.score >= 0.5)
-        if require_random_sample and not (req.shadow or att.threshold is None):
+        if require_random_sample and not random_sample_label(req, att):
             continue
         out.append(LabelledAttempt(rid, req.time, req.task, tier, att.score, att.predicted, att.threshold,
                                    att.accepted, bool(ok), fb.source, req.shadow))

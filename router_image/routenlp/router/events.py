@@ -42,6 +42,9 @@ class RoutingEvent(ApiModel):
     cost_usd: float = 0.0
     latency_ms: float = 0.0
     shadow: bool = Field(default=False, description="A shadow call to the reference tier was scheduled.")
+    explored: bool = Field(default=False, description="On the exploration sample (the shadow hash): every attempt is "
+                           "labelled against the reference, by the shadow call or, when the request reached the "
+                           "reference, by the judge.")
 
 
 class FeedbackEvent(ApiModel):
@@ -53,3 +56,12 @@ class FeedbackEvent(ApiModel):
     score: float | None = Field(default=None, ge=0, le=1)
     source: Literal["user", "shadow", "judge"] = "user"
     reference_response: str | None = Field(default=None, description="Reference tier's answer (shadow labels).")
+
+
+def random_sample_label(event: RoutingEvent, attempt: TierAttempt) -> bool:
+    """Whether a label of `attempt` belongs to a random sample of the attempts reaching its tier (the labels online
+    calibration, the allRequests risk and the trainer's calibration may use): the request was on the exploration
+    sample, picked by a hash of its id before any tier answered (`explored`; `shadow` for logs written before that
+    field), or the tier had no threshold (every attempt then escalates to the reference and is judged). Labels of
+    other accepted answers (user feedback) are selective."""
+    return event.explored or event.shadow or attempt.threshold is None

@@ -47,3 +47,6 @@ class RouterMetrics:
                                        ["policy", "tier"], registry=r)
         self.labels = Gauge("routenlp_calibration_samples", "Labelled attempts in the recalibration window.",
                             ["policy", "task", "tier"], registry=r)
+        self.recalibrations = Counter("routenlp_recalibrations_total", "Online recalibrations run (each publishes "
+                                      "thresholds from the label windows as they were when it started).", ["policy"],
+                                      registry=r)

@@ -38,9 +38,10 @@ from .config import RouterConfig
 from .conformal import ThresholdResult, calibrate_threshold
 from .confidence import ConfidenceSet, answer_features
 from .eventlog import EventLogWriter, labelled_attempts, read_events
-from .events import FeedbackEvent, RoutingEvent, TierAttempt
+from .events import FeedbackEvent, RoutingEvent, TierAttempt, random_sample_label
 from .metrics import RouterMetrics
 from .rollout import RolloutFigures
+from .window import LabelWindow
 from .openai_api import (ApiError, ParsedRequest, answer_text, parse_chat, parse_completion, resolve_task, sse_events,
                          stream_delta_text, structured_agree, token_logprobs, usage)
 
@@ -93,9 +94,10 @@ class RouterState:
         self.events: EventLogWriter | None = None
         self.stable: RouterArtifact | None = None
         self.canary: RouterArtifact | None = None
-        # Online calibration of the stable version: (task, tier) -> window of (score, acceptable)
-        self.window: dict[tuple[str, str], collections.deque] = {}
-        self.violations: dict[tuple[str, str], collections.deque] = {}
+        # Online calibration of the stable version: (task, tier) -> window of (score, acceptable) over random-sample
+        # labels, and of acceptable over labels of accepted answers (one label per attempt: see window.py).
+        self.window: dict[tuple[str, str], LabelWindow[tuple[float, bool]]] = {}
+        self.violations: dict[tuple[str, str], LabelWindow[bool]] = {}
         self.online: dict[tuple[str, str], ThresholdResult] = {}
         self.recent: collections.OrderedDict[str, RoutingEvent] = collections.OrderedDict()
         self.ready = False
@@ -180,19 +182,17 @@ class RouterState:
         if att is None:
             return
         # Only labels that are a random sample of the attempts reaching the tier keep the calibration unbiased.
-        sampled = att.score is not None and (event.shadow or att.threshold is None)
+        sampled = att.score is not None and random_sample_label(event, att)
         if tier != self.tier_names[-1]:
             self.figures.label(event.router_version, acceptable, att.accepted, sampled,  # canary labels count too
                               attempt=(event.request_id, tier))
         if self.stable is None or event.router_version != self.stable.version:
             return
-        key = (event.task, tier)
+        key, size = (event.task, tier), self.config.cascade.calibration_window
         if att.accepted:
-            self.violations.setdefault(key, collections.deque(maxlen=self.config.cascade.calibration_window)).append(
-                acceptable)
+            self.violations.setdefault(key, LabelWindow(size)).put(event.request_id, acceptable)
         if sampled:
-            self.window.setdefault(key, collections.deque(maxlen=self.config.cascade.calibration_window)).append(
-                (att.score, acceptable))
+            self.window.setdefault(key, LabelWindow(size)).put(event.request_id, (att.score, acceptable))
 
     def label_snapshot(self) -> dict[tuple[str, str], list]:
         """Copy of the calibration windows (taken on the event loop, which is the only writer)."""
@@ -212,6 +212,7 @@ class RouterState:
             self.online[(task, tier)] = calibrate_threshold(s, y, c.risk_level, c.delta, c.min_calibration_samples,
                                                             fwer=fwer, risk_measure=measure)
         self.publish_thresholds()
+        self.metrics.recalibrations.labels(self.config.policy).inc()
 
     def warm_from_log(self) -> int:
         """Refill the calibration window from labels already in the event log (e.g. after a restart)."""
@@ -429,8 +430,10 @@ class Handlers:
             return _error(503, "no tier could answer; retry later", headers={"Retry-After": str(s.retry_after())})
 
         escalations = max(len(attempts) - 1, 0)
-        shadow = final_tier != s.tier_names[-1] and _fraction(request_id, "shadow") < cfg.shadow_sample_rate
-        event = self._record(req, task, request_id, arrived, t_start, version, attempts, final_tier, outcome, shadow)
+        # An explored request that reached the reference is judged below; one answered cheaper gets a shadow call.
+        shadow = final_tier != s.tier_names[-1] and explore
+        event = self._record(req, task, request_id, arrived, t_start, version, attempts, final_tier, outcome, shadow,
+                             explore)
         s.metrics.requests.labels(cfg.policy, task, final_tier, outcome).inc()
         ref_cost = cfg.tiers[-1].cost.usd(attempts[-1].input_tokens, attempts[-1].output_tokens)
         s.metrics.reference_cost.labels(cfg.policy, task).inc(ref_cost)
@@ -465,14 +468,16 @@ class Handlers:
                 "x-routenlp-confidence": "" if score is None else f"{score:.4f}",
                 "x-routenlp-router-version": version or "none"}
 
-    def _record(self, req, task, request_id, arrived, t_start, version, attempts, final_tier, outcome, shadow):
+    def _record(self, req, task, request_id, arrived, t_start, version, attempts, final_tier, outcome, shadow,
+                explored=False):
         s = self.s
         latency = time.perf_counter() - t_start
         s.metrics.request_seconds.labels(s.config.policy).observe(latency)
         event = RoutingEvent(request_id=request_id, time=arrived, policy=s.config.policy, task=task, query=req.query,
                              router_version=version, attempts=attempts, final_tier=final_tier,
                              escalations=max(len(attempts) - 1, 0), outcome=outcome,
-                             cost_usd=sum(a.cost_usd for a in attempts), latency_ms=latency * 1000, shadow=shadow)
+                             cost_usd=sum(a.cost_usd for a in attempts), latency_ms=latency * 1000, shadow=shadow,
+                             explored=explored)
         s.remember(event)
         s.log_event(event)
         return event

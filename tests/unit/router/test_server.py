@@ -433,6 +433,26 @@ def test_shadow_requests_label_accepted_answers(stack_factory):
     assert ev.shadow is True
 
 
+def test_explored_requests_that_escalate_label_the_calibration_window_too(stack_factory):
+    """The exploration sample is picked by a hash before any tier answers, so every attempt of an explored request
+    belongs to the random sample, the rejected ones as much as the accepted ones (leaving rejected attempts out of the
+    window would make it a sample biased towards high scores). Requests off the sample that escalate are judged
+    too, but their labels are not random and stay out."""
+    s = stack_factory(artifacts=[("v1", {"router": None, "calibration": calibrated()})], shadowSampleRate=1.0)
+    _, h, _ = s.chat("hard question")  # the small and medium tiers answer `card` unsure: rejected, escalated
+    assert h["x-routenlp-tier"] == "big"
+    wait_for(lambda: sum(isinstance(e, FeedbackEvent) for e in s.events()) == 2)
+    ev = [e for e in s.events() if isinstance(e, RoutingEvent)][0]
+    assert (ev.explored, ev.shadow) == (True, False)  # reached the reference itself: judged, no shadow call
+    w = list(s.state.window[("intent", "small")])
+    assert len(w) == 1 and w[0][1] is False and w[0][0] < 0.5  # the rejected attempt's label, in the window
+    s.state.config.shadow_sample_rate = 0.0  # off the sample: judged, but not a random label
+    _, h, _ = s.chat("hard question again")
+    assert h["x-routenlp-tier"] == "big"
+    wait_for(lambda: sum(isinstance(e, FeedbackEvent) for e in s.events()) == 4)
+    assert len(s.state.window[("intent", "small")]) == 1
+
+
 def test_api_key_from_named_env_var_is_sent_never_shown(stack_factory, monkeypatch, caplog):
     import logging
 

@@ -209,7 +209,7 @@ def route(queries: list[Any], student: Any, student_model: str, artifact: Any, e
             writer.submit(RoutingEvent(request_id=rid, time=now + i * 1e-3, policy="banking77", task=TASK,
                                        query=q.text, router_version=getattr(artifact, "version", None),
                                        attempts=attempts, final_tier=final[0], escalations=len(attempts) - 1,
-                                       cost_usd=ev_cost, shadow=True))
+                                       cost_usd=ev_cost, shadow=True, explored=True))
             if attempts[0].tier == STUDENT:  # shadow label: the student's answer compared with the reference's
                 writer.submit(FeedbackEvent(request_id=rid, time=now + i * 1e-3 + 1e-4, tier=STUDENT,
                                             accepted=matches(attempts[0].response, q.label), source="shadow",
