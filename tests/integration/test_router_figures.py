@@ -8,6 +8,7 @@ import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
+import yaml
 
 from kube_emulator.harness import wait_for
 from kube_emulator.specs import campaign, policy, tier
@@ -104,6 +105,46 @@ def test_figures_summed_over_router_pods_and_budget_exceeded(cluster):
     assert cond["reason"] == "WithinBudget"
     assert wait_for(lambda: [e for e in cluster.events(ns, "p") if e["reason"] == "WithinBudget"], what="event")
     assert len([e for e in cluster.events(ns, "p") if e["reason"] == "BudgetExceeded"]) == 1  # not one per resync
+
+
+def test_prefer_cheaper_switch_follows_the_budget_without_restarting_routers(cluster):
+    """action PreferCheaper: over budget, the router-state ConfigMap (mounted into the router pods, outside the config
+    hash) says preferCheaper; back within budget it says so no more. The router Deployment's template, and so its
+    pods and the spend they count, stay as they were."""
+    ns = "fig-cheaper"
+    cluster.api.create(cluster.cr_path("modeltiers", ns), tier("s"))
+    cluster.api.create(cluster.cr_path("modeltiers", ns), tier("t"))
+    cluster.api.create(cluster.cr_path("routingpolicies", ns), policy(
+        "p", ["s", "t"], budget={"maxUsdPerDay": 10, "action": "PreferCheaper"}, deployment={"replicas": 1}))
+    url = "http://10.9.0.1:8080/routenlp/rollout"
+    answer = {"stable": {"version": "v1", "requests": 10, "spentUsd": 1.0, "referenceCostUsd": 4.0}, "canary": None,
+              "spentUsd24h": 3.0}
+    cluster.pods.json[url] = answer
+    _router_pod(cluster, ns, "p", 0, "10.9.0.1")
+
+    def state():
+        cm = cluster.api.get(f"/api/v1/namespaces/{ns}/configmaps/p-router-state")
+        return yaml.safe_load(cm["data"]["state.yaml"]) if cm else None
+
+    def template():
+        dep = cluster.api.get(f"/apis/apps/v1/namespaces/{ns}/deployments/p-router")
+        return dep and dep["spec"]["template"]
+
+    wait_for(lambda: cluster.condition("routingpolicies", ns, "p", "BudgetExceeded")["status"] == "False",
+             what="within budget")
+    assert state() == {"preferCheaper": False}
+    before = template()
+    assert {"name": "router-state", "configMap": {"name": "p-router-state", "optional": True}} in before["spec"]["volumes"]
+    assert {"name": "router-state", "mountPath": "/etc/routenlp-state", "readOnly": True} in \
+        before["spec"]["containers"][0]["volumeMounts"]
+    cluster.pods.json[url] = {**answer, "spentUsd24h": 12.0}
+    wait_for(lambda: state() == {"preferCheaper": True}, what="preferCheaper on")
+    cond = cluster.condition("routingpolicies", ns, "p", "BudgetExceeded")
+    assert cond["status"] == "True" and "every request starts at the cheapest tier" in cond["message"]
+    assert template() == before  # no rollout of the router pods
+    cluster.pods.json[url] = {**answer, "spentUsd24h": 5.0}
+    wait_for(lambda: state() == {"preferCheaper": False}, what="preferCheaper off")
+    assert template() == before
 
 
 def test_escalation_rate_campaign_waits_for_min_failures_then_starts(cluster):

@@ -236,8 +236,10 @@ class Budget(ApiModel):
 
     max_usd_per_day: float = Field(gt=0, description="Spend above which the policy reports `BudgetExceeded`.")
     action: Literal["Alert", "PreferCheaper"] = Field(
-        default="Alert", description="`Alert`: `BudgetExceeded` condition + Warning Event. `PreferCheaper` (to also "
-        "start cheaper) is not implemented yet: it alerts like `Alert` and says so in the condition."
+        default="Alert", description="`Alert`: `BudgetExceeded` condition + Warning Event. `PreferCheaper`: also, "
+        "while over budget, the routers start every request at the cheapest tier (the difficulty router no longer "
+        "skips it; acceptance thresholds unchanged, see docs/operations.md). Gateway mode (the spend is read from "
+        "the gateway's routers)."
     )
 
 

@@ -22,6 +22,10 @@ FIELD_MANAGER = "routenlp-operator"
 VLLM_PORT = 8000
 ROUTER_CONFIG_KEY = "router.yaml"
 ROUTER_CONFIG_DIR = "/etc/routenlp"
+# What the operator tells running routers without restarting them (a ConfigMap outside the config hash; the kubelet
+# refreshes the mounted file, the router re-reads it): today the budget's PreferCheaper switch.
+ROUTER_STATE_DIR = "/etc/routenlp-state"
+ROUTER_STATE_KEY = "state.yaml"
 DATA_DIR = "/var/lib/routenlp"  # event log + router versions (the policy's PVC)
 RUN_AS_USER = 1000
 PRESTOP_SECONDS = 10
@@ -251,6 +255,7 @@ def tier_objects(tier: ModelTier, owner: Obj, namespace: str) -> list[Obj]:
 def policy_names(name: str) -> dict[str, str]:
     return {
         "configmap": short_name(name, "router-config"),
+        "state": short_name(name, "router-state"),
         "deployment": short_name(name, "router"),
         "service": short_name(name, "router"),
         "pvc": short_name(name, "events"),
@@ -292,6 +297,7 @@ def router_config(policy: RoutingPolicy, tiers: list[ModelTier], namespace: str,
         ),
         shadow_sample_rate=spec.feedback.shadow_sample_rate,
         event_log_dir=f"{DATA_DIR}/events",
+        state_path=f"{ROUTER_STATE_DIR}/{ROUTER_STATE_KEY}",
     )
 
 
@@ -347,6 +353,7 @@ def router_container(policy: RoutingPolicy, tiers: list[ModelTier]) -> Obj:
         "resources": {"requests": {"cpu": dep.cpu, "memory": dep.memory}, "limits": {"memory": dep.memory}},
         "volumeMounts": [
             {"name": "router-config", "mountPath": ROUTER_CONFIG_DIR, "readOnly": True},
+            {"name": "router-state", "mountPath": ROUTER_STATE_DIR, "readOnly": True},
             {"name": "routenlp-data", "mountPath": DATA_DIR},
         ],
         # The router's own endpoints: /readyz once its config and encoder are loaded, /healthz while alive.
@@ -359,6 +366,8 @@ def router_container(policy: RoutingPolicy, tiers: list[ModelTier]) -> Obj:
 def router_volumes(policy: RoutingPolicy) -> list[Obj]:
     return [
         {"name": "router-config", "configMap": {"name": policy_names(policy.metadata.name)["configmap"]}},
+        # optional: a router started before the operator wrote its state runs with the defaults
+        {"name": "router-state", "configMap": {"name": policy_names(policy.metadata.name)["state"], "optional": True}},
         {"name": "routenlp-data", "persistentVolumeClaim": {"claimName": events_claim(policy)}},
     ]
 
@@ -407,12 +416,25 @@ def router_endpoint(policy: RoutingPolicy, namespace: str) -> str:
             f"{policy.spec.deployment.service.port}/v1")
 
 
+def router_state_configmap(policy: RoutingPolicy, owner: Obj, namespace: str, prefer_cheaper: bool) -> Obj:
+    """The live switches of the policy's routers (`RouterConfig.state_path`); not part of the config hash, so
+    flipping one does not restart the router pods (which would also reset the spend they report)."""
+    name = policy.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(policy_names(name)["state"], namespace, owner, labels("router", name, policy=name)),
+        "data": {ROUTER_STATE_KEY: yaml.safe_dump({"preferCheaper": bool(prefer_cheaper)})},
+    }
+
+
 def policy_objects(policy: RoutingPolicy, tiers: list[ModelTier], owner: Obj, namespace: str,
-                   versions: Obj | None = None) -> tuple[list[Obj], str]:
+                   versions: Obj | None = None, prefer_cheaper: bool = False) -> tuple[list[Obj], str]:
     """Objects of a policy whose tiers all resolved, and the hash of the rendered configuration."""
     cfg = router_config(policy, tiers, namespace, versions).dump_yaml()
     h = config_hash(cfg)
-    objs = [router_configmap(policy, owner, namespace, cfg)]
+    objs = [router_configmap(policy, owner, namespace, cfg), router_state_configmap(policy, owner, namespace,
+                                                                                  prefer_cheaper)]
     if not policy.spec.feedback.event_log_claim_name:
         objs.append(events_pvc(policy, owner, namespace))
     if policy.spec.deployment.mode == "gateway":

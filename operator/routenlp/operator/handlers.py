@@ -28,7 +28,7 @@ from . import builders, metrics
 from .adapters import AiohttpPodHTTP, PodHTTP, reconcile_adapters, wanted_adapters
 from .campaign import advance, campaign_adapter, job_result, now_utc, should_start, trigger_waiting
 from .kube import ApiError, Kube
-from .rollout import CanaryStats, budget_condition, decide, observed_figures
+from .rollout import CanaryStats, budget_condition, decide, observed_figures, prefer_cheaper
 from .status import (
     condition, deployment_observation, get_condition, merge_conditions, merge_patch, pod_ready, tier_rollup,
 )
@@ -426,7 +426,8 @@ async def _reconcile_policy(body: Obj, ns: str, name: str, observe: bool) -> Non
                 log.info("router figures of %s/%s unavailable: %s", ns, name, exc)
         router_status, events = decide(policy, router_old, version, stats, now_rfc3339(), propose_only)
         _emit(body, events)
-        objs, cfg_hash = builders.policy_objects(policy, tiers, dict(body), ns, router_status)
+        cheaper = prefer_cheaper(policy, budget or get_condition(old.get("conditions"), "BudgetExceeded"))
+        objs, cfg_hash = builders.policy_objects(policy, tiers, dict(body), ns, router_status, cheaper)
         for obj in objs:
             await api.apply(obj)
         status.update(configHash=cfg_hash, router=router_status)

@@ -122,8 +122,7 @@ def observed_figures(answer: Obj) -> Obj:
 
 
 def budget_condition(policy: RoutingPolicy, spent_usd_24h: float | None, generation: int | None) -> Obj | None:
-    """The `BudgetExceeded` condition (True = over budget), or None without spec.budget. `PreferCheaper` is not
-    implemented: it alerts like `Alert` and says so."""
+    """The `BudgetExceeded` condition (True = over budget), or None without spec.budget."""
     from .status import condition
 
     budget = policy.spec.budget
@@ -135,6 +134,14 @@ def budget_condition(policy: RoutingPolicy, spent_usd_24h: float | None, generat
                          f"the router has not reported its spend yet (limit ${limit:.2f} per day)", generation)
     figures = f"${spent_usd_24h:.2f} spent over the last 24 h, limit spec.budget.maxUsdPerDay ${limit:.2f}"
     if spent_usd_24h > limit:
-        note = "" if budget.action == "Alert" else "; action PreferCheaper is not implemented: alert only"
+        note = "" if budget.action == "Alert" else "; PreferCheaper: every request starts at the cheapest tier"
         return condition("BudgetExceeded", True, "DailyBudgetExceeded", figures + note, generation)
     return condition("BudgetExceeded", False, "WithinBudget", figures, generation)
+
+
+def prefer_cheaper(policy: RoutingPolicy, budget: Obj | None) -> bool:
+    """Whether the routers should start every request at the cheapest tier: spec.budget.action PreferCheaper and
+    the policy over budget (`budget`: this resync's BudgetExceeded condition, or the last one when the router's
+    figures could not be read this time)."""
+    b = policy.spec.budget
+    return bool(b and b.action == "PreferCheaper" and budget and budget.get("status") == "True")

@@ -44,6 +44,8 @@ class RouterConfig(ApiModel):
     shadow_sample_rate: float = Field(default=0.0, ge=0, le=1)
     event_log_dir: str = Field(description="Directory of the durable routing event log.")
     encoder_path: str | None = Field(default=None, description="all-MiniLM-L6-v2 folder; None = the PyPI package's.")
+    state_path: str | None = Field(default=None, description="YAML of live switches the operator sets without a "
+                                   "restart (`preferCheaper`); re-read every few seconds; None = none.")
 
     @classmethod
     def load(cls, path: str | Path) -> "RouterConfig":

@@ -47,6 +47,8 @@ class RouterMetrics:
                                        ["policy", "tier"], registry=r)
         self.labels = Gauge("routenlp_calibration_samples", "Labelled attempts in the recalibration window.",
                             ["policy", "task", "tier"], registry=r)
+        self.prefer_cheaper = Gauge("routenlp_prefer_cheaper", "1 while the budget's PreferCheaper switch starts every "
+                                    "request at the cheapest tier.", ["policy"], registry=r)
         self.recalibrations = Counter("routenlp_recalibrations_total", "Online recalibrations run (each publishes "
                                       "thresholds from the label windows as they were when it started).", ["policy"],
                                       registry=r)

@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import yaml
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -100,6 +101,8 @@ class RouterState:
         self.violations: dict[tuple[str, str], LabelWindow[bool]] = {}
         self.online: dict[tuple[str, str], ThresholdResult] = {}
         self.recent: collections.OrderedDict[str, RoutingEvent] = collections.OrderedDict()
+        self.prefer_cheaper = False  # the operator's budget switch (config.state_path), re-read in the background
+        self._state_text: str | None = None
         self.ready = False
         self.background: list[asyncio.Task] = []
 
@@ -252,7 +255,30 @@ class RouterState:
             if min(idx) < 0:
                 return None, 0
             probs = probs[idx]
+        if self.prefer_cheaper:  # over budget with PreferCheaper: the cheapest tier first, whatever the prior says
+            return probs, 0
         return probs, cascade.start_tier(probs, self.tasks[task].quality_target)
+
+    def load_state(self) -> None:
+        """Apply the operator's live switches from `config.state_path` (absent or unreadable: the defaults)."""
+        path = self.config.state_path
+        try:
+            text = Path(path).read_text() if path else ""
+        except OSError:
+            text = ""
+        if text == self._state_text:
+            return
+        self._state_text = text
+        try:
+            doc = yaml.safe_load(text) or {}
+        except yaml.YAMLError:
+            log.warning("router state %s is not YAML; keeping the defaults", path)
+            doc = {}
+        cheaper = bool(doc.get("preferCheaper", False)) if isinstance(doc, dict) else False
+        if cheaper != self.prefer_cheaper:
+            log.info("preferCheaper %s (budget)", "on: every request starts at the cheapest tier" if cheaper else "off")
+        self.prefer_cheaper = cheaper
+        self.metrics.prefer_cheaper.labels(self.config.policy).set(1 if cheaper else 0)
 
     def tiers_up(self) -> list[bool]:
         up = [not c.breaker.is_open for c in self.clients]
@@ -631,7 +657,7 @@ class Handlers:
 
 
 async def _background(state: RouterState) -> None:
-    """Hot reload (config file and artifact dir) and periodic recalibration."""
+    """Hot reload (config file, artifact dir, the operator's state file) and periodic recalibration."""
     interval = parse_duration(state.config.cascade.recalibration_interval)
     last_recal = time.monotonic()
     while True:
@@ -647,6 +673,7 @@ async def _background(state: RouterState) -> None:
             await asyncio.to_thread(state.load_versions)
         except Exception:
             log.exception("router artifact reload failed; keeping the versions in use")
+        state.load_state()
         if time.monotonic() - last_recal >= interval:
             last_recal = time.monotonic()
             try:
@@ -680,6 +707,7 @@ def build_app(config: RouterConfig, config_path: str | None = None, encoder=None
         state.events = EventLogWriter(config.event_log_dir,
                                       on_drop=lambda: state.metrics.event_log_dropped.labels(config.policy).inc())
         try:
+            state.load_state()
             await asyncio.to_thread(state.load_versions)
             await asyncio.to_thread(state.warm_from_log)
             state.recalibrate()

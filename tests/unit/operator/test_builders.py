@@ -158,7 +158,7 @@ def test_sidecar_patch_is_idempotent():
     import jsonpatch
     out = jsonpatch.apply_patch(pod, ops)
     assert [c["name"] for c in out["spec"]["containers"]] == ["app", "router"]
-    assert {v["name"] for v in out["spec"]["volumes"]} == {"router-config", "routenlp-data"}
+    assert {v["name"] for v in out["spec"]["volumes"]} == {"router-config", "router-state", "routenlp-data"}
     assert builders.sidecar_patch(out, policy, _tiers()) == []
     valid({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": out["spec"]})
 

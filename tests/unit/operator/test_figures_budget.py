@@ -65,7 +65,15 @@ def test_budget_condition_and_events():
     unknown = rollout.budget_condition(p, None, 3)
     assert (unknown["status"], unknown["reason"]) == ("Unknown", "SpendUnknown")
     cheaper = rollout.budget_condition(policy({"maxUsdPerDay": 10, "action": "PreferCheaper"}), 11.0, 3)
-    assert cheaper["status"] == "True" and "PreferCheaper is not implemented" in cheaper["message"]
+    assert cheaper["status"] == "True" and "PreferCheaper: every request starts at the cheapest tier" in cheaper["message"]
+    # the routers' switch: only with action PreferCheaper, only while over budget
+    pc = policy({"maxUsdPerDay": 10, "action": "PreferCheaper"})
+    assert rollout.prefer_cheaper(pc, cheaper) is True
+    assert rollout.prefer_cheaper(pc, rollout.budget_condition(pc, 4.0, 3)) is False
+    assert rollout.prefer_cheaper(pc, rollout.budget_condition(pc, None, 3)) is False  # spend unknown
+    assert rollout.prefer_cheaper(pc, None) is False
+    assert rollout.prefer_cheaper(p, over) is False  # action Alert
+    assert rollout.prefer_cheaper(policy(), over) is False  # no budget
     # Events only on transitions: over budget -> Warning once; back within -> Normal once
     assert handlers.budget_events(None, over) == [("Warning", "BudgetExceeded", over["message"])]
     assert handlers.budget_events(over, over) == []

@@ -205,6 +205,28 @@ def test_router_prior_picks_start_tier(stack_factory, tmp_path):
     assert ev.attempts[0].predicted > 0.5
 
 
+def test_prefer_cheaper_switch_starts_every_request_at_the_cheapest_tier(stack_factory, tmp_path):
+    """The operator's budget switch (a file it keeps in a ConfigMap outside the config hash) is applied live: the
+    difficulty router no longer skips the cheap tier; thresholds still decide what is accepted."""
+    enc = FakeEncoder()
+    x = enc.encode(["skip me", "other"])
+    r = DifficultyRouter(TIERS, ["intent", "chat"])
+    r.fit(np.repeat(x, 50, 0), np.zeros(100, int), np.repeat(np.array([[0, 0, 1], [1, 1, 1]], np.float32), 50, 0),
+          epochs=40, seed=0)
+    state_file = tmp_path / "state.yaml"
+    s = stack_factory(artifacts=[("v1", {"router": r, "calibration": calibrated()})], encoder=enc,
+                      statePath=str(state_file))
+    assert s.chat("skip me")[1]["x-routenlp-tier"] == "big"  # no state file yet: the defaults
+    state_file.write_text("preferCheaper: true\n")
+    s.state.load_state()
+    _, h, _ = s.chat("skip me")
+    assert (h["x-routenlp-tier"], h["x-routenlp-escalations"]) == ("small", "0")  # the cheap answer passed its threshold
+    assert s.metric("routenlp_prefer_cheaper", policy="support") == 1
+    state_file.write_text("preferCheaper: [not, yaml: {")  # unreadable: back to the defaults, never a crash
+    s.state.load_state()
+    assert s.chat("skip me")[1]["x-routenlp-tier"] == "big" and s.metric("routenlp_prefer_cheaper") == 0
+
+
 def test_tier_errors_escalate_and_open_the_circuit(stack_factory):
     s = stack_factory(artifacts=[("v1", {"router": None, "calibration": calibrated()})])
     s.fakes[0].fail_status = 500
