@@ -59,9 +59,11 @@ def planted_embeddings(n_per: int = 20, dim: int = 384, seed: int = 0, spread: f
     return x.astype(np.float32), np.repeat(np.arange(3), n_per)
 
 
-def write_log(directory: Path, n_per: int = 12, cost_by_topic=None, labelled_bad: int = 0) -> list[dict]:
+def write_log(directory: Path, n_per: int = 12, cost_by_topic=None, labelled_bad: int = 0,
+              explored: bool = True) -> list[dict]:
     """An event log: per topic `n_per` requests where the student was rejected and the reference answered (its answer
-    = the topic's label), plus requests the student answered well, plus `labelled_bad` accepted-but-bad ones."""
+    = the topic's label; on the router's exploration sample unless `explored` is False), plus requests the student
+    answered well, plus `labelled_bad` accepted-but-bad ones."""
     from routenlp.router.eventlog import EventLogWriter
     from routenlp.router.events import FeedbackEvent, RoutingEvent, TierAttempt
 
@@ -75,7 +77,7 @@ def write_log(directory: Path, n_per: int = 12, cost_by_topic=None, labelled_bad
             rid = f"{topic}-{i}"
             t += 1
             w.submit(RoutingEvent(request_id=rid, time=t, policy="p", task="intent", query=q, final_tier="reference",
-                                  escalations=1, attempts=[
+                                  escalations=1, explored=explored, attempts=[
                                       TierAttempt(tier="student", model="s", score=0.1, accepted=False, response="x",
                                                   cost_usd=0.00001),
                                       TierAttempt(tier="reference", model="r", accepted=True, response=topic,

@@ -90,6 +90,22 @@ def test_calibrate_recalibrates_an_existing_version(tmp_path, topic_embed, helpe
     assert (tmp_path / "cal" / "calibration.json").is_file() and s["metrics"]["version"] == "v3"
 
 
+def test_only_exploration_sample_requests_calibrate(tmp_path, topic_embed, helpers):
+    """Requests that have a teacher answer only because the cascade escalated them are a sample biased towards hard
+    queries: they may train the router and the confidence models, never calibrate. Same log, not explored: nothing
+    is certified, and the manifest says how many calibration-bucket rows were left out."""
+    from routenlp.router.artifacts import load_artifact
+    from routenlp.trainer.manifest import write_jsonl
+
+    rows = helpers.write_log(tmp_path / "events", n_per=80, explored=False)
+    write_jsonl(tmp_path / "signals.jsonl", synthetic_signals(rows))
+    retrain.run_retrain(_args(tmp_path, signals=str(tmp_path / "signals.jsonl"), version="v2"))
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())["metrics"]
+    assert m["calibration_queries"] == 0 and m["calibration_bucket_not_sampled"] > 50
+    assert m["fit_queries"] == len(rows)  # every request with a teacher answer still trains
+    assert not load_artifact(tmp_path / "artifacts", "v2").calibration.get("intent", "student").certified
+
+
 def test_tiers_must_end_with_the_teacher(tmp_path, helpers):
     from routenlp.trainer.manifest import StageError
 

@@ -5,7 +5,8 @@ teacher answer: each answer is scored against the teacher's (normalised exact ma
 logprobs are kept. These quality signals replace the student tier's column; other cheap tiers keep their labels from
 the log (feedback events); the teacher is the reference (its own answers are acceptable by definition: quality here
 is agreement with the teacher). The difficulty router (`routenlp.router.difficulty`) is trained on one split, then
-`calibrate` runs on the other.
+`calibrate` runs on the other, which holds only requests of the router's exploration sample (`calibration_rows`:
+the rest are escalated requests, a biased sample; they train but never calibrate).
 
 calibrate: per (task, tier) confidence models (`routenlp.router.confidence`, fitted on the training split) and
 conformal thresholds (`routenlp.router.conformal.calibrate_cascade`, MAPIE Learn-then-Test, on the held-out
@@ -36,9 +37,18 @@ def split_of(request_id: str, cal_fraction: float) -> str:
     return "cal" if bucket < cal_fraction * 1000 else "fit"
 
 
+def calibration_rows(rows: list[dict[str, Any]], cal_fraction: float) -> np.ndarray:
+    """Bool per row: in the calibration split (its id's hash bucket, stable across reruns) and a random-sample request
+    (`random_sample`); every other row may train the router and the confidence models."""
+    return np.array([split_of(r["request_id"], cal_fraction) == "cal" and bool(r.get("random_sample")) for r in rows],
+                    dtype=bool)
+
+
 def logged_rows(events: list[Any], teacher_tier: str) -> list[dict[str, Any]]:
-    """One row per logged request with a teacher answer: its query, task, the teacher's answer and the labels the log
-    holds for other tiers ({tier: acceptable})."""
+    """One row per logged request with a teacher answer: its query, task, the teacher's answer, the labels the log
+    holds for other tiers ({tier: acceptable}) and `random_sample`: the request was on the router's exploration
+    sample (picked by a hash of its id before any tier answered). Only those rows may calibrate: the other requests
+    with a teacher answer are there because the cascade escalated them, a sample biased towards hard queries."""
     from routenlp.router.eventlog import labelled_attempts
 
     labels: dict[str, dict[str, bool]] = {}
@@ -53,7 +63,7 @@ def logged_rows(events: list[Any], teacher_tier: str) -> list[dict[str, Any]]:
         answer = answer or shadow.get(ev.request_id)
         if answer:
             rows.append({"request_id": ev.request_id, "task": ev.task, "query": ev.query, "target": answer,
-                         "labels": labels.get(ev.request_id, {})})
+                         "labels": labels.get(ev.request_id, {}), "random_sample": bool(ev.explored or ev.shadow)})
     return rows
 
 
@@ -112,7 +122,10 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
 
     tasks = sorted({r["task"] for r in rows})
     task_ids = np.array([tasks.index(r["task"]) for r in rows])
-    cal = np.array([split_of(r["request_id"], cal_fraction) == "cal" for r in rows])
+    # Only requests of the exploration sample calibrate (the guarantee needs a random sample of the traffic).
+    cal = calibration_rows(rows, cal_fraction)
+    fit = ~cal
+    in_bucket = np.array([split_of(r["request_id"], cal_fraction) == "cal" for r in rows])
     feats = {name: np.full((len(rows), len(tiers)), np.nan) for name in FEATURES}
     idx = {r["request_id"]: i for i, r in enumerate(rows)}
     for s in signals:
@@ -127,7 +140,7 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
     conf = ConfidenceSet()
     for t, task in enumerate(tasks):
         for k, tier in enumerate(tiers[:-1]):
-            m = ~cal & (task_ids == t) & ~np.isnan(q[:, k])
+            m = fit & (task_ids == t) & ~np.isnan(q[:, k])
             model = fit_confidence({n: feats[n][m, k] for n in FEATURES}, q[m, k], min_samples=min_samples)
             if model is not None:
                 conf.models.setdefault(task, {})[tier] = model
@@ -141,11 +154,12 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
     start = start_tiers(pred, quality_target)
     results = calibrate_cascade(task_ids[cal], start[cal], scores[cal], q[cal], len(tasks), risk_level, delta,
                                 min_samples, max_escalations, fwer="fixed_sequence",
-                                train=(task_ids[~cal], scores[~cal], q[~cal]), risk_measure=risk_measure)
+                                train=(task_ids[fit], scores[fit], q[fit]), risk_measure=risk_measure)
     calibration = Calibration(risk_level, delta, risk_measure=risk_measure,
                               tasks={task: dict(zip(tiers, results[t])) for t, task in enumerate(tasks)})
     metrics = {
-        "calibration_queries": int(cal.sum()), "fit_queries": int((~cal).sum()),
+        "calibration_queries": int(cal.sum()), "fit_queries": int(fit.sum()),
+        "calibration_bucket_not_sampled": int((in_bucket & ~cal).sum()),
         "thresholds": {task: {tier: r.threshold for tier, r in zip(tiers, results[t])} for t, task in enumerate(tasks)},
         "certified": {task: {tier: r.certified for tier, r in zip(tiers, results[t][:-1])} for t, task in enumerate(tasks)},
         "empirical_risk": {task: {tier: r.empirical_risk for tier, r in zip(tiers, results[t][:-1])}
@@ -234,7 +248,7 @@ def run_retrain(args: argparse.Namespace) -> dict[str, Any]:
     q = quality_matrix(rows, signals, tiers, args.teacher_tier)
     tasks = sorted({r["task"] for r in rows})
     task_ids = np.array([tasks.index(r["task"]) for r in rows])
-    fit = np.array([split_of(r["request_id"], args.cal_fraction) == "fit" for r in rows])
+    fit = ~calibration_rows(rows, args.cal_fraction)
     with st.timed("fit"):
         router = DifficultyRouter(tiers, tasks, input_dim=x.shape[1])
         router.fit(x[fit], task_ids[fit], q[fit], epochs=args.epochs, seed=args.seed)
