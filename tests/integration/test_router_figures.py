@@ -31,7 +31,7 @@ def _canary_policy(cluster, ns: str, min_requests: int = 100, **spec) -> None:
     cluster.api.create(cluster.cr_path("modeltiers", ns), tier("t"))
     cluster.api.create(cluster.cr_path("routingpolicies", ns), policy(
         "p", ["s", "t"], router={"version": "auto", "canaryPercent": 20,
-                                 "promotionGuard": {"minRequests": min_requests}}, **spec))
+                                 "promotionGuard": {"minRequests": min_requests, "minLabels": 20}}, **spec))
     wait_for(lambda: cluster.condition("routingpolicies", ns, "p", "TiersResolved"), what="resolved")
     now = datetime.now(timezone.utc)
     for h, (name, version) in zip((2, 1), (("c1", "v1"), ("c2", "v2"))):

@@ -166,6 +166,9 @@ class PromotionGuard(ApiModel):
     """When a canary router version is promoted (or rolled back)."""
 
     min_requests: int = Field(default=500, ge=1, description="Canary requests needed before a decision.")
+    min_labels: int = Field(
+        default=30, ge=1, description="Labels the canary's violation rate must rest on (the risk measure's sample: "
+        "labelled accepted answers, or shadow labels under allRequests) before it can promote or roll back on it.")
     max_violation_rate: float | None = Field(
         default=None, gt=0, lt=1, description="Highest violation rate allowed on labelled canary traffic, in the policy's "
         "riskMeasure (default: riskLevel)."

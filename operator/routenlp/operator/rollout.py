@@ -26,6 +26,7 @@ class CanaryStats:
     violation_rate: float | None
     acceptance_rate: float | None
     stable_acceptance_rate: float | None
+    risk_labels: int | None = None  # labels violation_rate rests on (None: a router that does not say)
 
     @classmethod
     def from_answer(cls, answer: Obj, canary: str | None = None) -> "CanaryStats | None":
@@ -34,8 +35,9 @@ class CanaryStats:
         c, s = answer.get("canary") or {}, answer.get("stable") or {}
         if canary is not None and c.get("version") not in (None, canary):
             return None
+        labels = c.get("riskLabels")
         return cls(int(c.get("requests") or 0), c.get("violationRate"), c.get("acceptanceRate"),
-                   s.get("acceptanceRate"))
+                   s.get("acceptanceRate"), None if labels is None else int(labels))
 
 
 def _event(version: str, action: str, reason: str, now: str) -> Obj:
@@ -89,14 +91,17 @@ def decide(policy: RoutingPolicy, router_status: Obj | None, campaign_version: s
             drop = None
             if stats.acceptance_rate is not None and stats.stable_acceptance_rate is not None:
                 drop = stats.stable_acceptance_rate - stats.acceptance_rate
-            if stats.violation_rate is not None and stats.violation_rate > max_violation:
+            # A rate over a handful of labels decides nothing (one label is a rate of 0 or 1).
+            enough = stats.violation_rate is not None and (stats.risk_labels is None
+                                                           or stats.risk_labels >= guard.min_labels)
+            if enough and stats.violation_rate > max_violation:
                 st.update(canary=None, canaryPercent=0)
                 log(canary, "RolledBack", "ViolationRateAboveRisk", "Warning")
             elif drop is not None and drop > guard.max_acceptance_drop:
                 st.update(canary=None, canaryPercent=0)
                 log(canary, "RolledBack", "AcceptanceDropped", "Warning")
-            elif stats.violation_rate is None:
-                pass  # no labelled canary traffic yet: keep waiting
+            elif not enough:
+                pass  # too few labels on the canary's traffic yet: keep waiting
             else:
                 st.update(current=canary, canary=None, canaryPercent=0)
                 log(canary, "Promoted", "GuardHeld")

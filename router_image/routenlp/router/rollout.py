@@ -17,6 +17,7 @@ is neither stable nor canary any more, so a promoted canary keeps its history. D
   (`violations`) over such labels (`labelled`); `allRequests`: over the random-sample labels of attempts at
   non-reference tiers (`sampled`: shadow-labelled, or at a tier with no threshold yet: the requests that reached the
   tier, whatever it decided), the ones accepted there and unacceptable (`sampledViolations`). None without labels;
+  `riskLabels` is its denominator (`labelled` or `sampled`);
 - costReduction: 1 - spentUsd / referenceCostUsd (what always-reference would have cost; shadow calls count as
   spent, as in routenlp_cost_usd_total); None before any cost.
 Counts (requests, escalations, labelled, violations, sampled, sampledViolations, spentUsd, referenceCostUsd)
@@ -86,6 +87,7 @@ def rates(counts: dict[str, float], risk_measure: str) -> dict[str, Any]:
         "acceptanceRate": c["accepted"] / n if n else None,
         "escalationRate": c["escalations"] / n if n else None,
         "violationRate": bad / over if over else None,
+        "riskLabels": int(over),  # the labels violationRate is over (the promotion guard's minLabels)
         "costReduction": 1 - spent / ref if ref > 0 else None,
     }
 

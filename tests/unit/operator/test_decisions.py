@@ -164,6 +164,25 @@ def test_rollout_canary_promote_and_rollback():
     assert pr["current"] == "v2" and "canary" not in pr and pr["history"][-1]["reason"] == "GuardHeld"
 
 
+def test_rollout_waits_for_min_labels_before_deciding_on_the_violation_rate():
+    """One unacceptable label in three is a rate of 0.33: no evidence either way; the guard waits for minLabels
+    (default 30) labels of the risk measure's sample, then decides on the rate."""
+    p = rp(canaryPercent=10, promotionGuard={"minRequests": 100})
+    assert p.spec.router.promotion_guard.min_labels == 30
+    st = rollout.decide(p, rollout.decide(p, {}, "v1", None, NOW)[0], "v2", None, NOW)[0]
+    for rate, labels in ((0.33, 3), (0.0, 29)):
+        assert rollout.decide(p, st, "v2", rollout.CanaryStats(900, rate, 0.9, 0.9, labels), NOW)[0]["canary"] == "v2"
+    assert rollout.decide(p, st, "v2", rollout.CanaryStats(900, 0.0, 0.9, 0.9, 30), NOW)[0]["current"] == "v2"
+    rb = rollout.decide(p, st, "v2", rollout.CanaryStats(900, 0.2, 0.9, 0.9, 40), NOW)[0]
+    assert rb["history"][-1]["reason"] == "ViolationRateAboveRisk"
+    # an acceptance drop needs no labels
+    drop = rollout.decide(p, st, "v2", rollout.CanaryStats(900, None, 0.5, 0.9, 0), NOW)[0]
+    assert drop["history"][-1]["reason"] == "AcceptanceDropped"
+    # the figure comes from the router's answer
+    ans = {"canary": {"version": "v2", "requests": 900, "violationRate": 0.0, "riskLabels": 12}, "stable": {}}
+    assert rollout.CanaryStats.from_answer(ans, "v2").risk_labels == 12
+
+
 def test_rollout_pinned_version_is_never_overridden():
     p = rp(version="v0")
     st, _ = rollout.decide(p, {"current": "v1"}, "v5", None, NOW)
