@@ -139,8 +139,10 @@ def test_prefer_cheaper_switch_follows_the_budget_without_restarting_routers(clu
         before["spec"]["containers"][0]["volumeMounts"]
     cluster.pods.json[url] = {**answer, "spentUsd24h": 12.0}
     wait_for(lambda: state() == {"preferCheaper": True}, what="preferCheaper on")
-    cond = cluster.condition("routingpolicies", ns, "p", "BudgetExceeded")
-    assert cond["status"] == "True" and "every request starts at the cheapest tier" in cond["message"]
+    # the ConfigMap is applied before the status patch of the same reconcile: wait for the condition too
+    cond = wait_for(lambda: (c := cluster.condition("routingpolicies", ns, "p", "BudgetExceeded"))["status"] == "True"
+                    and c, what="over budget")
+    assert "every request starts at the cheapest tier" in cond["message"]
     assert template() == before  # no rollout of the router pods
     cluster.pods.json[url] = {**answer, "spentUsd24h": 5.0}
     wait_for(lambda: state() == {"preferCheaper": False}, what="preferCheaper off")

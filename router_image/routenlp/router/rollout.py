@@ -21,8 +21,8 @@ is neither stable nor canary any more, so a promoted canary keeps its history. D
 - costReduction: 1 - spentUsd / referenceCostUsd (what always-reference would have cost; shadow calls count as
   spent, as in routenlp_cost_usd_total); None before any cost.
 Counts (requests, escalations, labelled, violations, sampled, sampledViolations, spentUsd, referenceCostUsd)
-are served too, so an aggregator
-over several router pods can sum them and recompute exact rates (`merge`).
+are served too, so an aggregator over several router pods can sum them and recompute exact rates (`merge`).
+The counters outlive the process (`snapshot`/`absorb`, written and taken over by figures_store.py).
 """
 
 from __future__ import annotations
@@ -69,6 +69,10 @@ class VersionCounts:
 
 COUNT_FIELDS = ("requests", "accepted", "escalations", "labelled", "violations", "sampled", "sampledViolations",
                 "spentUsd", "referenceCostUsd")
+# served name -> VersionCounts attribute
+_ATTRS = {"requests": "requests", "accepted": "accepted", "escalations": "escalations", "labelled": "labelled",
+          "violations": "violations", "sampled": "sampled", "sampledViolations": "sampled_violations",
+          "spentUsd": "spent_usd", "referenceCostUsd": "reference_cost_usd"}
 
 
 def rates(counts: dict[str, float], risk_measure: str) -> dict[str, Any]:
@@ -179,6 +183,29 @@ class RolloutFigures:
         if sampled:
             c.sampled += sign
             c.sampled_violations += sign * (accepted and not acceptable)
+
+    # ---- persistence (figures_store.py): what a restarted or surviving router adds back --------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """The counters of the kept versions and the 24 h spend buckets, as JSON-able data."""
+        now = self.clock()
+        self.spend.total(now)  # prune
+        return {"versions": {v: {"since": c.since, **c.counts()} for v, c in self.versions.items()},
+                "spend": {str(b): usd for b, usd in self.spend.buckets.items()}}
+
+    def absorb(self, snap: dict[str, Any], sign: int = 1) -> None:
+        """Add (sign -1: take back) a snapshot's counts: versions this router keeps only (a version that is neither
+        stable nor canary here any more is history), the earliest `since`, and the spend buckets."""
+        for version, counts in (snap.get("versions") or {}).items():
+            c = self.versions.get(version)
+            if c is None:
+                continue
+            for name, attr in _ATTRS.items():
+                setattr(c, attr, getattr(c, attr) + sign * type(getattr(c, attr))(counts.get(name) or 0))
+            if sign > 0 and counts.get("since") is not None:
+                c.since = min(c.since, float(counts["since"]))
+        for bucket, usd in (snap.get("spend") or {}).items():
+            b = int(bucket)
+            self.spend.buckets[b] = self.spend.buckets.get(b, 0.0) + sign * float(usd)
 
     def answer(self) -> dict[str, Any]:
         stable, canary = self._counts(self.stable), self._counts(self.canary)

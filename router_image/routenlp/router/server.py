@@ -41,6 +41,7 @@ from .confidence import ConfidenceSet, answer_features
 from .eventlog import EventLogWriter, labelled_attempts, read_events
 from .events import FeedbackEvent, RoutingEvent, TierAttempt, random_sample_label
 from .metrics import RouterMetrics
+from .figures_store import ORPHAN_SECONDS, SAVE_SECONDS, FiguresStore
 from .rollout import RolloutFigures
 from .window import LabelWindow
 from .openai_api import (ApiError, ParsedRequest, answer_text, parse_chat, parse_completion, resolve_task, sse_events,
@@ -86,6 +87,7 @@ class RouterState:
         self._config_mtime = os.path.getmtime(config_path) if config_path else None
         self.metrics = RouterMetrics()
         self.figures = RolloutFigures(risk_measure=RiskMeasure(config.cascade.risk_measure).value)
+        self.figures_store = FiguresStore(config.event_log_dir)  # the figures outlive this process
         self.tier_names = [t.name for t in config.tiers]
         self.K = len(self.tier_names)
         self.tasks = {t.name: t for t in config.tasks}
@@ -279,6 +281,25 @@ class RouterState:
             log.info("preferCheaper %s (budget)", "on: every request starts at the cheapest tier" if cheaper else "off")
         self.prefer_cheaper = cheaper
         self.metrics.prefer_cheaper.labels(self.config.policy).set(1 if cheaper else 0)
+
+    async def persist_figures(self, adopt: bool = False, released: bool = False, restore: bool = False) -> None:
+        """Write the rollout counters to the event-log volume (figures_store.py), first adding those of this pod's
+        previous container (`restore`, at start-up) and of routers that are gone (`adopt`). File work runs off the
+        event loop; counting stays on it."""
+        store, fig = self.figures_store, self.figures
+        try:
+            own = await asyncio.to_thread(store.take_own) if restore else None
+            if own is not None:
+                fig.absorb(own)
+            if adopt:
+                for snap in await asyncio.to_thread(store.take_orphans):
+                    fig.absorb(snap)
+            if not await asyncio.to_thread(store.write, fig.snapshot(), released):
+                fig.absorb(store.written, sign=-1)  # adopted by another router while we stalled: it holds those
+                store.written = None
+                await asyncio.to_thread(store.write, fig.snapshot(), released)
+        except OSError as e:  # a full or read-only volume must not take the router down; the figures stay in memory
+            log.warning("rollout figures not persisted: %s", e)
 
     def tiers_up(self) -> list[bool]:
         up = [not c.breaker.is_open for c in self.clients]
@@ -659,9 +680,15 @@ class Handlers:
 async def _background(state: RouterState) -> None:
     """Hot reload (config file, artifact dir, the operator's state file) and periodic recalibration."""
     interval = parse_duration(state.config.cascade.recalibration_interval)
-    last_recal = time.monotonic()
+    last_recal = last_save = last_adopt = time.monotonic()
     while True:
         await asyncio.sleep(RELOAD_SECONDS)
+        if time.monotonic() - last_save >= SAVE_SECONDS:
+            # Routers that went away while this one runs leave snapshots too: look for them now and then.
+            adopt = time.monotonic() - last_adopt >= ORPHAN_SECONDS / 10
+            last_save = time.monotonic()
+            last_adopt = last_save if adopt else last_adopt
+            await state.persist_figures(adopt=adopt)
         try:
             if state.config_path:
                 m = os.path.getmtime(state.config_path)
@@ -717,6 +744,7 @@ def build_app(config: RouterConfig, config_path: str | None = None, encoder=None
                 state.stable = RouterArtifact(BOOTSTRAP_VERSION, None, ConfidenceSet(), None, {})
             state.figures.set_versions(state.stable.version, state.canary.version if state.canary else None)
             state.publish_thresholds()
+        await state.persist_figures(adopt=True, restore=True)
         state.tiers_up()
         state.background.append(asyncio.get_running_loop().create_task(_background(state)))
         state.ready = True
@@ -724,6 +752,8 @@ def build_app(config: RouterConfig, config_path: str | None = None, encoder=None
     async def on_cleanup(app):
         for t in state.background:
             t.cancel()
+        if state.ready:
+            await state.persist_figures(released=True)  # a clean shutdown: the next router adopts them at once
         for c in state.clients:
             await c.close()
         if state.events is not None:
