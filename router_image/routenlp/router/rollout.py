@@ -37,6 +37,11 @@ from routenlp.api.routingpolicy import RiskMeasure
 SPEND_BUCKET_SECONDS = 60
 LABELS_REMEMBERED = 20_000  # attempts whose label a later one may replace (as many as the router keeps requests)
 DAY_SECONDS = 24 * 3600
+# The served counts (camelCase, as in /routenlp/rollout and snapshots) -> VersionCounts attributes.
+COUNT_ATTRS = {"requests": "requests", "accepted": "accepted", "escalations": "escalations", "labelled": "labelled",
+               "violations": "violations", "sampled": "sampled", "sampledViolations": "sampled_violations",
+               "spentUsd": "spent_usd", "referenceCostUsd": "reference_cost_usd"}
+COUNT_FIELDS = tuple(COUNT_ATTRS)
 
 
 @dataclass
@@ -54,10 +59,7 @@ class VersionCounts:
     reference_cost_usd: float = 0.0
 
     def counts(self) -> dict[str, float]:
-        return {"requests": self.requests, "accepted": self.accepted, "escalations": self.escalations,
-                "labelled": self.labelled, "violations": self.violations, "sampled": self.sampled,
-                "sampledViolations": self.sampled_violations, "spentUsd": self.spent_usd,
-                "referenceCostUsd": self.reference_cost_usd}
+        return {name: getattr(self, attr) for name, attr in COUNT_ATTRS.items()}
 
     def figures(self, risk_measure: str) -> dict[str, Any]:
         return {
@@ -66,13 +68,6 @@ class VersionCounts:
             **rates(self.counts(), risk_measure),
         }
 
-
-COUNT_FIELDS = ("requests", "accepted", "escalations", "labelled", "violations", "sampled", "sampledViolations",
-                "spentUsd", "referenceCostUsd")
-# served name -> VersionCounts attribute
-_ATTRS = {"requests": "requests", "accepted": "accepted", "escalations": "escalations", "labelled": "labelled",
-          "violations": "violations", "sampled": "sampled", "sampledViolations": "sampled_violations",
-          "spentUsd": "spent_usd", "referenceCostUsd": "reference_cost_usd"}
 
 
 def rates(counts: dict[str, float], risk_measure: str) -> dict[str, Any]:
@@ -199,7 +194,7 @@ class RolloutFigures:
             c = self.versions.get(version)
             if c is None:
                 continue
-            for name, attr in _ATTRS.items():
+            for name, attr in COUNT_ATTRS.items():
                 setattr(c, attr, getattr(c, attr) + sign * type(getattr(c, attr))(counts.get(name) or 0))
             if sign > 0 and counts.get("since") is not None:
                 c.since = min(c.since, float(counts["since"]))

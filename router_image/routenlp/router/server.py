@@ -40,8 +40,8 @@ from .conformal import ThresholdResult, calibrate_threshold
 from .confidence import ConfidenceSet, answer_features
 from .eventlog import EventLogWriter, labelled_attempts, read_events
 from .events import FeedbackEvent, RoutingEvent, TierAttempt, random_sample_label
-from .metrics import RouterMetrics
 from .figures_store import ORPHAN_SECONDS, SAVE_SECONDS, FiguresStore
+from .metrics import RouterMetrics
 from .rollout import RolloutFigures
 from .window import LabelWindow
 from .openai_api import (ApiError, ParsedRequest, answer_text, parse_chat, parse_completion, resolve_task, sse_events,
