@@ -15,7 +15,7 @@ torn snapshot), with slot = `<hostname>-<pid>`:
 - should a live process find its snapshot adopted anyway (it stalled beyond `ORPHAN_SECONDS`), it takes back what
   that snapshot held before writing again, so nothing is counted twice.
 
-What can be lost: the counts of the last `SAVE_SECONDS` before a crash (the event log still holds the requests).
+What can be lost: the counts of the last save interval (`SAVE_SECONDS`, checked on the router's reload tick) before a crash (the event log still holds the requests).
 A later correction of a label written before a restart counts as one more label instead of replacing it.
 
 The store only moves files (callers run it off the event loop); `RolloutFigures.snapshot/absorb` do the counting.
@@ -35,6 +35,7 @@ log = logging.getLogger("routenlp.router")
 SNAPSHOT_DIR = "rollout-figures"
 SAVE_SECONDS = 5.0
 ORPHAN_SECONDS = 300.0
+ADOPT_SECONDS = 30.0  # how often a running router looks for snapshots of routers that went away
 
 
 class FiguresStore:
@@ -99,18 +100,22 @@ class FiguresStore:
                          else "not rewritten for %.0f s" % (now - float(snap.get("updated") or 0)))
         return out
 
-    def write(self, snap: dict, released: bool = False) -> bool:
+    def adopted_meanwhile(self) -> dict | None:
+        """The snapshot another router adopted while this process was alive (it stalled past ORPHAN_SECONDS): the
+        caller takes it back (`absorb(..., sign=-1)`) before writing again, since the adopter holds those counts."""
+        if self.written is None or self.path.exists():
+            return None
+        log.warning("rollout figures snapshot %s was adopted by another router; counting on from there",
+                    self.path.name)
+        gone, self.written = self.written, None
+        return gone
+
+    def write(self, snap: dict, released: bool = False) -> None:
         """Write `snap` (`RolloutFigures.snapshot()`) as this process's snapshot; released=True on a clean shutdown
-        (adopt at once). False, writing nothing, when the previous snapshot was adopted meanwhile (this process
-        stalled past ORPHAN_SECONDS): the caller takes back `written` (the adopter holds it) and writes again."""
-        if self.written is not None and not self.path.exists():
-            log.warning("rollout figures snapshot %s was adopted by another router; counting on from there",
-                        self.path.name)
-            return False
+        (adopt at once)."""
         doc = {"slot": self.slot, "updated": self.clock(), "released": released, **snap}
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f".{self.slot}.json.tmp"
         tmp.write_text(json.dumps(doc))
         os.replace(tmp, self.path)
         self.written = doc
-        return True

@@ -40,7 +40,7 @@ from .conformal import ThresholdResult, calibrate_threshold
 from .confidence import ConfidenceSet, answer_features
 from .eventlog import EventLogWriter, labelled_attempts, read_events
 from .events import FeedbackEvent, RoutingEvent, TierAttempt, random_sample_label
-from .figures_store import ORPHAN_SECONDS, SAVE_SECONDS, FiguresStore
+from .figures_store import ADOPT_SECONDS, SAVE_SECONDS, FiguresStore
 from .metrics import RouterMetrics
 from .rollout import RolloutFigures
 from .window import LabelWindow
@@ -294,10 +294,10 @@ class RouterState:
             if adopt:
                 for snap in await asyncio.to_thread(store.take_orphans):
                     fig.absorb(snap)
-            if not await asyncio.to_thread(store.write, fig.snapshot(), released):
-                fig.absorb(store.written, sign=-1)  # adopted by another router while we stalled: it holds those
-                store.written = None
-                await asyncio.to_thread(store.write, fig.snapshot(), released)
+            gone = await asyncio.to_thread(store.adopted_meanwhile)
+            if gone is not None:
+                fig.absorb(gone, sign=-1)
+            await asyncio.to_thread(store.write, fig.snapshot(), released)
         except OSError as e:  # a full or read-only volume must not take the router down; the figures stay in memory
             log.warning("rollout figures not persisted: %s", e)
 
@@ -683,11 +683,13 @@ async def _background(state: RouterState) -> None:
     last_recal = last_save = last_adopt = time.monotonic()
     while True:
         await asyncio.sleep(RELOAD_SECONDS)
-        if time.monotonic() - last_save >= SAVE_SECONDS:
+        now = time.monotonic()
+        if now - last_save >= SAVE_SECONDS:
+            last_save = now
             # Routers that went away while this one runs leave snapshots too: look for them now and then.
-            adopt = time.monotonic() - last_adopt >= ORPHAN_SECONDS / 10
-            last_save = time.monotonic()
-            last_adopt = last_save if adopt else last_adopt
+            adopt = now - last_adopt >= ADOPT_SECONDS
+            if adopt:
+                last_adopt = now
             await state.persist_figures(adopt=adopt)
         try:
             if state.config_path:

@@ -52,14 +52,16 @@ def test_the_next_container_of_a_pod_restores_its_figures(tmp_path):
     clock = Clock()
     store = FiguresStore(tmp_path, slot="router-abc-1", clock=clock)
     assert store.take_own() is None  # first start: nothing to restore
-    assert store.write(busy(clock).snapshot())
+    assert store.adopted_meanwhile() is None  # nothing written yet, nothing adopted
+    store.write(busy(clock).snapshot())
     # the container crashes; the next one (same pod name, pid 1) restores and carries on
     again = FiguresStore(tmp_path, slot="router-abc-1", clock=clock)
     f = RolloutFigures(clock)
     f.set_versions("v1", None)
     f.absorb(again.take_own())
     assert f.answer()["stable"]["requests"] == 3 and f.answer()["spentUsd24h"] == pytest.approx(3.0)
-    assert again.write(f.snapshot())
+    again.write(f.snapshot())
+    assert again.adopted_meanwhile() is None
 
 
 def test_gone_routers_are_adopted_once_released_or_stale(tmp_path):
@@ -82,16 +84,16 @@ def test_a_stalled_router_whose_figures_were_adopted_counts_nothing_twice(tmp_pa
     clock = Clock()
     store = FiguresStore(tmp_path, slot="slow", clock=clock)
     slow = busy(clock, n=3)
-    assert store.write(slow.snapshot())
+    store.write(slow.snapshot())
     clock.t += ORPHAN_SECONDS + 1  # stalled: another router takes it for dead
     other = busy(clock, n=0)
     for snap in FiguresStore(tmp_path, slot="other", clock=clock).take_orphans():
         other.absorb(snap)
     slow.answered("v1", True, False, 10.0)  # it wakes up and serves one more request
-    assert not store.write(slow.snapshot())  # its snapshot is gone: it must not write its old counts again
-    slow.absorb(store.written, sign=-1)
-    store.written = None
-    assert store.write(slow.snapshot())
+    gone = store.adopted_meanwhile()  # its snapshot is gone: the other router holds those counts now
+    assert gone is not None and store.adopted_meanwhile() is None  # taken back once
+    slow.absorb(gone, sign=-1)
+    store.write(slow.snapshot())
     total = slow.answer()["stable"]["requests"] + other.answer()["stable"]["requests"]
     assert total == 4 and slow.answer()["stable"]["requests"] == 1
 
