@@ -4,13 +4,17 @@ circuit breaker per tier. API keys come from the environment variable the config
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import os
 import time
 from dataclasses import dataclass
 
 import aiohttp
 
-from .config import TierEndpoint
+from routenlp.api.router_config import TierEndpoint
+
+MAX_HOLD_SECONDS = 300.0  # a tier's Retry-After holds its breaker open at most this long
 
 
 class CircuitBreaker:
@@ -21,6 +25,7 @@ class CircuitBreaker:
         self.threshold, self.reset_seconds, self.clock = failures, reset_seconds, clock
         self.consecutive = 0
         self.opened_at: float | None = None
+        self._open_for = reset_seconds  # this opening's length (longer when the tier said Retry-After)
         self._probing = False
 
     @property
@@ -28,13 +33,13 @@ class CircuitBreaker:
         """True while calls are refused (open and not yet due for a probe)."""
         if self.opened_at is None:
             return False
-        return self.clock() - self.opened_at < self.reset_seconds or self._probing
+        return self.clock() - self.opened_at < self._open_for or self._probing
 
     def allow(self) -> bool:
         """May a call go out now? Takes the half-open probe slot when due."""
         if self.opened_at is None:
             return True
-        if self.clock() - self.opened_at >= self.reset_seconds and not self._probing:
+        if self.clock() - self.opened_at >= self._open_for and not self._probing:
             self._probing = True
             return True
         return False
@@ -42,28 +47,47 @@ class CircuitBreaker:
     def retry_after(self) -> float:
         if self.opened_at is None:
             return 0.0
-        return max(0.0, self.reset_seconds - (self.clock() - self.opened_at))
+        return max(0.0, self._open_for - (self.clock() - self.opened_at))
 
     def success(self) -> None:
         self.consecutive, self.opened_at, self._probing = 0, None, False
+        self._open_for = self.reset_seconds
 
     def failure(self) -> None:
         self.consecutive += 1
         self._probing = False
         if self.consecutive >= self.threshold or self.opened_at is not None:
             self.opened_at = self.clock()
+            self._open_for = self.reset_seconds
+
+    def hold(self, seconds: float) -> None:
+        """Open now for `seconds` (at least reset_seconds): the tier said so (429/503 with Retry-After)."""
+        self.consecutive += 1
+        self._probing = False
+        self.opened_at = self.clock()
+        self._open_for = max(self.reset_seconds, min(float(seconds), MAX_HOLD_SECONDS))
 
 
 class UpstreamError(Exception):
-    """The tier could not answer (connection refused/reset, timeout, 5xx). Counts against its circuit."""
+    """The tier could not be reached or did not answer in time (connection refused/reset, timeout)."""
 
 
 @dataclass
 class UpstreamResult:
     status: int
-    body: dict | None  # parsed JSON (None if the body was not JSON)
+    body: dict | None  # parsed JSON object (None if the body was not a JSON object)
     text: str
     latency_s: float
+    retry_after: float | None = None  # the tier's Retry-After header, in seconds
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds form; an HTTP date or garbage -> None)."""
+    try:
+        v = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return v if v is not None and math.isfinite(v) and v >= 0 else None
 
 
 class TierClient:
@@ -99,16 +123,19 @@ class TierClient:
         if self._session is not None:
             await self._session.close()
 
-    async def post(self, path: str, body: dict) -> UpstreamResult:
-        """POST JSON; returns 2xx/4xx results; raises UpstreamError for connection errors (after retries),
-        timeouts and 5xx, recording them on the circuit breaker."""
+    async def post(self, path: str, body: dict, timeout: float | None = None) -> UpstreamResult:
+        """POST JSON and return whatever HTTP answer came back (the cascade engine decides what a status means and
+        books it on the breaker); raises UpstreamError when no answer came: connection errors (after retries) and
+        timeouts (`timeout` seconds, default the tier's timeoutSeconds), which count on the breaker here."""
         url = self.base_url + path
         t0 = time.perf_counter()
+        limit = self.tier.timeout_seconds if timeout is None else max(0.001, min(timeout, self.tier.timeout_seconds))
         for attempt in range(self.retries + 1):
             try:
-                async with self.session.post(url, json=body) as resp:
-                    text = await resp.text()
+                async with self.session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=limit)) as resp:
+                    raw = await resp.read()
                     status = resp.status
+                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                 break
             except self.RETRY_EXCEPTIONS as exc:
                 if attempt < self.retries:
@@ -118,28 +145,26 @@ class TierClient:
                 raise UpstreamError(f"{self.tier.name}: {type(exc).__name__}") from None
             except asyncio.TimeoutError:
                 self.breaker.failure()
-                raise UpstreamError(f"{self.tier.name}: timed out after {self.tier.timeout_seconds}s") from None
-        latency = time.perf_counter() - t0
-        if status >= 500:
-            self.breaker.failure()
-            raise UpstreamError(f"{self.tier.name}: HTTP {status}")
-        self.breaker.success()
+                raise UpstreamError(f"{self.tier.name}: timed out after {limit:.3g}s") from None
+        text = raw.decode("utf-8", errors="replace")
         try:
-            import json
-
             parsed = json.loads(text)
-            body_json = parsed if isinstance(parsed, dict) else None
-        except ValueError:
-            body_json = None
-        return UpstreamResult(status, body_json, text, latency)
+        except (ValueError, RecursionError):
+            parsed = None
+        return UpstreamResult(status, parsed if isinstance(parsed, dict) else None, text,
+                              time.perf_counter() - t0, retry_after)
 
-    async def open_stream(self, path: str, body: dict) -> aiohttp.ClientResponse:
-        """Start a streaming POST (caller reads and releases the response). Same error handling as `post`."""
+    async def open_stream(self, path: str, body: dict, timeout: float | None = None) -> aiohttp.ClientResponse:
+        """Start a streaming POST; the caller reads it with `stream_lines` and releases it. The connection and the
+        response headers must come within `timeout` (default timeoutSeconds); after that timeoutSeconds bounds each
+        wait for the next chunk (an idle timeout), not the whole stream. Statuses are returned, not judged."""
         url = self.base_url + path
+        limit = self.tier.timeout_seconds if timeout is None else max(0.001, min(timeout, self.tier.timeout_seconds))
+        per_chunk = aiohttp.ClientTimeout(total=None, connect=limit, sock_connect=limit,
+                                          sock_read=self.tier.timeout_seconds)
         for attempt in range(self.retries + 1):
             try:
-                resp = await self.session.post(url, json=body)
-                break
+                return await asyncio.wait_for(self.session.post(url, json=body, timeout=per_chunk), limit)
             except self.RETRY_EXCEPTIONS:
                 if attempt < self.retries:
                     await asyncio.sleep(0.02 * (attempt + 1))
@@ -149,9 +174,15 @@ class TierClient:
             except asyncio.TimeoutError:
                 self.breaker.failure()
                 raise UpstreamError(f"{self.tier.name}: timed out") from None
-        if resp.status >= 500:
-            resp.release()
+        raise AssertionError("unreachable")
+
+    async def stream_lines(self, resp: aiohttp.ClientResponse):
+        """The lines of a streaming response; UpstreamError when the tier goes silent for timeoutSeconds or the
+        connection breaks mid-stream (counted on the breaker)."""
+        try:
+            async for line in resp.content:
+                yield line
+        except (asyncio.TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             self.breaker.failure()
-            raise UpstreamError(f"{self.tier.name}: HTTP {resp.status}")
-        self.breaker.success()
-        return resp
+            kind = "idle for longer than timeoutSeconds" if isinstance(exc, asyncio.TimeoutError) else "broke off"
+            raise UpstreamError(f"{self.tier.name}: stream {kind}") from None
