@@ -45,7 +45,7 @@ def fallback_score(features: dict[str, float]) -> float:
         parts.append(math.exp(features["mean_logprob"]))
     for name in ("label_prob", "answer_score"):
         v = features.get(name)
-        if not _missing(v):
+        if v is not None and not math.isnan(v):
             parts.append(min(max(v, 1e-12), 1.0))
     if not parts and not _missing(features.get("prior")):
         parts.append(min(max(features["prior"], 1e-12), 1.0))

@@ -5,42 +5,80 @@ each batch with one write() and fsyncs it. A full queue drops the event and coun
 routenlp_event_log_dropped_total). A crash (kill -9) can lose the batch not yet fsynced and can leave the last line
 of the open segment incomplete; every new writer starts a new segment, and readers skip a last line without its
 newline, so a torn record never breaks a reader.
+
+The writer cannot die quietly: every record serialises (text UTF-8 cannot hold, i.e. lone surrogates, is replaced
+by U+FFFD and counted in `replaced`), a failed write is retried on a new segment, and a batch that still fails is
+counted as dropped and marks the writer unhealthy (`failing`; the router's /readyz answers 503) until a write
+succeeds again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
-from .events import FeedbackEvent, RoutingEvent, random_sample_label
+from .events import FeedbackEvent, RoutingEvent, label_acceptable, label_trust, random_sample_label, resolve_label
+
+log = logging.getLogger("routenlp.router.eventlog")
 
 SEGMENT_GLOB = "events-*.jsonl"
+RETRY_DELAYS = (0.05, 0.25, 1.0)  # seconds before each retry of a failed batch write
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def encode_record(event: RoutingEvent | FeedbackEvent | dict) -> tuple[bytes, bool]:
+    """One JSON line (without newline) and whether text had to be replaced. Lone surrogates (which a client can send
+    as JSON escapes or non-UTF-8 header bytes) cannot be encoded as UTF-8: they become U+FFFD rather than failing."""
+    try:
+        if isinstance(event, dict):
+            text = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+        else:
+            text = event.model_dump_json(by_alias=True, exclude_none=True)
+        return text.encode(), False
+    except (ValueError, TypeError):  # UnicodeEncodeError and pydantic's serialisation error are ValueErrors
+        data = event if isinstance(event, dict) else event.model_dump(mode="json", by_alias=True, exclude_none=True)
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str)
+        return _SURROGATES.sub("\ufffd", text).encode("utf-8", "replace"), True
 
 
 class EventLogWriter:
-    """Append events to `<dir>/events-<start ns>-<pid>-<seq>.jsonl` (rotated at `segment_bytes`)."""
+    """Append events to `<dir>/events-<start ns>-<pid>-<seq>.jsonl` (rotated at `segment_bytes`).
+
+    `on_drop(n)` / `on_replace(n)`: called (from any thread) when n events are dropped / written with replaced text.
+    """
 
     def __init__(self, directory: str | Path, max_queue: int = 10000, batch_size: int = 512,
-                 flush_interval: float = 0.05, segment_bytes: int = 64 << 20, on_drop=None):
+                 flush_interval: float = 0.05, segment_bytes: int = 64 << 20, on_drop=None, on_replace=None,
+                 retry_delays: tuple[float, ...] = RETRY_DELAYS):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.batch_size, self.flush_interval, self.segment_bytes = batch_size, flush_interval, segment_bytes
+        self.retry_delays = retry_delays
         self._q: queue.Queue = queue.Queue(maxsize=max_queue)
-        self._on_drop = on_drop
+        self._on_drop, self._on_replace = on_drop, on_replace
         self.dropped = 0
+        self.replaced = 0
         self.written = 0
+        self.failing: str | None = None  # why the last batch could not be written; None while writes succeed
         self._seq = 0
-        self._file = None
+        self._file: BinaryIO | None = None
         self._size = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="eventlog", daemon=True)
         self._thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        """Writing: the thread runs (or was stopped by close()) and the last batch reached the disk."""
+        return self.failing is None and (self._thread.is_alive() or self._stop.is_set())
 
     def submit(self, event: RoutingEvent | FeedbackEvent | dict) -> bool:
         """Queue one event; False (and counted as dropped) when the queue is full. Never blocks."""
@@ -48,14 +86,16 @@ class EventLogWriter:
             self._q.put_nowait(event)
             return True
         except queue.Full:
-            self.dropped += 1
-            if self._on_drop is not None:
-                self._on_drop()
+            self._drop(1)
             return False
 
+    def _drop(self, n: int) -> None:
+        self.dropped += n
+        if self._on_drop is not None:
+            self._on_drop(n)
+
     def _open_segment(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        self._close_segment()
         self._seq += 1
         name = f"events-{time.time_ns():020d}-{os.getpid()}-{self._seq:06d}.jsonl"
         self._file = open(self.dir / name, "ab", buffering=0)
@@ -66,20 +106,64 @@ class EventLogWriter:
         finally:
             os.close(dfd)
 
-    def _write(self, batch: list) -> None:
-        lines = []
+    def _close_segment(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
+
+    def _encode(self, batch: list) -> tuple[bytes, int]:
+        """The batch's JSON lines and how many there are."""
+        lines, replaced, bad = [], 0, 0
         for ev in batch:
-            if isinstance(ev, dict):
-                lines.append(json.dumps(ev, separators=(",", ":")))
-            else:
-                lines.append(ev.model_dump_json(by_alias=True, exclude_none=True))
-        data = ("\n".join(lines) + "\n").encode()
+            try:
+                line, was_replaced = encode_record(ev)
+            except Exception:  # not JSON-able at all (a caller's bug): drop this record, never the batch
+                log.exception("event not serialisable; dropped")
+                bad += 1
+                continue
+            lines.append(line)
+            replaced += was_replaced
+        if bad:
+            self._drop(bad)
+        if replaced:
+            self.replaced += replaced
+            if self._on_replace is not None:
+                self._on_replace(replaced)
+        return b"".join(line + b"\n" for line in lines), len(lines)
+
+    def _write(self, data: bytes) -> None:
         if self._file is None or self._size >= self.segment_bytes:
             self._open_segment()
+        assert self._file is not None  # opened just above
         self._file.write(data)
         os.fsync(self._file.fileno())
         self._size += len(data)
-        self.written += len(batch)
+
+    def _write_with_retries(self, data: bytes, n: int) -> None:
+        """Write one batch; on failure retry on a new segment (a half-written line stays the old segment's torn,
+        skipped last line). A batch that cannot be written is counted as dropped and marks the writer failing."""
+        for delay in (*self.retry_delays, None):
+            try:
+                self._write(data)
+            except OSError as e:  # disk full, volume gone, read-only remount
+                self._close_segment()
+                if delay is not None:
+                    time.sleep(delay)
+                    continue
+                if self.failing is None:
+                    log.error("event log %s: write failed after %d retries (%s); events are being dropped",
+                              self.dir, len(self.retry_delays), e)
+                self.failing = f"{type(e).__name__}: {e}"
+                self._drop(n)
+                return
+            if self.failing is not None:
+                log.warning("event log %s: writing again", self.dir)
+            self.failing = None
+            self.written += n
+            return
 
     def _run(self) -> None:
         while True:
@@ -96,17 +180,20 @@ class EventLogWriter:
                 except queue.Empty:
                     break
             try:
-                self._write(batch)
-            except OSError:  # disk full / volume gone: count as dropped, keep the router serving
-                self.dropped += len(batch)
+                data, n = self._encode(batch)
+                if n:
+                    self._write_with_retries(data, n)
+            except Exception as e:  # never let the thread die: later events would queue up and be lost silently
+                log.exception("event log writer error; batch dropped")
+                self.failing = f"{type(e).__name__}: {e}"
+                self._drop(len(batch))
             finally:
                 for _ in batch:
                     self._q.task_done()
-        if self._file is not None:
-            self._file.close()
+        self._close_segment()
 
     def flush(self, timeout: float = 10.0) -> None:
-        """Wait until everything queued so far is on disk."""
+        """Wait until everything queued so far is on disk (or dropped)."""
         deadline = time.monotonic() + timeout
         while self._q.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -165,12 +252,16 @@ class LabelledAttempt:
     acceptable: bool
     source: str
     shadow: bool
+    trust: int = 0  # events.label_trust of the label in force
+    labeller: str | None = None
 
 
 def labelled_attempts(events, require_random_sample: bool = False) -> list[LabelledAttempt]:
-    """Join feedback to the attempts it labels (feedback.tier, default the request's final tier). Later feedback on
-    the same (request, tier) wins. With `require_random_sample`, keep only labels that are an unbiased sample of the
-    attempts reaching a tier (`events.random_sample_label`)."""
+    """Join feedback to the attempts it labels (feedback.tier, default the request's final tier), one label per
+    (request, tier) under the precedence the router applies online (`events.resolve_label`): labels are taken in time
+    order, a later one replaces the label in force only from the same or a more trusted source, and untrusted labels
+    (unauthenticated user feedback, old logs included) never count. With `require_random_sample`, keep only labels
+    that are an unbiased sample of the attempts reaching a tier (`events.random_sample_label`)."""
     requests: dict[str, RoutingEvent] = {}
     feedback: list[FeedbackEvent] = []
     for ev in events:
@@ -178,20 +269,26 @@ def labelled_attempts(events, require_random_sample: bool = False) -> list[Label
             requests[ev.request_id] = ev
         else:
             feedback.append(ev)
-    labels: dict[tuple[str, str], FeedbackEvent] = {}
-    for fb in feedback:  # in log order: a later label of the same attempt wins
+    # Time order, not segment order: several routers' segments interleave (the sort is stable for equal times).
+    feedback.sort(key=lambda fb: fb.time)
+    labels: dict[tuple[str, str], tuple[int, bool, FeedbackEvent]] = {}
+    for fb in feedback:
         req = requests.get(fb.request_id)
-        if req is not None:
-            labels[(fb.request_id, fb.tier or req.final_tier or "")] = fb
+        if req is None:
+            continue
+        key = (fb.request_id, fb.tier or req.final_tier or "")
+        trust, ok = label_trust(fb), label_acceptable(fb)
+        current = labels.get(key)
+        if resolve_label(None if current is None else current[:2], trust, ok)[0]:
+            labels[key] = (trust, ok, fb)
     out = []
-    for (rid, tier), fb in labels.items():
+    for (rid, tier), (trust, ok, fb) in labels.items():
         req = requests[rid]
         att = next((a for a in req.attempts if a.tier == tier), None)
         if att is None:
             continue
-        ok = fb.accepted if fb.accepted is not None else (fb.score is not None and fb.score >= 0.5)
         if require_random_sample and not random_sample_label(req, att):
             continue
         out.append(LabelledAttempt(rid, req.time, req.task, tier, att.score, att.predicted, att.threshold,
-                                   att.accepted, bool(ok), fb.source, req.shadow))
+                                   att.accepted, ok, fb.source, req.shadow, trust, fb.labeller))
     return out

@@ -12,6 +12,11 @@ from pydantic import Field
 from routenlp.api.common import ApiModel
 
 
+# accepted: a threshold or the chain end took the answer; fallback: answered by a tier that did not accept it (the
+# plan ran out); error: no tier answered.
+RoutingOutcome = Literal["accepted", "fallback", "error"]
+LabelSource = Literal["user", "shadow", "judge"]
+
 class TierAttempt(ApiModel):
     tier: str
     model: str = Field(description="Model name sent (served name or LoRA adapter).")
@@ -38,13 +43,15 @@ class RoutingEvent(ApiModel):
     attempts: list[TierAttempt] = Field(default_factory=list, description="Tiers tried, in order.")
     final_tier: str | None = None
     escalations: int = 0
-    outcome: Literal["accepted", "fallback", "error"] = "accepted"
+    outcome: RoutingOutcome = "accepted"
     cost_usd: float = 0.0
     latency_ms: float = 0.0
     shadow: bool = Field(default=False, description="A shadow call to the reference tier was scheduled.")
     explored: bool = Field(default=False, description="On the exploration sample (the shadow hash): every attempt is "
                            "labelled against the reference, by the shadow call or, when the request reached the "
                            "reference, by the judge.")
+    client: str | None = Field(default=None, description="Client API key name that sent the request "
+                               "(auth.clientKeysDir).")
 
 
 class FeedbackEvent(ApiModel):
@@ -54,8 +61,11 @@ class FeedbackEvent(ApiModel):
     tier: str | None = Field(default=None, description="Tier whose answer is labelled (default: the final tier).")
     accepted: bool | None = None
     score: float | None = Field(default=None, ge=0, le=1)
-    source: Literal["user", "shadow", "judge"] = "user"
+    source: LabelSource = "user"
     reference_response: str | None = Field(default=None, description="Reference tier's answer (shadow labels).")
+    labeller: str | None = Field(default=None, description="Authenticated labeller who sent it (source user): set by "
+                                 "the router only after checking the labeller's bearer token.")
+    client: str | None = Field(default=None, description="Client API key name that sent it (auth.clientKeysDir).")
 
 
 def random_sample_label(event: RoutingEvent, attempt: TierAttempt) -> bool:
@@ -65,3 +75,33 @@ def random_sample_label(event: RoutingEvent, attempt: TierAttempt) -> bool:
     field), or the tier had no threshold (every attempt then escalates to the reference and is judged). Labels of
     other accepted answers (user feedback) are selective."""
     return event.explored or event.shadow or attempt.threshold is None
+
+
+# Label precedence, shared by the router's label windows and the trainer's joins (`eventlog.labelled_attempts`).
+# Everything crossing the network is hostile, so only labels the router can vouch for count.
+UNTRUSTED, JUDGE, LABELLER = 0, 1, 2
+
+
+def label_trust(fb: FeedbackEvent) -> int:
+    """How far a label is trusted: LABELLER (an authenticated labeller's), JUDGE (the router's own comparison with
+    the reference tier: `shadow`, `judge`), UNTRUSTED (any other feedback, including every user label logged before
+    labellers existed). UNTRUSTED labels are logged but never count."""
+    if fb.source == "user":
+        return LABELLER if fb.labeller else UNTRUSTED
+    return JUDGE
+
+
+def label_acceptable(fb: FeedbackEvent) -> bool:
+    """The label's verdict: `accepted`, else `score` >= 0.5."""
+    return fb.accepted if fb.accepted is not None else (fb.score is not None and fb.score >= 0.5)
+
+
+def resolve_label(current: tuple[int, bool] | None, trust: int, acceptable: bool) -> tuple[bool, bool]:
+    """(take, conflict) for a new label (trust, acceptable) of an attempt whose label in force is `current`
+    ((trust, acceptable), None: none yet). A later label replaces an earlier one only from the same or a more trusted
+    source, so neither a user nor the judge can overturn an authenticated labeller; UNTRUSTED labels never count.
+    `conflict`: the new label disagrees with the one in force (counted, whichever wins)."""
+    conflict = current is not None and current[1] != acceptable
+    if trust <= UNTRUSTED:
+        return False, conflict
+    return current is None or trust >= current[0], conflict

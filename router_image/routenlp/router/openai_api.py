@@ -7,24 +7,72 @@ import json
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
-from .config import RouterConfig
+import numpy as np
+
+from routenlp.api.router_config import RouterConfig
 
 ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 MAX_TOKENS_LIMIT = 1 << 20
+MAX_JSON_DEPTH = 64  # deeper nesting is refused before json.loads recurses into it
 
 
 class ApiError(Exception):
     """A client mistake, answered with `status` and an OpenAI-style error body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
     def body(self) -> dict:
-        kind = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+        kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
                 503: "service_unavailable"}.get(self.status, "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+_STRING_ESCAPES = re.compile(rb"\\.", re.DOTALL)
+_STRINGS = re.compile(rb'"[^"]*"')
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP = np.zeros(256, dtype=np.int8)
+_STEP[list(b"[{")], _STEP[list(b"]}")] = 1, -1
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest [ / { nesting of a JSON text, in linear time and without recursion (strings are cut out first: escapes,
+    then quoted runs, so a bracket inside a string never counts). Exact for valid JSON; for invalid JSON some number
+    json.loads will refuse anyway."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return 0  # cannot be deeper than the limit: skip the scan (the common case)
+    brackets = _STRINGS.sub(b"", _STRING_ESCAPES.sub(b"", raw)).translate(None, _NOT_BRACKETS)
+    if not brackets:
+        return 0
+    return int(np.cumsum(_STEP[np.frombuffer(brackets, dtype=np.uint8)], dtype=np.int64).max())
+
+
+def parse_json_body(raw: bytes):
+    """A request body as JSON, or a 400 that says what is wrong with it: not UTF-8, not JSON, nested deeper than
+    MAX_JSON_DEPTH, or holding a lone surrogate escape (no Unicode text; it would break logging and the encoder)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"request body is not valid UTF-8 (byte {e.start})") from None
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "request body is not valid JSON") from None
+    if _SURROGATE_ESCAPE.search(raw):  # rare: check that every \uD8xx-\uDFxx escape is half of a pair
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "request body holds a lone UTF-16 surrogate escape (\\uD800-\\uDFFF without its "
+                           "pair): not valid Unicode text") from None
+    return body
 
 
 @dataclass
@@ -163,6 +211,8 @@ def resolve_task(config: RouterConfig, header: str | None, metadata_task: str | 
 
 def answer_text(kind: str, body: dict | None) -> str | None:
     """The answer's text from an upstream response (None if absent)."""
+    if body is None:
+        return None
     try:
         choice = body["choices"][0]
         return choice["message"].get("content") if kind == "chat" else choice.get("text")
@@ -172,6 +222,8 @@ def answer_text(kind: str, body: dict | None) -> str | None:
 
 def token_logprobs(kind: str, body: dict | None) -> list[float] | None:
     """Per-token logprobs of the answer (vLLM / OpenAI formats), or None."""
+    if body is None:
+        return None
     try:
         lp = body["choices"][0].get("logprobs")
         if not lp:
@@ -184,6 +236,8 @@ def token_logprobs(kind: str, body: dict | None) -> list[float] | None:
 
 
 def usage(body: dict | None) -> tuple[int, int]:
+    if body is None:
+        return 0, 0
     try:
         u = body.get("usage") or {}
         return int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
@@ -201,6 +255,8 @@ def sse_events(kind: str, body: dict, request_id: str) -> list[bytes]:
     created = int(body.get("created") or time.time())
     model = body.get("model", "")
     rid = body.get("id") or request_id
+    first: dict[str, Any]
+    last: dict[str, Any]
     if kind == "chat":
         obj = "chat.completion.chunk"
         first = {"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": None}

@@ -15,13 +15,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import hashlib
 import json
 import logging
 import math
 import os
+import random
+import sys
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,49 +35,44 @@ from routenlp.api.common import parse_duration
 from routenlp.api.routingpolicy import RiskMeasure
 
 from . import cascade
+from .auth import FeedbackGate, KeyDir, auth_middleware, caller_of
 from .artifacts import Calibration, RouterArtifact, latest_version, load_artifact
-from .clients import TierClient, UpstreamError
-from .config import RouterConfig
+from .clients import TierClient, UpstreamError, UpstreamResult, parse_retry_after
+from routenlp.api.router_config import RouterConfig
 from .conformal import ThresholdResult, calibrate_threshold
-from .confidence import ConfidenceSet, answer_features
+from .confidence import ConfidenceSet
+from .decision_cache import DecisionCache
+from .encoder import EncoderPool, EncoderSpec, shared_encoder_for
+from .engine import (CascadeEngine, Observer, Outcome, Plan, certified, classify, make_plan, redacted_message,
+                     tier_body, tier_path)
 from .eventlog import EventLogWriter, labelled_attempts, read_events
-from .events import FeedbackEvent, RoutingEvent, TierAttempt, random_sample_label
+from .events import (JUDGE, LABELLER, FeedbackEvent, LabelSource, RoutingEvent, RoutingOutcome, TierAttempt,
+                     label_acceptable, random_sample_label)
 from .figures_store import ADOPT_SECONDS, SAVE_SECONDS, FiguresStore
 from .metrics import RouterMetrics
-from .rollout import RolloutFigures
-from .window import LabelWindow
-from .openai_api import (ApiError, ParsedRequest, answer_text, parse_chat, parse_completion, resolve_task, sse_events,
-                         stream_delta_text, structured_agree, token_logprobs, usage)
+from .figures import RolloutFigures
+from .openai_api import (ApiError, ParsedRequest, answer_text, parse_chat, parse_completion, parse_json_body,
+                         resolve_task, sse_events, stream_delta_text, structured_agree, usage)
+from .window import AttemptLabels, LabelWindow
 
 log = logging.getLogger("routenlp.router")
 
 MAX_BODY_BYTES = 1 << 20
+BODY_READ_SECONDS = 30.0  # the whole request body must arrive within this
+BODY_ENCODINGS = ("identity", "gzip", "deflate")  # Content-Encodings aiohttp decodes
 RELOAD_SECONDS = float(os.environ.get("ROUTENLP_RELOAD_SECONDS", "2"))
 GENERATION_AGREEMENT = 0.85  # cosine similarity of answer embeddings that counts as agreeing with the reference
 RECENT_REQUESTS = 20_000  # request id -> event kept in memory for feedback and shadow labels
 WARM_SEGMENTS = 16  # event-log segments read at start-up to refill the calibration window
 BOOTSTRAP_VERSION = "none"  # served before any router artifact exists
 
-_ENCODERS: dict[str, object] = {}
-
-
 def shared_encoder(path: str | None):
-    """One Encoder per folder per process (loading takes seconds)."""
-    from .encoder import Encoder, default_encoder_path
-
-    key = path or default_encoder_path()
-    if key not in _ENCODERS:
-        _ENCODERS[key] = Encoder(key)
-    return _ENCODERS[key]
+    """One fp32 torch MiniLM per folder per process (loading takes seconds)."""
+    return shared_encoder_for(EncoderSpec(), path)
 
 
 def _is_structured(task) -> bool:
     return str(getattr(task.kind, "value", task.kind)) == "structured"
-
-
-def _fraction(request_id: str, salt: str) -> float:
-    h = hashlib.blake2b((salt + request_id).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big") / 2**64
 
 
 class RouterState:
@@ -92,8 +89,13 @@ class RouterState:
         self.K = len(self.tier_names)
         self.tasks = {t.name: t for t in config.tasks}
         self.clients = [TierClient(t) for t in config.tiers]
+        self.engine = CascadeEngine(config.tiers, self.clients)
+        self.rng = random.Random()  # the exploration sample (seeded from the OS: clients cannot predict it)
         self.encoder = encoder
-        self.batcher = None
+        self.batcher = None  # embeds answers for generation agreement (fp32 MiniLM, whatever the versions use)
+        self.encoders = EncoderPool(config.encoder_path, encoder)  # each version's queries in its own encoder space
+        self.decisions = DecisionCache(counters=(self.metrics.decision_cache_hits.labels(config.policy),
+                                                 self.metrics.decision_cache_misses.labels(config.policy)))
         self.events: EventLogWriter | None = None
         self.stable: RouterArtifact | None = None
         self.canary: RouterArtifact | None = None
@@ -101,7 +103,12 @@ class RouterState:
         # labels, and of acceptable over labels of accepted answers (one label per attempt: see window.py).
         self.window: dict[tuple[str, str], LabelWindow[tuple[float, bool]]] = {}
         self.violations: dict[tuple[str, str], LabelWindow[bool]] = {}
+        self.attempt_labels = AttemptLabels(RECENT_REQUESTS * self.K)  # the label in force per attempt (precedence)
         self.online: dict[tuple[str, str], ThresholdResult] = {}
+        auth = config.auth
+        self.labellers = KeyDir(auth.labellers_dir) if auth.labellers_dir else None
+        self.client_keys = KeyDir(auth.client_keys_dir) if auth.client_keys_dir else None
+        self.feedback_gate = FeedbackGate()
         self.recent: collections.OrderedDict[str, RoutingEvent] = collections.OrderedDict()
         self.prefer_cheaper = False  # the operator's budget switch (config.state_path), re-read in the background
         self._state_text: str | None = None
@@ -119,6 +126,7 @@ class RouterState:
             self.stable = RouterArtifact(BOOTSTRAP_VERSION, None, ConfidenceSet(), None, {})
         if stable_name and (self.stable is None or self.stable.version != stable_name):
             new = load_artifact(rv.artifact_dir, stable_name)
+            self.encoders.load(new.encoder)  # its encoder is ready before the version serves
             if self.stable is not None:
                 self.window.clear()  # labels were scored by the old version's confidence models
                 self.online.clear()
@@ -126,9 +134,14 @@ class RouterState:
             log.info("router version %s loaded (stable)", stable_name)
         canary_name = rv.canary if rv.canary_percent > 0 else None
         if canary_name != (self.canary.version if self.canary else None):
-            self.canary = load_artifact(rv.artifact_dir, canary_name) if canary_name else None
+            canary = load_artifact(rv.artifact_dir, canary_name) if canary_name else None
+            if canary is not None:
+                self.encoders.load(canary.encoder)
+            self.canary = canary
         self.figures.set_versions(self.stable.version if self.stable else None,
                                   self.canary.version if self.canary else None)
+        self.figures.chains = {a.version: {t: self.chain_names(a, t) for t in self.tasks}
+                               for a in (self.stable, self.canary) if a is not None}
         self.metrics.version_info.clear()
         if self.stable:
             self.metrics.version_info.labels(self.config.policy, self.stable.version, "stable").set(1)
@@ -144,7 +157,9 @@ class RouterState:
 
     def threshold(self, art: RouterArtifact | None, task: str, tier: str) -> ThresholdResult | None:
         """Threshold in force: online recalibration (stable version) wins over the artifact's calibration, which is
-        used only if calibrated for the policy's risk measure at a risk level no higher than the policy's."""
+        used only if calibrated for the policy's risk measure at a risk level no higher than the policy's, on the
+        chain in force for the task (thresholds fitted on another chain saw other requests) and, for a task with a
+        qualityFloor, at risk levels derived from that floor."""
         if art is not None and art is self.stable and (task, tier) in self.online:
             return self.online[(task, tier)]
         cal: Calibration | None = art.calibration if art is not None else None
@@ -152,20 +167,47 @@ class RouterState:
         if (cal is None or cal.risk_level > c.risk_level or cal.delta > c.delta
                 or cal.risk_measure != RiskMeasure(c.risk_measure).value):
             return None
+        if self.chain_names(art, task) != _calibrated_chain(art, task, self.tier_names):
+            return None
+        if self.tasks[task].quality_floor is not None and self.floor_risk(art, task, tier) is None:
+            return None
         return cal.get(task, tier)
+
+    def floor_risk(self, art: RouterArtifact | None, task: str, tier: str) -> float | None:
+        """The risk level the trainer derived from the task's qualityFloor for this tier (artifact metadata
+        `floor_risk_levels`, written only when it calibrated for the same floor), or None."""
+        meta = art.metadata if art is not None else {}
+        floors = meta.get("floor_risk_levels", {}).get(task) or {}
+        if floors.get("floor") != self.tasks[task].quality_floor:
+            return None
+        value = floors.get("tiers", {}).get(tier)
+        return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+    def chain_names(self, art: RouterArtifact | None, task: str) -> list[str]:
+        """The task's chain: pinned in the RoutingPolicy (`tasks[].chain`), else learnt by the trainer (the
+        artifact's `chains`), else every tier."""
+        pinned = self.tasks[task].chain
+        if pinned:
+            return list(pinned)
+        learnt = _calibrated_chain(art, task, self.tier_names)
+        return learnt
+
+    def chain(self, art: RouterArtifact | None, task: str) -> list[bool] | None:
+        """The task's chain as a mask over the portfolio (None: every tier)."""
+        names = self.chain_names(art, task)
+        return None if names == self.tier_names else [t in names for t in self.tier_names]
 
     def publish_thresholds(self) -> None:
         p = self.config.policy
         for task in self.tasks:
             self.metrics.risk_level.labels(p, task).set(self.config.cascade.risk_level)
             for tier in self.tier_names[:-1]:
-                r = self.threshold(self.stable, task, tier)
-                ok = r is not None and r.certified and r.threshold is not None
-                self.metrics.calibrated.labels(p, task, tier).set(1 if ok else 0)
-                self.metrics.threshold.labels(p, task, tier).set(r.threshold if ok else math.nan)
+                value = certified(self.threshold(self.stable, task, tier))
+                self.metrics.calibrated.labels(p, task, tier).set(0 if value is None else 1)
+                self.metrics.threshold.labels(p, task, tier).set(math.nan if value is None else value)
                 w = self.window.get((task, tier))
                 self.metrics.labels.labels(p, task, tier).set(len(w) if w else 0)
-                rate = self.observed_risk(task, tier, r.threshold if ok else None)
+                rate = self.observed_risk(task, tier, value)
                 if rate is not None:
                     self.metrics.violation_rate.labels(p, task, tier).set(rate)
 
@@ -181,23 +223,32 @@ class RouterState:
         v = self.violations.get((task, tier))
         return 1 - sum(v) / len(v) if v else None
 
-    def add_label(self, event: RoutingEvent, tier: str, acceptable: bool) -> None:
-        """Record a label for one attempt of a stable-version request (online calibration + violation gauge)."""
+    def add_label(self, event: RoutingEvent, tier: str, acceptable: bool, trust: int = JUDGE) -> bool:
+        """Record a label for one attempt (online calibration of the stable version, violation gauge, rollout
+        figures) if it takes the place of the attempt's label in force under the precedence shared with the trainer
+        (`events.resolve_label`; `trust`: events.JUDGE for the router's own labels, LABELLER for an authenticated
+        labeller's). Returns whether it was taken."""
         att = next((a for a in event.attempts if a.tier == tier), None)
         if att is None:
-            return
+            return False
+        taken, conflict = self.attempt_labels.offer(event.request_id, tier, trust, acceptable)
+        if conflict:
+            self.metrics.label_conflicts.labels(self.config.policy, "replaced" if taken else "kept").inc()
+        if not taken:
+            return False
         # Only labels that are a random sample of the attempts reaching the tier keep the calibration unbiased.
         sampled = att.score is not None and random_sample_label(event, att)
         if tier != self.tier_names[-1]:
             self.figures.label(event.router_version, acceptable, att.accepted, sampled,  # canary labels count too
                               attempt=(event.request_id, tier))
         if self.stable is None or event.router_version != self.stable.version:
-            return
+            return True
         key, size = (event.task, tier), self.config.cascade.calibration_window
         if att.accepted:
             self.violations.setdefault(key, LabelWindow(size)).put(event.request_id, acceptable)
-        if sampled:
+        if sampled and att.score is not None:  # random_sample_label holds only scored attempts
             self.window.setdefault(key, LabelWindow(size)).put(event.request_id, (att.score, acceptable))
+        return True
 
     def label_snapshot(self) -> dict[tuple[str, str], list]:
         """Copy of the calibration windows (taken on the event loop, which is the only writer)."""
@@ -214,13 +265,21 @@ class RouterState:
             # allRequests' risk only grows as the threshold falls, so the fixed grid walked from strict to loose is a
             # valid fixed sequence with no training data; acceptedAnswers' is not monotone there: Holm over the grid.
             fwer = "fixed_sequence" if measure == RiskMeasure.ALL_REQUESTS.value else "holm"
-            self.online[(task, tier)] = calibrate_threshold(s, y, c.risk_level, c.delta, c.min_calibration_samples,
+            alpha: float | None = c.risk_level
+            if self.tasks[task].quality_floor is not None:
+                # The floor's risk levels need the reference's quality, which only the trainer's labelled data
+                # bounds: recalibrate at the levels it derived, or not at all.
+                alpha = self.floor_risk(self.stable, task, tier)
+            if alpha is None:
+                continue
+            self.online[(task, tier)] = calibrate_threshold(s, y, alpha, c.delta, c.min_calibration_samples,
                                                             fwer=fwer, risk_measure=measure)
         self.publish_thresholds()
         self.metrics.recalibrations.labels(self.config.policy).inc()
 
     def warm_from_log(self) -> int:
-        """Refill the calibration window from labels already in the event log (e.g. after a restart)."""
+        """Refill the calibration window from labels already in the event log (e.g. after a restart), under the
+        same precedence as online labels: untrusted labels (old unauthenticated feedback included) stay out."""
         if self.stable is None:
             return 0
         # The newest segments only: a long-lived log can be far larger than the window needs.
@@ -231,8 +290,7 @@ class RouterState:
         for la in labelled_attempts(evs):
             ev = by_id.get(la.request_id)
             if ev is not None:
-                self.add_label(ev, la.tier, la.acceptable)
-                n += 1
+                n += self.add_label(ev, la.tier, la.acceptable, la.trust)
         return n
 
     def remember(self, event: RoutingEvent) -> None:
@@ -248,15 +306,20 @@ class RouterState:
     async def decide(self, art: RouterArtifact | None, task: str, query: str) -> tuple[np.ndarray | None, int]:
         """Predicted acceptance per tier (None without a router for this task) and the start tier."""
         router = art.router if art is not None else None
-        if router is None or router.task_index(task) is None:
+        if art is None or router is None or router.task_index(task) is None:
             return None, 0
-        vec = await self.batcher.encode(query)
-        probs = router.predict_proba(vec[None, :], np.array([router.task_index(task)]))[0]
-        if router.tier_names != self.tier_names:
-            idx = [router.tier_names.index(t) if t in router.tier_names else -1 for t in self.tier_names]
-            if min(idx) < 0:
-                return None, 0
-            probs = probs[idx]
+        key = self.decisions.key(art.version, task, query)
+        probs = self.decisions.get(key)
+        if probs is None:
+            # Embedded by the encoder variant the version's heads and thresholds were fitted on (artifacts.py).
+            vec = await self.encoders.load(art.encoder).encode(query)
+            probs = router.predict_proba(vec[None, :], np.array([router.task_index(task)]))[0]
+            if router.tier_names != self.tier_names:
+                idx = [router.tier_names.index(t) if t in router.tier_names else -1 for t in self.tier_names]
+                if min(idx) < 0:
+                    return None, 0
+                probs = probs[idx]
+            self.decisions.put(key, probs)
         if self.prefer_cheaper:  # over budget with PreferCheaper: the cheapest tier first, whatever the prior says
             return probs, 0
         return probs, cascade.start_tier(probs, self.tasks[task].quality_target)
@@ -302,7 +365,7 @@ class RouterState:
             log.warning("rollout figures not persisted: %s", e)
 
     def tiers_up(self) -> list[bool]:
-        up = [not c.breaker.is_open for c in self.clients]
+        up = self.engine.tiers_up()
         for name, u in zip(self.tier_names, up):
             self.metrics.tier_up.labels(self.config.policy, name).set(1 if u else 0)
         return up
@@ -312,6 +375,15 @@ class RouterState:
 
 
 STATE = web.AppKey("routenlp_state", RouterState)
+
+
+def _calibrated_chain(art: RouterArtifact | None, task: str, tier_names: list[str]) -> list[str]:
+    """The chain the artifact's router and thresholds were fitted on for `task` (metadata `chains`; every tier for
+    artifacts without chains, or whose chain names a tier this portfolio does not have)."""
+    names = (art.metadata.get("chains") or {}).get(task) if art is not None else None
+    if not names or any(n not in tier_names for n in names):
+        return list(tier_names)
+    return [t for t in tier_names if t in names]
 
 
 # ---- HTTP ---------------------------------------------------------------------------------------------------------
@@ -324,7 +396,7 @@ async def errors_middleware(request: web.Request, handler):
     try:
         return await handler(request)
     except ApiError as e:
-        return web.json_response(e.body(), status=e.status)
+        return web.json_response(e.body(), status=e.status, headers=e.headers)
     except web.HTTPRequestEntityTooLarge:
         return _error(413, f"request body larger than {MAX_BODY_BYTES} bytes")
     except web.HTTPException as e:
@@ -339,29 +411,23 @@ async def errors_middleware(request: web.Request, handler):
 
 
 async def _read_json(request: web.Request):
+    """The request body as JSON (`openai_api.parse_json_body`); 4xx for what a client got wrong: too large (413),
+    an encoding aiohttp does not decode (415) or a body it cannot decode (400), sent too slowly (408)."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in BODY_ENCODINGS:  # aiohttp passes other encodings through undecoded
+        raise ApiError(415, f"Content-Encoding {encoding!r} is not supported; send {', '.join(BODY_ENCODINGS)}")
     try:
-        raw = await request.read()
+        async with asyncio.timeout(BODY_READ_SECONDS):  # a slow upload must not hold a connection forever
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes") from None
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "request body is not valid JSON") from None
-
-
-def _tier_body(req: ParsedRequest, served_model: str, structured: bool) -> dict:
-    body = dict(req.body)
-    body.pop("metadata", None)
-    body["model"] = served_model
-    body["stream"] = False
-    if req.kind == "chat":
-        body["logprobs"] = True
-    else:
-        body["logprobs"] = max(int(body.get("logprobs") or 0), 1)
-    body.pop("stream_options", None)
-    return body
+    except web.RequestPayloadError:
+        raise ApiError(400, f"request body could not be decoded (Content-Encoding {encoding})") from None
+    except TimeoutError:
+        raise ApiError(408, f"request body not received within {BODY_READ_SECONDS:g} s") from None
+    return parse_json_body(raw)
 
 
 def _strip_logprobs(body: dict) -> dict:
@@ -371,160 +437,151 @@ def _strip_logprobs(body: dict) -> dict:
     return body
 
 
+class ServerObserver(Observer):
+    """The engine's side effects in one router: Prometheus metrics and the version's rollout figures."""
+
+    def __init__(self, state: "RouterState", version: str | None):
+        self.s, self.version = state, version
+
+    def tier_latency(self, tier: str, seconds: float) -> None:
+        self.s.metrics.tier_seconds.labels(self.s.config.policy, tier).observe(seconds)
+
+    def tier_error(self, tier: str) -> None:
+        self.s.metrics.upstream_errors.labels(self.s.config.policy, tier).inc()
+
+    def spent(self, task: str, tier: str, usd: float) -> None:
+        self.s.metrics.cost.labels(self.s.config.policy, task, tier).inc(usd)
+        self.s.figures.spent(self.version, usd)
+
+    def escalated(self, task: str, from_tier: str, to_tier: str) -> None:
+        self.s.metrics.escalations.labels(self.s.config.policy, task, from_tier, to_tier).inc()
+
+
+def _json_object(text: str) -> dict | None:
+    try:
+        v = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return v if isinstance(v, dict) else None
+
+
+def _client_fault(result: UpstreamResult, tier: str) -> web.Response:
+    """The chain end said the request is invalid: a 4xx with the provider's message redacted, never its body."""
+    msg = redacted_message(result)
+    text = f"the {tier} tier rejected the request (HTTP {result.status})" + (f": {msg}" if msg else "")
+    return _error(result.status, text)
+
+
+@dataclass
+class Routing:
+    """One request on its way through the router: what every step of the handler needs."""
+
+    http: web.Request
+    req: ParsedRequest
+    task: str
+    request_id: str
+    art: RouterArtifact | None
+    client: str | None  # the authenticated client's name (client keys), recorded in the routing event
+    arrived: float = field(default_factory=time.time)  # unix time
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def version(self) -> str | None:
+        return self.art.version if self.art else None
+
+    @property
+    def confidence(self) -> ConfidenceSet:
+        return self.art.confidence if self.art else ConfidenceSet()
+
+
 class Handlers:
     def __init__(self, state: RouterState):
         self.s = state
 
     async def completion(self, request: web.Request, kind: str) -> web.StreamResponse:
         s, cfg = self.s, self.s.config
-        t_start = time.perf_counter()
-        arrived = time.time()
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        if len(request_id) > 200:
-            raise ApiError(400, "x-request-id longer than 200 characters")
+        t_start, arrived = time.perf_counter(), time.time()
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex  # shape checked by the middleware
         raw = await _read_json(request)
         req = parse_chat(raw) if kind == "chat" else parse_completion(raw)
         task = resolve_task(cfg, request.headers.get("x-routenlp-task"), req.metadata_task, req.body.get("model"),
                             request.path, req.query)
-        task_spec = s.tasks[task]
-        structured = _is_structured(task_spec)
-        art = s.artifact_for(request_id)
-        version = art.version if art else None
-        confidence = art.confidence if art else ConfidenceSet()
+        r = Routing(request, req, task, request_id, s.artifact_for(request_id), caller_of(request).client, arrived,
+                    t_start)
+        deadline = s.engine.clock() + parse_duration(cfg.cascade.request_deadline)
 
         t_dec = time.perf_counter()
-        prior, start = await s.decide(art, task, req.query)
-        thresholds = [s.threshold(art, task, t) for t in s.tier_names]
+        prior, _ = await s.decide(r.art, task, req.query)
+        thresholds = [s.threshold(r.art, task, t) for t in s.tier_names]
         s.metrics.decision_seconds.labels(cfg.policy).observe(time.perf_counter() - t_dec)
-
-        up = s.tiers_up()
-        # A cheaper tier with no certified threshold for this task can only escalate, so it is skipped (calling it
-        # would cost more than the reference alone), except on the exploration sample: the requests the shadow hash
-        # selects still try it, so it keeps collecting the random labels that recalibration needs to certify it.
-        explore = _fraction(request_id, "shadow") < cfg.shadow_sample_rate
-        usable = [explore or (t is not None and t.certified and t.threshold is not None) for t in thresholds]
-        plan = cascade.plan_for(start, s.K, cfg.cascade.max_escalations, up, usable)
-        if not plan:
+        # The exploration sample is drawn here, by the router, never from a value the client chooses (a chosen
+        # request id would let a client pick which requests count as a random sample). Explored requests try
+        # uncertified tiers and tiers off the task's chain, to collect the random labels recalibration needs.
+        explore = s.rng.random() < cfg.shadow_sample_rate
+        plan = make_plan(prior, s.tasks[task].quality_target, thresholds, s.tiers_up(), cfg.cascade.max_escalations,
+                         explore, s.chain(r.art, task), cheapest_first=s.prefer_cheaper)
+        if not plan.tiers:
             return _error(503, "every tier is unavailable; retry later", headers={"Retry-After": str(s.retry_after())})
+        if req.stream and len(plan.tiers) == 1:
+            return await self._passthrough_stream(r, plan, deadline)
+        out = await s.engine.run(req, task, _is_structured(s.tasks[task]), plan, r.confidence, deadline,
+                                 ServerObserver(s, r.version))
+        return await self._respond(r, plan, out)
 
-        if req.stream and len(plan) == 1:
-            return await self._passthrough_stream(request, req, task, plan[0], prior, art, request_id, arrived, t_start)
-
-        attempts: list[TierAttempt] = []
-        answers: dict[str, tuple[dict, str | None]] = {}
-        # "fallback" unless a tier's answer clears its threshold: a loop that runs out of tiers after a rejected
-        # answer (the later tiers failed) returns that answer as a fallback, not as accepted.
-        final_body, final_tier, outcome, final_score = None, None, "fallback", None
-        queue_ = list(plan)
-        tried: set[int] = set()
-        while queue_:
-            k = queue_.pop(0)
-            tried.add(k)
-            client, tier = s.clients[k], cfg.tiers[k]
-            if not client.breaker.allow():
-                queue_ = queue_ or self._fallback(tried)
-                continue
-            is_ref = k == s.K - 1
-            served = tier.served_model_name
-            try:
-                res = await client.post("/chat/completions" if kind == "chat" else "/completions",
-                                        _tier_body(req, served, structured))
-            except UpstreamError as e:
-                s.metrics.upstream_errors.labels(cfg.policy, tier.name).inc()
-                attempts.append(TierAttempt(tier=tier.name, model=served, error=str(e),
-                                            predicted=None if prior is None else float(prior[k])))
-                if not queue_:
-                    queue_ = self._fallback(tried)
-                continue
-            s.metrics.tier_seconds.labels(cfg.policy, tier.name).observe(res.latency_s)
-            if res.status >= 400:
-                # The tier refused the request itself (e.g. too many tokens): the client's mistake, pass it on.
-                return web.Response(status=res.status, text=res.text, content_type="application/json",
-                                    headers=self._headers(tier.name, len(attempts), None, version))
-            choices = res.body.get("choices") if res.body is not None else None
-            if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)):
-                # 2xx without an answer: a broken tier, not the client's fault. Count it and move on.
-                client.breaker.failure()
-                s.metrics.upstream_errors.labels(cfg.policy, tier.name).inc()
-                attempts.append(TierAttempt(tier=tier.name, model=served, error="malformed response"))
-                if not queue_:
-                    queue_ = self._fallback(tried)
-                continue
-            text = answer_text(kind, res.body)
-            in_tok, out_tok = usage(res.body)
-            p_k = None if prior is None else float(prior[k])
-            feats = answer_features(token_logprobs(kind, res.body), structured, p_k)
-            score = confidence.score(task, tier.name, feats)
-            score = None if math.isnan(score) else score
-            thr = thresholds[k]
-            thr_value = thr.threshold if thr is not None and thr.certified else None
-            ok = cascade.accept(score, thr_value, is_ref)
-            cost = tier.cost.usd(in_tok, out_tok)
-            attempts.append(TierAttempt(tier=tier.name, model=served, predicted=p_k, score=score, threshold=thr_value,
-                                        accepted=ok, response=text, input_tokens=in_tok, output_tokens=out_tok,
-                                        cost_usd=cost, latency_ms=res.latency_s * 1000))
-            answers[tier.name] = (res.body, text)
-            s.metrics.cost.labels(cfg.policy, task, tier.name).inc(cost)
-            s.figures.spent(version, cost)
-            final_body, final_tier, final_score = res.body, tier.name, score
-            if ok or not queue_:
-                outcome = "accepted" if ok else "fallback"
-                break
-            s.metrics.escalations.labels(cfg.policy, task, tier.name, cfg.tiers[queue_[0]].name).inc()
-
-        if final_body is None:
-            self._record(req, task, request_id, arrived, t_start, version, attempts, None, "error", False)
+    async def _respond(self, r: Routing, plan: Plan, out: Outcome) -> web.StreamResponse:
+        """Record the request and answer the client (JSON, or the answer re-framed as SSE)."""
+        s, cfg = self.s, self.s.config
+        if out.client_fault is not None:
+            return _client_fault(out.client_fault, s.tier_names[plan.end])
+        if out.body is None:
+            self._record(r, out.attempts, None, "error", False, plan.explore)
+            if out.deadline_exceeded:
+                return _error(504, "no tier answered within the policy's requestDeadline")
             return _error(503, "no tier could answer; retry later", headers={"Retry-After": str(s.retry_after())})
-
-        escalations = max(len(attempts) - 1, 0)
+        assert out.final is not None  # a body came from some tier
+        final_tier = s.tier_names[out.final]
         # An explored request that reached the reference is judged below; one answered cheaper gets a shadow call.
-        shadow = final_tier != s.tier_names[-1] and explore
-        event = self._record(req, task, request_id, arrived, t_start, version, attempts, final_tier, outcome, shadow,
-                             explore)
-        s.metrics.requests.labels(cfg.policy, task, final_tier, outcome).inc()
-        ref_cost = cfg.tiers[-1].cost.usd(attempts[-1].input_tokens, attempts[-1].output_tokens)
-        s.metrics.reference_cost.labels(cfg.policy, task).inc(ref_cost)
-        first_ok = len(attempts) == 1 and outcome == "accepted" and final_tier != s.tier_names[-1]
-        s.figures.answered(version, first_ok, escalations > 0, ref_cost)
-        if s.tier_names[-1] in answers and len(answers) > 1:
-            asyncio.get_running_loop().create_task(self._judge(event, answers[s.tier_names[-1]][1] or "", "judge"))
+        shadow = final_tier != s.tier_names[-1] and plan.explore
+        event = self._record(r, out.attempts, final_tier, out.outcome, shadow, plan.explore)
+        s.metrics.requests.labels(cfg.policy, r.task, final_tier, out.outcome).inc()
+        last = out.attempts[-1]
+        ref_cost = cfg.tiers[-1].cost.usd(last.input_tokens, last.output_tokens)
+        s.metrics.reference_cost.labels(cfg.policy, r.task).inc(ref_cost)
+        first_ok = len(out.attempts) == 1 and out.outcome == "accepted" and final_tier != s.tier_names[-1]
+        s.figures.answered(r.version, first_ok, out.escalations > 0, ref_cost)
+        reference = s.tier_names[-1]
+        if reference in out.answers and len(out.answers) > 1:
+            asyncio.get_running_loop().create_task(self._judge(event, out.answers[reference] or "", "judge"))
         if shadow:
-            asyncio.get_running_loop().create_task(self._shadow(event, req))
+            asyncio.get_running_loop().create_task(self._shadow(event, r.req))
 
-        headers = self._headers(final_tier, escalations, final_score, version)
-        headers["x-request-id"] = request_id
-        out = final_body if req.wants_logprobs else _strip_logprobs(final_body)
-        if req.stream:
-            resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
-                                               "Cache-Control": "no-cache"})
-            await resp.prepare(request)
-            for chunk in sse_events(kind, out, request_id):
-                await resp.write(chunk)
-            await resp.write_eof()
-            return resp
-        return web.json_response(out, headers=headers)
-
-    def _fallback(self, tried: set[int]) -> list[int]:
-        """After a failure with nothing left in the plan: the highest untried tier that is up."""
-        up = self.s.tiers_up()
-        rest = [k for k in range(self.s.K) if k not in tried and up[k]]
-        return rest[-1:]
+        headers = {**self._headers(final_tier, out.escalations, out.score, r.version), "x-request-id": r.request_id}
+        body = out.body if r.req.wants_logprobs else _strip_logprobs(out.body)
+        if not r.req.stream:
+            return web.json_response(body, headers=headers)
+        resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(r.http)
+        for chunk in sse_events(r.req.kind, body, r.request_id):
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
 
     def _headers(self, tier: str, escalations: int, score: float | None, version: str | None) -> dict:
         return {"x-routenlp-tier": tier, "x-routenlp-escalations": str(escalations),
                 "x-routenlp-confidence": "" if score is None else f"{score:.4f}",
                 "x-routenlp-router-version": version or "none"}
 
-    def _record(self, req, task, request_id, arrived, t_start, version, attempts, final_tier, outcome, shadow,
-                explored=False):
+    def _record(self, r: Routing, attempts: list[TierAttempt], final_tier: str | None, outcome: RoutingOutcome,
+                shadow: bool,
+                explored: bool = False) -> RoutingEvent:
         s = self.s
-        latency = time.perf_counter() - t_start
+        latency = time.perf_counter() - r.t_start
         s.metrics.request_seconds.labels(s.config.policy).observe(latency)
-        event = RoutingEvent(request_id=request_id, time=arrived, policy=s.config.policy, task=task, query=req.query,
-                             router_version=version, attempts=attempts, final_tier=final_tier,
+        event = RoutingEvent(request_id=r.request_id, time=r.arrived, policy=s.config.policy, task=r.task,
+                             query=r.req.query, router_version=r.version, attempts=attempts, final_tier=final_tier,
                              escalations=max(len(attempts) - 1, 0), outcome=outcome,
                              cost_usd=sum(a.cost_usd for a in attempts), latency_ms=latency * 1000, shadow=shadow,
-                             explored=explored)
+                             explored=explored, client=r.client)
         s.remember(event)
         s.log_event(event)
         return event
@@ -535,10 +592,12 @@ class Handlers:
             return False
         if _is_structured(spec):
             return structured_agree(answer, reference, spec.labels)
-        a, b = await asyncio.gather(self.s.batcher.encode(answer), self.s.batcher.encode(reference))
+        batcher = self.s.batcher
+        assert batcher is not None  # set at start-up, before any request
+        a, b = await asyncio.gather(batcher.encode(answer), batcher.encode(reference))
         return float(np.dot(a, b)) >= GENERATION_AGREEMENT
 
-    async def _judge(self, event: RoutingEvent, reference: str, source: str) -> None:
+    async def _judge(self, event: RoutingEvent, reference: str, source: LabelSource) -> None:
         """Label each cheaper attempt of `event` by agreement with the reference tier's answer."""
         s = self.s
         try:
@@ -548,8 +607,8 @@ class Handlers:
                 ok = await self._agree(event.task, att.response, reference)
                 s.log_event(FeedbackEvent(request_id=event.request_id, time=time.time(), tier=att.tier, accepted=ok,
                                           source=source, reference_response=reference if source == "shadow" else None))
-                s.metrics.feedback.labels(s.config.policy, event.task, att.tier, str(ok).lower()).inc()
-                s.add_label(event, att.tier, ok)
+                if s.add_label(event, att.tier, ok):  # a labeller's label of this attempt outranks the judge's
+                    s.metrics.feedback.labels(s.config.policy, event.task, att.tier, str(ok).lower()).inc()
         except Exception:  # labels are best effort; never disturb serving
             log.exception("labelling request %s failed", event.request_id)
 
@@ -561,57 +620,78 @@ class Handlers:
         if not client.breaker.allow():
             return
         try:
-            res = await client.post("/chat/completions" if req.kind == "chat" else "/completions",
-                                    _tier_body(req, ref.served_model_name, False))
+            res = await client.post(tier_path(req.kind), tier_body(req, ref.served_model_name))
         except UpstreamError:
             return
-        if res.status >= 400 or res.body is None:
+        if classify(res, is_end=True) != "answer":
             return
+        client.breaker.success()
         in_tok, out_tok = usage(res.body)
         s.metrics.cost.labels(s.config.policy, event.task, ref.name).inc(ref.cost.usd(in_tok, out_tok))
         s.figures.spent(event.router_version, ref.cost.usd(in_tok, out_tok))
         await self._judge(event, answer_text(req.kind, res.body) or "", "shadow")
 
-    async def _passthrough_stream(self, request, req, task, k, prior, art, request_id, arrived, t_start):
-        """One tier in the plan: stream its answer through as it is generated."""
-        s, tier = self.s, self.s.config.tiers[k]
-        client = s.clients[k]
-        body = dict(req.body)
-        body.pop("metadata", None)
-        body["model"] = tier.served_model_name
-        version = art.version if art else None
+    async def _passthrough_stream(self, r: Routing, plan: Plan, deadline: float) -> web.StreamResponse:
+        """One tier in the plan: stream its answer through as it is generated. A tier that fails before the first
+        byte falls back to the engine (the answer then comes re-framed as SSE); one that fails mid-stream ends the
+        stream with an OpenAI-style error event."""
+        s, k, req = self.s, plan.tiers[0], r.req
+        tier, client = s.config.tiers[k], s.clients[k]
+        observer = ServerObserver(s, r.version)
+        prior = None if plan.prior is None else float(plan.prior[k])
+        attempt = TierAttempt(tier=tier.name, model=tier.served_model_name, predicted=prior)
+        upstream = None
         try:
-            upstream = await client.open_stream("/chat/completions" if req.kind == "chat" else "/completions", body)
+            upstream = await client.open_stream(tier_path(req.kind), tier_body(req, tier.served_model_name, True),
+                                                timeout=max(deadline - s.engine.clock(), 0.001))
         except UpstreamError as e:
-            s.metrics.upstream_errors.labels(s.config.policy, tier.name).inc()
-            att = TierAttempt(tier=tier.name, model=tier.served_model_name, error=str(e))
-            self._record(req, task, request_id, arrived, t_start, version, [att], None, "error", False)
-            return _error(503, "no tier could answer; retry later", headers={"Retry-After": str(s.retry_after())})
+            observer.tier_error(tier.name)
+            attempt.error = str(e)
+        if upstream is not None and upstream.status >= 300:
+            text = await upstream.text()
+            upstream.release()
+            res = UpstreamResult(upstream.status, _json_object(text), text, 0.0,
+                                 parse_retry_after(upstream.headers.get("Retry-After")))
+            if classify(res, is_end=k == plan.end) == "client_fault":
+                return _client_fault(res, tier.name)
+            s.engine._book_fault(k, res)
+            observer.tier_error(tier.name)
+            attempt.error, upstream = f"HTTP {res.status}", None
+        if upstream is None:  # nothing streamed yet: the rest of the portfolio answers through the engine
+            rest = [j for j in s.engine._fallback({k})]
+            fallback = Plan(plan.prior, plan.start, rest, plan.thresholds, plan.end, plan.explore)
+            out = await s.engine.run(req, r.task, _is_structured(s.tasks[r.task]), fallback, r.confidence, deadline,
+                                     observer)
+            out.attempts.insert(0, attempt)
+            return await self._respond(r, plan, out)
+        headers = self._headers(tier.name, 0, None, r.version)
+        headers.update({"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "x-request-id": r.request_id})
+        resp = web.StreamResponse(headers=headers)
+        await resp.prepare(r.http)
+        parts = []
         try:
-            if upstream.status >= 400:
-                text = await upstream.text()
-                return web.Response(status=upstream.status, text=text, content_type="application/json")
-            headers = self._headers(tier.name, 0, None, version)
-            headers.update({"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                            "x-request-id": request_id})
-            resp = web.StreamResponse(headers=headers)
-            await resp.prepare(request)
-            parts = []
-            async for line in upstream.content:
+            async for line in client.stream_lines(upstream):
                 parts.append(stream_delta_text(req.kind, line))
                 await resp.write(line)
-            await resp.write_eof()
+            client.breaker.success()
+        except UpstreamError as e:
+            observer.tier_error(tier.name)
+            attempt.error = str(e)
+            err = ApiError(502, "the tier stopped answering mid-stream; retry the request").body()
+            err["error"]["type"] = "upstream_error"
+            await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
         finally:
             upstream.release()
-        latency = time.perf_counter() - t_start
-        s.metrics.tier_seconds.labels(s.config.policy, tier.name).observe(latency)
-        s.metrics.requests.labels(s.config.policy, task, tier.name, "accepted").inc()
-        s.figures.answered(version, False, False, 0.0)  # streamed through: no confidence score, no usage
-        att = TierAttempt(tier=tier.name, model=tier.served_model_name,
-                          predicted=None if prior is None else float(prior[k]), accepted=k == s.K - 1,
-                          response="".join(parts), latency_ms=latency * 1000)
-        self._record(req, task, request_id, arrived, t_start, version, [att], tier.name,
-                     "accepted" if k == s.K - 1 else "fallback", False)
+        await resp.write_eof()
+        latency = time.perf_counter() - r.t_start
+        observer.tier_latency(tier.name, latency)
+        attempt.response, attempt.latency_ms = "".join(parts), latency * 1000
+        attempt.accepted = attempt.error is None and k == plan.end
+        if attempt.error is None:
+            s.metrics.requests.labels(s.config.policy, r.task, tier.name, "accepted").inc()
+            s.figures.answered(r.version, False, False, 0.0)  # streamed through: no confidence score, no usage
+        outcome: RoutingOutcome = "error" if attempt.error else ("accepted" if k == plan.end else "fallback")
+        self._record(r, [attempt], None if attempt.error else tier.name, outcome, False, plan.explore)
         return resp
 
     async def chat(self, request):
@@ -632,9 +712,12 @@ class Handlers:
     async def readyz(self, request):
         s = self.s
         up = s.tiers_up()
-        ok = s.ready and any(up)
+        # A router that cannot write its event log loses labels and the trainer's data: out of rotation until it can.
+        log_ok = s.events is not None and s.events.healthy
+        ok = s.ready and any(up) and log_ok
         body = {"ready": ok, "encoder": s.batcher is not None, "router_version": s.stable.version if s.stable else None,
-                "tiers_up": dict(zip(s.tier_names, up))}
+                "tiers_up": dict(zip(s.tier_names, up)),
+                "event_log": "ok" if log_ok else (s.events.failing if s.events else None) or "not running"}
         return web.json_response(body, status=200 if ok else 503)
 
     async def metrics(self, request):
@@ -646,8 +729,16 @@ class Handlers:
         return web.json_response(self.s.figures.answer())
 
     async def feedback(self, request):
-        """Attach a label to an answered request: {"request_id", "accepted": bool | "score": 0..1, "tier"?}."""
-        s = self.s
+        """Attach a label to an answered request: {"request_id", "accepted": bool | "score": 0..1, "tier"?}. Every
+        label is logged (the trainer joins it under the shared precedence); only an authenticated labeller's label of
+        a request this router remembers moves its thresholds now (auth.py, events.resolve_label)."""
+        s, policy = self.s, self.s.config.policy
+        caller = caller_of(request)
+        try:
+            s.feedback_gate.admit_client(caller)
+        except ApiError:
+            s.metrics.feedback_refused.labels(policy, "rate_limited").inc()
+            raise
         raw = await _read_json(request)
         if not isinstance(raw, dict):
             raise ApiError(400, "request body must be a JSON object")
@@ -663,18 +754,26 @@ class Handlers:
             raise ApiError(400, "give 'accepted' (boolean) or 'score' (0..1)", "accepted")
         if tier is not None and (not isinstance(tier, str) or tier not in s.tier_names):
             raise ApiError(400, f"'tier' must be one of {', '.join(s.tier_names)}", "tier")
-        event = s.recent.get(rid)
-        ok = bool(accepted) if accepted is not None else float(score) >= 0.5
+        try:
+            s.feedback_gate.admit_request_id(rid, caller)
+        except ApiError:
+            s.metrics.feedback_refused.labels(policy, "request_cap").inc()
+            raise
         fb = FeedbackEvent(request_id=rid, time=time.time(), tier=tier, accepted=accepted,
-                           score=None if score is None else float(score), source="user")
+                           score=None if score is None else float(score), source="user", labeller=caller.labeller,
+                           client=caller.client)
         s.log_event(fb)
-        known = event is not None
-        if known:
-            t = tier or event.final_tier
-            s.metrics.feedback.labels(s.config.policy, event.task, t or "", str(ok).lower()).inc()
-            if t:
-                s.add_label(event, t, ok)
-        return web.json_response({"status": "recorded", "known_request": known}, status=202)
+        event = s.recent.get(rid)
+        if caller.labeller is None:
+            s.metrics.feedback_not_applied.labels(policy, "unauthenticated").inc()
+        elif event is None:
+            s.metrics.feedback_not_applied.labels(policy, "unknown_request").inc()
+        else:
+            t, ok = tier or event.final_tier, label_acceptable(fb)
+            if t and s.add_label(event, t, ok, LABELLER):
+                s.metrics.feedback.labels(policy, event.task, t, str(ok).lower()).inc()
+        return web.json_response({"status": "recorded", "known_request": event is not None,
+                                  "trusted": caller.labeller is not None}, status=202)
 
 
 async def _background(state: RouterState) -> None:
@@ -711,14 +810,31 @@ async def _background(state: RouterState) -> None:
                 log.exception("recalibration failed; keeping the thresholds in force")
 
 
-def build_app(config: RouterConfig, config_path: str | None = None, encoder=None) -> web.Application:
-    """The router as an aiohttp application. `encoder`: an Encoder-like object (default: all-MiniLM-L6-v2 from the
-    config's encoder_path, shared per process)."""
-    from .encoder import MicroBatcher
+def import_encoder_modules() -> None:
+    """Import torch and transformers' encoder classes on the calling (main) thread, before encoders load in worker
+    threads. transformers resolves its classes lazily, on first use, and a package's first import running in two
+    threads at once can hand one of them a half-initialised module (`cannot import name 'AutoModel'`, `Could not
+    import module 'BertModel'`: 4 of 8 fresh processes of tests/unit/router/test_import_race.py's scenario without
+    this, 0 of 8 with it)."""
+    import torch  # noqa: F401
+    from transformers import AutoModel, AutoTokenizer, BertModel  # noqa: F401  (MiniLM is a BertModel)
 
+
+def build_app(config: RouterConfig, config_path: str | None = None, encoder=None,
+              admin_host: str = "0.0.0.0") -> web.Application:
+    """The router as an aiohttp application. `encoder`: an Encoder-like object used for the embedding space it gives
+    (default: for each router version, the encoder variant it names, from the config's encoder_path; shared per
+    process). With `config.admin_port`, `/metrics` and `/routenlp/*` are served only there (on `admin_host`), by a
+    second listener this app starts and stops; it checks no client keys (the NetworkPolicy keeps clients off it)."""
+    if encoder is None:  # encoders will load in worker threads
+        import_encoder_modules()
     state = RouterState(config, config_path, encoder)
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[errors_middleware])
+    failed_auth = state.metrics.auth_failures.labels(config.policy).inc
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[
+        errors_middleware, auth_middleware(state.labellers, state.client_keys, on_failure=failed_auth)])
     app[STATE] = state
+    admin = web.Application(middlewares=[errors_middleware]) if config.admin_port else app
+    admin_runner: list[web.AppRunner] = []
     h = Handlers(state)
     app.router.add_post("/v1/chat/completions", h.chat)
     app.router.add_post("/v1/completions", h.completions)
@@ -726,15 +842,23 @@ def build_app(config: RouterConfig, config_path: str | None = None, encoder=None
     app.router.add_post("/v1/feedback", h.feedback)
     app.router.add_get("/healthz", h.healthz)
     app.router.add_get("/readyz", h.readyz)
-    app.router.add_get("/metrics", h.metrics)
-    app.router.add_get("/routenlp/rollout", h.rollout)
+    admin.router.add_get("/metrics", h.metrics)
+    admin.router.add_get("/routenlp/rollout", h.rollout)
 
     async def on_startup(app):
-        if state.encoder is None:
-            state.encoder = await asyncio.to_thread(shared_encoder, config.encoder_path)
-        state.batcher = MicroBatcher(state.encoder)
+        state.batcher = await asyncio.to_thread(state.encoders.load, EncoderSpec())
+        state.encoder = state.batcher.encoder
         state.events = EventLogWriter(config.event_log_dir,
-                                      on_drop=lambda: state.metrics.event_log_dropped.labels(config.policy).inc())
+                                      on_drop=state.metrics.event_log_dropped.labels(config.policy).inc,
+                                      on_replace=state.metrics.event_log_replaced.labels(config.policy).inc)
+        if state.labellers is None:
+            log.warning("no labellers configured (auth.labellersDir): /v1/feedback is logged for the trainer but never "
+                        "moves a threshold; only the router's own judge labels calibrate")
+        if admin is not app:
+            admin_runner.append(web.AppRunner(admin, access_log=None))
+            await admin_runner[0].setup()
+            await web.TCPSite(admin_runner[0], admin_host, config.admin_port).start()
+            log.info("admin endpoints (/metrics, /routenlp/*) on %s:%d", admin_host, config.admin_port)
         try:
             state.load_state()
             await asyncio.to_thread(state.load_versions)
@@ -754,14 +878,15 @@ def build_app(config: RouterConfig, config_path: str | None = None, encoder=None
     async def on_cleanup(app):
         for t in state.background:
             t.cancel()
+        for r in admin_runner:
+            await r.cleanup()
         if state.ready:
             await state.persist_figures(released=True)  # a clean shutdown: the next router adopts them at once
         for c in state.clients:
             await c.close()
         if state.events is not None:
             await asyncio.to_thread(state.events.close)
-        if state.batcher is not None:
-            state.batcher.close()
+        state.encoders.close()
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
@@ -784,10 +909,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = RouterConfig.load(args.config)
     except FileNotFoundError:
-        print(f"routenlp router: config file {args.config} not found", file=os.sys.stderr)
+        print(f"routenlp router: config file {args.config} not found", file=sys.stderr)
         return 2
     except Exception as e:  # pydantic ValidationError names the field
-        print(f"routenlp router: invalid config {args.config}: {e}", file=os.sys.stderr)
+        print(f"routenlp router: invalid config {args.config}: {e}", file=sys.stderr)
         return 2
-    web.run_app(build_app(config, config_path=args.config), host=args.host, port=args.port, access_log=None)
+    web.run_app(build_app(config, config_path=args.config, admin_host=args.host), host=args.host, port=args.port,
+                access_log=None)
     return 0

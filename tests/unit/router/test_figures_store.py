@@ -6,7 +6,7 @@ import json
 import pytest
 
 from routenlp.router.figures_store import ORPHAN_SECONDS, FiguresStore
-from routenlp.router.rollout import RolloutFigures
+from routenlp.router.figures import RolloutFigures
 from routenlp.router.server import STATE, build_app
 
 from .fakes import FakeEncoder

@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from routenlp.router.rollout import RolloutFigures, SpendWindow, merge
+from routenlp.api.figures import merge
+from routenlp.router.figures import RolloutFigures, SpendWindow
 
 from .live import request
-from .test_server import calibrated, stack_factory, wait_for  # noqa: F401  (fixture)
+from .test_server import QA, calibrated, labeller_dir, stack_factory, wait_for  # noqa: F401  (fixture)
 
 
 class Clock:
@@ -106,10 +107,11 @@ def test_merge_sums_counts_and_recomputes_rates():
     assert (s["riskMeasure"], s["sampled"], s["violationRate"]) == ("allRequests", 50, 0.1)
 
 
-def test_rollout_endpoint_over_http(stack_factory):
+def test_rollout_endpoint_over_http(stack_factory, tmp_path):
     s = stack_factory(artifacts=[("v1", {"router": None, "calibration": calibrated()}),
                                  ("v2", {"router": None, "calibration": calibrated()})],
-                      router={"current": "v1", "canary": "v2", "canaryPercent": 30})
+                      router={"current": "v1", "canary": "v2", "canaryPercent": 30},
+                      auth={"labellersDir": labeller_dir(tmp_path, qa="qa-token-1")})
     # Find request ids that land on each version (the split is a stable hash of the id).
     from routenlp.router import cascade
     ids = [f"r{i}" for i in range(200)]
@@ -119,9 +121,10 @@ def test_rollout_endpoint_over_http(stack_factory):
         assert s.chat(text, headers={"x-request-id": rid})[1]["x-routenlp-router-version"] == "v1"
     for rid in canary_ids:
         assert s.chat("refund easy", headers={"x-request-id": rid})[1]["x-routenlp-router-version"] == "v2"
-    # user labels: the stable's accepted small answer was wrong, the canary's fine
+    # a labeller's labels: the stable's accepted small answer was wrong, the canary's fine (anonymous ones never count)
     for rid, ok in ((stable_ids[0], False), (canary_ids[0], True)):
-        assert request(s.port, "POST", "/v1/feedback", {"request_id": rid, "accepted": ok})[0] == 202
+        assert request(s.port, "POST", "/v1/feedback", {"request_id": rid, "accepted": ok}, headers=QA)[0] == 202
+    assert request(s.port, "POST", "/v1/feedback", {"request_id": stable_ids[0], "accepted": True})[0] == 202
     status, _, body = request(s.port, "GET", "/routenlp/rollout")
     assert status == 200
     a = json.loads(body)
@@ -129,7 +132,7 @@ def test_rollout_endpoint_over_http(stack_factory):
     assert (st["version"], st["requests"], st["escalations"]) == ("v1", 3, 2)
     assert st["acceptanceRate"] == pytest.approx(1 / 3) and st["escalationRate"] == pytest.approx(2 / 3)
     # judge labels of the escalated requests (medium: small rejected -> not an accepted answer; hard likewise)
-    # do not count; only the user label on the accepted small answer does.
+    # do not count; only the labeller's label on the accepted small answer does.
     assert (st["labelled"], st["violations"], st["violationRate"]) == (1, 1, 1.0)
     assert (ca["version"], ca["requests"], ca["acceptanceRate"], ca["violationRate"]) == ("v2", 2, 1.0, 0.0)
     # cost: tiers cost 0.1 / 1 / 10 per million tokens; 12 tokens per answer (fake tiers)
@@ -143,25 +146,26 @@ def test_rollout_endpoint_over_http(stack_factory):
     assert a["spentUsd24h"] == pytest.approx(metric_spent)
 
 
-def test_rollout_violation_rate_under_all_requests_over_http(stack_factory):
+def test_rollout_violation_rate_under_all_requests_over_http(stack_factory, tmp_path):
     """allRequests: the served violationRate is over shadow (random-sample) labels of the requests reaching the cheaper
-    tiers; a user complaint about an accepted answer counts as an accepted-answer label but not in that rate."""
+    tiers; a labeller's complaint about an accepted answer counts as an accepted-answer label but not in that rate."""
     from routenlp.router.artifacts import Calibration
     from routenlp.router.conformal import ALL_REQUESTS, ThresholdResult
 
     res = ThresholdResult(0.5, 500, 300, 0.01, True)
     cal = Calibration(0.05, 0.1, tasks={"intent": {"small": res, "medium": res}}, risk_measure=ALL_REQUESTS)
     s = stack_factory(artifacts=[("v1", {"router": None, "calibration": cal})], router={"current": "v1"},
-                      shadowSampleRate=1.0, cascade={"riskMeasure": ALL_REQUESTS})
+                      shadowSampleRate=1.0, cascade={"riskMeasure": ALL_REQUESTS},
+                      auth={"labellersDir": labeller_dir(tmp_path, qa="qa-token-1")})
     ids = [f"q{i}" for i in range(3)]
     for rid in ids:
         status, h, _ = s.chat("refund easy", headers={"x-request-id": rid})
         assert status == 200 and h["x-routenlp-tier"] == "small"  # accepted at the cheap tier, then shadowed
     wait_for(lambda: _figures(s)["stable"]["sampled"] == 3)
-    assert request(s.port, "POST", "/v1/feedback", {"request_id": ids[0], "accepted": False})[0] == 202
+    assert request(s.port, "POST", "/v1/feedback", {"request_id": ids[0], "accepted": False}, headers=QA)[0] == 202
     st = _figures(s)["stable"]
     assert st["riskMeasure"] == ALL_REQUESTS
-    # The shadow judge found every cheap answer right; the user's later label of q0's answer replaces the judge's
+    # The shadow judge found every cheap answer right; the labeller's later label of q0's answer replaces the judge's
     # (one label per attempt, as the trainer reads the log): one sampled violation in three, not four labels.
     assert (st["sampled"], st["sampledViolations"], st["violationRate"]) == (3, 1, pytest.approx(1 / 3))
     assert (st["labelled"], st["violations"]) == (3, 1)

@@ -9,7 +9,7 @@ import pytest
 
 from routenlp.router import cascade
 from routenlp.router.artifacts import Calibration, save_artifact
-from routenlp.router.config import RouterConfig
+from routenlp.api.router_config import RouterConfig
 from routenlp.router.conformal import ThresholdResult
 from routenlp.router.difficulty import DifficultyRouter
 from routenlp.router.eventlog import read_events
@@ -356,24 +356,39 @@ def test_models_health_metrics(stack_factory):
     assert s.metric("routenlp_router_version_info", version="none", role="stable") == 1
 
 
-def test_feedback_is_logged_and_validated(stack_factory):
-    s = stack_factory(artifacts=[("v1", {"router": None, "calibration": calibrated()})])
+def labeller_dir(tmp_path, **tokens):
+    """A directory like a mounted Secret: one file per labeller (or client), holding its token."""
+    d = tmp_path / f"keys-{len(list(tmp_path.glob('keys-*')))}"
+    d.mkdir()
+    for name, token in tokens.items():
+        (d / name).write_text(token + "\n")
+    return str(d)
+
+
+QA = {"Authorization": "Bearer qa-token-1"}
+
+
+def test_feedback_is_logged_and_validated(stack_factory, tmp_path):
+    s = stack_factory(artifacts=[("v1", {"router": None, "calibration": calibrated()})],
+                      auth={"labellersDir": labeller_dir(tmp_path, qa="qa-token-1")})
     _, h, _ = s.chat("easy", headers={"x-request-id": "req-1"})
     assert h["x-request-id"] == "req-1"
-    status, _, body = request(s.port, "POST", "/v1/feedback", {"request_id": "req-1", "accepted": False})
-    assert status == 202 and json.loads(body)["known_request"] is True
-    status, _, body = request(s.port, "POST", "/v1/feedback", {"request_id": "other", "score": 0.9})
+    status, _, body = request(s.port, "POST", "/v1/feedback", {"request_id": "req-1", "accepted": False}, headers=QA)
+    assert status == 202 and json.loads(body) == {"status": "recorded", "known_request": True, "trusted": True}
+    status, _, body = request(s.port, "POST", "/v1/feedback", {"request_id": "other", "score": 0.9}, headers=QA)
     assert status == 202 and json.loads(body)["known_request"] is False
     for bad in ({"accepted": True}, {"request_id": "x"}, {"request_id": "x", "score": 2},
                 {"request_id": "x", "accepted": "yes"}, {"request_id": "x", "accepted": True, "tier": "nope"}):
-        assert request(s.port, "POST", "/v1/feedback", bad)[0] == 400
+        assert request(s.port, "POST", "/v1/feedback", bad, headers=QA)[0] == 400
     assert s.metric("routenlp_feedback_total", task="intent", tier="small", accepted="false") == 1
+    assert s.metric("routenlp_feedback_not_applied_total", reason="unknown_request") == 1
     # an accepted answer labelled unacceptable shows in the violation rate
     s.state.publish_thresholds()
     assert s.metric("routenlp_violation_rate", task="intent", tier="small") == 1.0
     time.sleep(0.1)
     fbs = [e for e in s.events() if isinstance(e, FeedbackEvent) and e.source == "user"]
-    assert [(f.request_id, f.accepted, f.score) for f in fbs] == [("req-1", False, None), ("other", None, 0.9)]
+    assert [(f.request_id, f.accepted, f.score, f.labeller) for f in fbs] == [("req-1", False, None, "qa"),
+                                                                             ("other", None, 0.9, "qa")]
 
 
 def test_canary_split_is_stable_by_request_id(stack_factory):

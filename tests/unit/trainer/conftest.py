@@ -90,13 +90,15 @@ def write_log(directory: Path, n_per: int = 12, cost_by_topic=None, labelled_bad
         w.submit(RoutingEvent(request_id=f"ok-{i}", time=t, policy="p", task="intent", query=f"top up failed {i}",
                               final_tier="student", attempts=[TierAttempt(tier="student", model="s", score=0.9,
                                                                           accepted=True, response="top_up_failed")]))
-    for i in range(labelled_bad):  # accepted, later labelled unacceptable by a user
+    for i in range(labelled_bad):  # accepted, later labelled unacceptable by a labeller
         t += 1
         rid = f"bad-{i}"
         w.submit(RoutingEvent(request_id=rid, time=t, policy="p", task="intent", query=f"extra fee charged {i}",
                               final_tier="student", attempts=[TierAttempt(tier="student", model="s", score=0.8,
                                                                           accepted=True, response="top_up_failed")]))
-        w.submit(FeedbackEvent(request_id=rid, time=t + 1, accepted=False, source="user"))
+        w.submit(FeedbackEvent(request_id=rid, time=t + 1, accepted=False, source="user", labeller="qa"))
+        # and an anonymous label of another accepted answer: logged, never counts (events.label_trust)
+        w.submit(FeedbackEvent(request_id=f"ok-{i % 6}", time=t + 2, accepted=False, source="user"))
     w.close()
     return rows
 
@@ -109,7 +111,7 @@ def topic_embed(monkeypatch):
     rng = np.random.default_rng(1)
     centres = {t: rng.normal(size=384) for t in list(TOPICS) + ["other"]}
 
-    def fake_embed(texts, encoder_path=None):
+    def fake_embed(texts, encoder_path=None, spec=None):
         out = []
         for text in texts:
             topic = next((t for t, qs in TOPICS.items() if any(text.startswith(q) for q in qs)), "other")
