@@ -4,7 +4,9 @@
 - confidence.json   confidence models per task and tier (`confidence.ConfidenceSet`)
 - calibration.json  thresholds per task and tier: {"risk_level", "delta", "time", "tasks": {task: {tier:
                     {threshold, n, n_accepted, empirical_risk, certified}}}}
-- metadata.json     {"version", "created", ...free-form (training data, metrics)}
+- metadata.json     {"version", "created", "encoder": {"variant", "max_tokens"}, ...free-form (training data,
+                    metrics)}; `encoder` names the encoder variant the heads and thresholds were fitted on (absent:
+                    fp32 torch MiniLM at 256 tokens, as before variants existed; see encoder.py)
 
 Written atomically: everything goes to a hidden temp folder beside the target, fsynced, then renamed, so a reader
 (the router's hot reload) sees a version whole or not at all.
@@ -24,6 +26,7 @@ from pathlib import Path
 from .conformal import ACCEPTED_ANSWERS, ThresholdResult
 from .confidence import ConfidenceSet
 from .difficulty import DifficultyRouter
+from .encoder import EncoderSpec
 
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -62,6 +65,10 @@ class RouterArtifact:
     calibration: Calibration | None
     metadata: dict
     path: Path | None = None
+    encoder: EncoderSpec = field(init=False)  # from metadata["encoder"]; queries are embedded with exactly this
+
+    def __post_init__(self):
+        self.encoder = EncoderSpec.from_json(self.metadata.get("encoder"))
 
 
 def _fsync_tree(root: Path) -> None:
@@ -73,10 +80,15 @@ def _fsync_tree(root: Path) -> None:
 
 def save_artifact(artifact_dir: str | Path, version: str, router: DifficultyRouter | None,
                   confidence: ConfidenceSet | None = None, calibration: Calibration | None = None,
-                  metadata: dict | None = None) -> Path:
-    """Write version `version` atomically; refuses to overwrite an existing version (versions are immutable)."""
+                  metadata: dict | None = None, encoder: EncoderSpec | None = None) -> Path:
+    """Write version `version` atomically; refuses to overwrite an existing version (versions are immutable).
+    `encoder`: what `router` and `calibration` were fitted on (or metadata["encoder"]; neither: fp32 torch MiniLM)."""
     if not VERSION_RE.match(version):
         raise ValueError(f"router version {version!r} must match {VERSION_RE.pattern}")
+    metadata = dict(metadata or {})
+    if encoder is not None:
+        metadata["encoder"] = encoder.to_json()
+    EncoderSpec.from_json(metadata.get("encoder"))  # a version no router could load is never written
     root = Path(artifact_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / version
@@ -90,7 +102,7 @@ def save_artifact(artifact_dir: str | Path, version: str, router: DifficultyRout
         (tmp / "confidence.json").write_text(json.dumps((confidence or ConfidenceSet()).to_json(), indent=1))
         if calibration is not None:
             (tmp / "calibration.json").write_text(json.dumps(calibration.to_json(), indent=1))
-        meta = {"version": version, "created": time.time(), **(metadata or {})}
+        meta = {"version": version, "created": time.time(), **metadata}
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=1))
         _fsync_tree(tmp)
         os.rename(tmp, final)

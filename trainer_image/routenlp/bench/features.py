@@ -1,8 +1,10 @@
 """Features for the benchmark: MiniLM embeddings cached on disk, and the offline answer scorer.
 
-Embeddings come from the router's own `Encoder` (all-MiniLM-L6-v2). They are cached per text, keyed by a hash of
-(encoder folder name, max tokens, text), in `<cache>/embeddings-<encoder>.npz`, so a rerun encodes nothing and a
-new data set encodes only its new texts.
+Embeddings come from the router's own encoder (all-MiniLM-L6-v2, in the encoder variant new router versions are
+trained on: `routenlp.router.encoder.default_variant()`, env ROUTENLP_ENCODER_VARIANT). They are cached per text (a
+hash of max tokens and text) in one file per encoder folder, embedding space and max tokens,
+`<cache>/embeddings-<encoder>[-int8]-<max tokens>.npz`, so a rerun encodes nothing and a new data set encodes only its
+new texts.
 
 The answer scorer replaces token logprobs, which recorded outcome tables do not have (as in FrugalGPT): for each
 tier, a logistic regression predicts P(answer acceptable) from [MiniLM embedding of the query, an embedding of the
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from routenlp.router.encoder import EncoderSpec, default_variant, load_encoder, serving_spec
+
 RESPONSE_TAIL_CHARS = 400
 QUERY_MAX_TOKENS = 128
 
@@ -35,7 +39,8 @@ class EmbeddingCache:
     """Text -> embedding with a persistent per-text cache. The encoder is created only if something is missing."""
 
     def __init__(self, cache_dir: str | Path | None = None, encoder=None, encoder_path: str | None = None,
-                 max_tokens: int = QUERY_MAX_TOKENS):
+                 max_tokens: int = QUERY_MAX_TOKENS, variant: str | None = None):
+        self.spec = EncoderSpec(variant or default_variant(), max_tokens)
         self.dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self._encoder = encoder
         self._encoder_path = encoder_path
@@ -44,15 +49,14 @@ class EmbeddingCache:
 
     def _enc(self):
         if self._encoder is None:
-            from routenlp.router.encoder import Encoder
-
-            self._encoder = Encoder(self._encoder_path, max_tokens=self.max_tokens)
+            self._encoder = load_encoder(serving_spec(self.spec), self._encoder_path)
         return self._encoder
 
     def _file(self) -> Path:
         # Keyed by the encoder folder's name: the default is the router's all-MiniLM-L6-v2.
         name = Path(self._encoder_path).name if self._encoder_path else "all-MiniLM-L6-v2"
-        return self.dir / f"embeddings-{name}-{self.max_tokens}.npz"
+        space = "" if self.spec.space == "minilm-l6-fp32" else "-int8"  # both fp32 variants give the same vectors
+        return self.dir / f"embeddings-{name}{space}-{self.max_tokens}.npz"
 
     def _key(self, text: str) -> bytes:
         return hashlib.blake2b(f"{self.max_tokens}\0{text}".encode(), digest_size=16).digest()
