@@ -55,18 +55,18 @@ def vllm_server(smollm2_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def banking77_oracle(shared_data):
+def banking77_oracle():
     """`banking77-oracle`: an oracle-quality stand-in for a frontier model (answers with the gold label)."""
     from routenlp.local.standins import ORACLE, StandinServer
 
-    with StandinServer(ORACLE, folder=str(shared_data / "banking77")) as s:
+    with StandinServer(ORACLE) as s:
         yield s
 
 
 @pytest.fixture(scope="session")
-def banking77_classifier(shared_data):
+def banking77_classifier():
     """`banking77-classifier`: MiniLM embeddings + logistic regression (trained once, cached ~1 min)."""
     from routenlp.local.standins import CLASSIFIER, StandinServer
 
-    with StandinServer(CLASSIFIER, folder=str(shared_data / "banking77"), quiet=True) as s:
+    with StandinServer(CLASSIFIER, quiet=True) as s:
         yield s

@@ -75,7 +75,7 @@ def vllm_pids(pids: set[int]) -> set[int]:
     return out
 
 
-def test_up_serves_the_local_portfolio_and_ctrl_c_leaves_no_orphans(tmp_path, shared_data):
+def test_up_serves_the_local_portfolio_and_ctrl_c_leaves_no_orphans(tmp_path):
     port = free_port()
     proc, log = start_up(tmp_path, port)
     try:
@@ -92,7 +92,7 @@ def test_up_serves_the_local_portfolio_and_ctrl_c_leaves_no_orphans(tmp_path, sh
         kids = descendants(proc.pid)
         assert vllm_pids(kids), f"no vLLM process under routenlp up: {kids}"
 
-        ex = b77.sample("test", 1, seed=5, folder=str(shared_data / "banking77"))[0]
+        ex = b77.sample("test", 1, seed=5)[0]
         r = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
             "model": "banking77-intent", "messages": b77.messages(ex.text), "max_tokens": 12, "temperature": 0})
         assert r.status_code == 200, r.text

@@ -22,7 +22,7 @@ SMOL, REF = "smollm2", "frontier-oracle"
 
 
 def _router_config(tiers: list[tuple[str, str, str]], tmp, labels):
-    from routenlp.router.config import RouterConfig
+    from routenlp.api.router_config import RouterConfig
 
     policy = parse({
         "apiVersion": "routenlp.io/v1alpha1", "kind": "RoutingPolicy", "metadata": {"name": "e2e"},
@@ -54,19 +54,19 @@ def publish(artifact_dir, version: str, smol_threshold: float | None):
 
 
 @pytest.fixture(scope="module")
-def reference(shared_data):
+def reference():
     """This module's own oracle stand-in (a test stops it to take the reference tier down)."""
-    s = StandinServer(ORACLE, "frontier-oracle", folder=str(shared_data / "banking77")).start()
+    s = StandinServer(ORACLE, "frontier-oracle").start()
     yield s
     s.stop()
 
 
 @pytest.fixture(scope="module")
-def router(vllm_server, reference, tmp_path_factory, shared_data):
+def router(vllm_server, reference, tmp_path_factory):
     from routenlp.router import server
 
     tmp = tmp_path_factory.mktemp("router")
-    labels = b77.labels(str(shared_data / "banking77"))
+    labels = b77.labels()
     cfg = _router_config([(SMOL, vllm_server.served_model_name, vllm_server.base_url),
                           (REF, "frontier-oracle", reference.base_url)], tmp, labels)
     publish(cfg.router.artifact_dir, "v1", None)
@@ -82,8 +82,8 @@ def router(vllm_server, reference, tmp_path_factory, shared_data):
 
 
 @pytest.fixture(scope="module")
-def queries(shared_data):
-    return b77.sample("test", 12, seed=7, folder=str(shared_data / "banking77"))
+def queries():
+    return b77.sample("test", 12, seed=7)
 
 
 def ask(router, ex, **extra):
@@ -232,13 +232,13 @@ def test_reference_tier_down_falls_back_to_vllm(router, reference, queries):
     assert ev.outcome == "fallback"
 
 
-def test_every_tier_down_is_503_with_retry_after(tmp_path, shared_data):
+def test_every_tier_down_is_503_with_retry_after(tmp_path):
     from routenlp.local.vllm import free_port
     from routenlp.router import server
 
     dead = [f"http://127.0.0.1:{free_port()}/v1" for _ in range(2)]
     cfg = _router_config([(SMOL, "smollm2-135m", dead[0]), (REF, "frontier-oracle", dead[1])], tmp_path,
-                         b77.labels(str(shared_data / "banking77")))
+                         b77.labels())
     with AppThread(server.build_app(cfg), name="dead-router") as t:
         t.labels = cfg.tasks[0].labels
         codes = [ask(t, b77.Example("I lost my card", "lost_or_stolen_card")) for _ in range(6)]
@@ -246,9 +246,9 @@ def test_every_tier_down_is_503_with_retry_after(tmp_path, shared_data):
     assert "error" in codes[-1].json()
 
 
-def test_classifier_standin_is_a_real_classifier(banking77_classifier, shared_data):
+def test_classifier_standin_is_a_real_classifier(banking77_classifier):
     """The encoder-classifier tier answers with labels and logprobs, accurately (trained on the train split only)."""
-    exs = b77.sample("test", 60, seed=11, folder=str(shared_data / "banking77"))
+    exs = b77.sample("test", 60, seed=11)
     correct, probs = 0, []
     for ex in exs:
         body = requests.post(f"{banking77_classifier.base_url}/chat/completions", timeout=30, json={

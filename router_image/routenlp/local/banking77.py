@@ -1,16 +1,20 @@
 """BANKING77 (customer-service intent detection, 77 intents; CC BY 4.0): the local runtime's workload.
 
-Data is read from the shared public-data folder (never copied into the repository): `$ROUTENLP_SHARED_DATA/banking77`
-or `<repo>/../shared/data/banking77`. One prompt format is used by every local tier, the demo and the campaign:
-the system message lists the intents, the last user message is the customer's query verbatim, so a tier (or the
-oracle stand-in) can read the query back with `query_of(messages)`.
+The data ships with the package (`data/banking77/`: the upstream CSV files gzip-compressed, the licence, the source
+and SHA-256 checksums of the upstream files, verified on every load), so the demo and its tests run on a clone with
+nothing beside it. Every reader of BANKING77 (stand-ins, demo, benches, tests) goes through `load_split` / `labels`.
+One prompt format is used by every local tier, the demo and the campaign: the system message lists the intents, the
+last user message is the customer's query verbatim, so a tier (or the oracle stand-in) can read the query back with
+`query_of(messages)`.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
+import hashlib
+import io
 import json
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -19,22 +23,55 @@ from pathlib import Path
 
 TASK = "banking77-intent"
 
-_REPO = Path(__file__).resolve().parents[3]
+# The copy that ships with the package (see its README.md for source and attribution).
+DATA_DIR = Path(__file__).resolve().parent / "data" / "banking77"
+CHECKSUMS = "SHA256SUMS"
 
 
-def shared_data_dir() -> Path:
-    env = os.environ.get("ROUTENLP_SHARED_DATA")
-    return Path(env) if env else _REPO.parent / "shared" / "data"
+class DataError(RuntimeError):
+    """The BANKING77 files are missing or do not match their checksums."""
 
 
 def data_dir() -> Path:
-    d = shared_data_dir() / "banking77"
-    if not (d / "train.csv").is_file():
-        raise FileNotFoundError(
-            f"BANKING77 not found in {d} (expected train.csv, test.csv, categories.json); set ROUTENLP_SHARED_DATA "
-            "to the folder that holds banking77/"
-        )
-    return d
+    """The shipped BANKING77 folder."""
+    if not (DATA_DIR / CHECKSUMS).is_file():
+        raise DataError(f"BANKING77 is missing from the package ({DATA_DIR}); reinstall routenlp or restore the "
+                        "folder from git")
+    return DATA_DIR
+
+
+def read_bytes(name: str, folder: str | Path | None = None) -> bytes:
+    """The upstream bytes of `name` (train.csv, test.csv, categories.json): from `name` or `name.gz` in the folder
+    (default: the shipped copy), checked against the folder's SHA256SUMS when it has one."""
+    path = Path(folder) if folder else data_dir()
+    if (path / name).is_file():
+        data = (path / name).read_bytes()
+    elif (path / f"{name}.gz").is_file():
+        data = gzip.decompress((path / f"{name}.gz").read_bytes())
+    else:
+        raise DataError(f"BANKING77: neither {name} nor {name}.gz in {path}")
+    want = checksums(path).get(name)
+    if want is not None and hashlib.sha256(data).hexdigest() != want:
+        raise DataError(f"BANKING77: {path / name} does not match its SHA-256 in {path / CHECKSUMS} (corrupted or "
+                        "edited; restore it from git)")
+    return data
+
+
+def checksums(folder: str | Path | None = None) -> dict[str, str]:
+    """{file name: sha256} from the folder's SHA256SUMS (`sha256sum` format); {} when it has none."""
+    f = (Path(folder) if folder else data_dir()) / CHECKSUMS
+    if not f.is_file():
+        return {}
+    return {name.lstrip("*"): digest for digest, name in (ln.split(None, 1) for ln in f.read_text().splitlines()
+                                                          if ln.strip())}
+
+
+def fingerprint(folder: str | Path | None = None) -> str:
+    """Short digest of the data's content (train, test, labels): a cache key for anything derived from it."""
+    h = hashlib.sha256()
+    for name in ("train.csv", "test.csv", "categories.json"):
+        h.update(read_bytes(name, folder))
+    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -45,17 +82,16 @@ class Example:
 
 @lru_cache(maxsize=4)
 def load_split(split: str, folder: str | None = None) -> tuple[Example, ...]:
+    """The train or test split (default: the shipped copy; `folder`: another copy, plain or gzip CSV)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    path = Path(folder) if folder else data_dir()
-    with open(path / f"{split}.csv", newline="", encoding="utf-8") as f:
-        return tuple(Example(r["text"], r["category"]) for r in csv.DictReader(f))
+    text = read_bytes(f"{split}.csv", folder).decode("utf-8")
+    return tuple(Example(r["text"], r["category"]) for r in csv.DictReader(io.StringIO(text, newline="")))
 
 
 @lru_cache(maxsize=2)
 def labels(folder: str | None = None) -> tuple[str, ...]:
-    path = Path(folder) if folder else data_dir()
-    return tuple(json.loads((path / "categories.json").read_text()))
+    return tuple(json.loads(read_bytes("categories.json", folder)))
 
 
 def sample(split: str, n: int, seed: int = 0, folder: str | None = None) -> list[Example]:
@@ -76,6 +112,13 @@ def system_prompt(label_list: tuple[str, ...] | list[str] | None = None) -> str:
 def messages(query: str, label_list=None) -> list[dict]:
     """Chat messages for one query: the intent list in the system message, the query verbatim as the user message."""
     return [{"role": "system", "content": system_prompt(label_list)}, {"role": "user", "content": query}]
+
+
+def response_format(label_list=None) -> dict:
+    """OpenAI structured output asking for exactly one intent label (a JSON string from the label enum). vLLM
+    constrains an LLM tier's answer to it; `normalize_label` reads the quoted label back."""
+    return {"type": "json_schema", "json_schema": {"name": "banking77_intent", "schema": {
+        "type": "string", "enum": list(label_list or labels())}}}
 
 
 def query_of(msgs: list[dict]) -> str:

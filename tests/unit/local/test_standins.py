@@ -22,8 +22,8 @@ class FixedClassifier:
 
 
 @pytest.fixture
-async def oracle_client(shared_data):
-    model = OracleModel(str(shared_data / "banking77"))
+async def oracle_client():
+    model = OracleModel()
     async with TestClient(TestServer(make_app(model, "frontier-oracle"))) as c:
         yield c
 
@@ -34,8 +34,8 @@ async def clf_client():
         yield c
 
 
-async def test_oracle_answers_gold_label_and_says_what_it_is(oracle_client, shared_data):
-    ex = b77.load_split("test", str(shared_data / "banking77"))[123]
+async def test_oracle_answers_gold_label_and_says_what_it_is(oracle_client):
+    ex = b77.load_split("test")[123]
     r = await oracle_client.post("/v1/chat/completions", json={"model": "frontier-oracle",
                                                                "messages": b77.messages(ex.text)})
     assert r.status == 200 and r.headers["x-routenlp-standin"] == ORACLE

@@ -38,6 +38,7 @@ def test_render_config(tmp_path):
     assert cfg.event_log_dir == str(tmp_path / "events") and cfg.router.artifact_dir == str(tmp_path / "artifacts")
     assert cfg.cascade.min_calibration_samples == 100 and len(cfg.tasks[0].labels) == 77
     assert cfg.shadow_sample_rate == 0.05
+    assert cfg.auth.labellers_dir == str(tmp_path / up.LABELLERS_DIR)  # the local labeller's token folder
 
 
 def _write(tmp_path, text):
