@@ -130,6 +130,29 @@ def test_dockerfile_rules(path, pyproject):
                         assert (ROOT / src).exists(), f"{path}: COPY {src} does not exist in the build context"
 
 
+@pytest.mark.parametrize("path", list(IMAGES))
+def test_dependencies_are_installed_before_the_sources_are_copied(path, pyproject):
+    """A source edit must not rebuild the dependency layers (torch is GBs): every requirement of the image's extra is
+    installed by a RUN that comes before the first COPY of a source folder, and the sources' own install adds none."""
+    import importlib.util as iu
+
+    extra, _ = IMAGES[path]
+    _, stages = parse_dockerfile((ROOT / path).read_text())
+    build = stages[0].instructions
+    first_source = next(i for i, (op, rest) in enumerate(build) if op == "COPY" and "/routenlp" in rest)
+    dep_runs = [rest for op, rest in build[:first_source] if op == "RUN" and "pip install -r" in rest]
+    assert dep_runs and "image_requirements.py " + extra in " ".join(dep_runs), path
+    late = [rest for op, rest in build[first_source:] if op == "RUN" and "pip install" in rest]
+    assert late and all("--no-deps" in r for r in late), f"{path}: a pip install after the sources pulls dependencies"
+    spec = iu.spec_from_file_location("image_requirements", ROOT / "scripts" / "image_requirements.py")
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    reqs = mod.requirements(pyproject, extra)
+    assert not any(r.startswith("routenlp") for r in reqs) and "pydantic" in " ".join(reqs)
+    if extra == "trainer":  # expanded from routenlp[router]
+        assert any(r.startswith("torch") for r in reqs) and any(r.startswith("peft") for r in reqs)
+
+
 def test_trainer_base_carries_the_pinned_torch(pyproject):
     """The CUDA PyTorch base must hold the torch version the router extra pins, else pip would fetch another."""
     pin = next(r for r in pyproject["project"]["optional-dependencies"]["router"] if r.startswith("torch"))

@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from .campaign import DistillationCampaign, DistillationCampaignSpec, DistillationCampaignStatus
-from .common import API_VERSION, GROUP, VERSION, Condition, parse_duration
+from .common import API_VERSION, GROUP, VERSION, Condition, Resource, parse_duration
 from .modeltier import ModelTier, ModelTierSpec, ModelTierStatus
 from .routingpolicy import RoutingPolicy, RoutingPolicySpec, RoutingPolicyStatus
 
-KINDS: dict[str, type] = {m.KIND: m for m in (ModelTier, RoutingPolicy, DistillationCampaign)}
+KINDS: dict[str, type[Resource]] = {m.KIND: m for m in (ModelTier, RoutingPolicy, DistillationCampaign)}
 
 
-def parse(doc: dict[str, Any]):
+def parse(doc: dict[str, Any]) -> Resource:
     """Parse one YAML document into its resource model (raises pydantic.ValidationError or ValueError)."""
     kind = doc.get("kind") if isinstance(doc, dict) else None
     if kind not in KINDS:

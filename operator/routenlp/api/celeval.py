@@ -24,7 +24,7 @@ def _join(path: str, part: str) -> str:
 _PROGRAMS: dict[str, Any] = {}  # rule text -> compiled program (compiling is the slow part)
 
 
-def _program(rule: str):
+def _program(rule: str) -> Any:
     import celpy  # noqa: PLC0415
 
     if rule not in _PROGRAMS:
@@ -39,11 +39,11 @@ def _cel_failures(schema: dict[str, Any], obj: Any, path: str, out: list[Violati
     for r in schema.get("x-kubernetes-validations", []):
         where = path + r.get("fieldPath", "") if path else r.get("fieldPath", "").lstrip(".")
         try:
-            ok = _program(r["rule"]).evaluate({"self": celpy.json_to_cel(obj)})
-        except celpy.CELEvalError as exc:  # the API server reports a failing evaluation as invalid too
+            ok = _program(r["rule"]).evaluate({"self": celpy.json_to_cel(obj)})  # type: ignore[attr-defined]
+        except celpy.CELEvalError as exc:  # type: ignore[attr-defined]  # the API server reports a failing evaluation as invalid too
             out.append(Violation(where, r["rule"], f"{r['message']} (evaluation error: {exc})"))
             continue
-        if isinstance(ok, celpy.CELEvalError) or not bool(ok):
+        if isinstance(ok, celpy.CELEvalError) or not bool(ok):  # type: ignore[attr-defined]
             out.append(Violation(where, r["rule"], r["message"]))
     if isinstance(obj, dict):
         for name, sub in schema.get("properties", {}).items():

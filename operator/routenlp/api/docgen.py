@@ -28,7 +28,7 @@ def _type(schema: dict[str, Any]) -> str:
         return f"map[string]{_type(schema['additionalProperties'])}"
     if t == "object" and schema.get("x-kubernetes-preserve-unknown-fields") and "properties" not in schema:
         return "object (free-form)"
-    return t
+    return str(t)
 
 
 def constraints(schema: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-VERSION = "0.1.0"
+from routenlp.api.release import RELEASE
 
 # name -> (module:function taking argv, one-line help). Each function owns its argparse parser and `--help`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] == "--version":
-        print(f"routenlp {VERSION}")
+        print(f"routenlp {RELEASE}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

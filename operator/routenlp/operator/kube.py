@@ -15,13 +15,15 @@ from urllib.parse import urlencode
 import aiohttp
 
 from routenlp.api import API_VERSION
+from routenlp.api.release import RELEASE
 
 from .builders import FIELD_MANAGER
 
 Obj = dict[str, Any]
-USER_AGENT = "routenlp-operator/0.1.0"
+USER_AGENT = f"routenlp-operator/{RELEASE}"
 
-# kind -> (apiVersion, plural): every kind the operator reads or writes. rbac.RULES must cover each use.
+# kind -> (apiVersion, plural): every kind the operator reads or writes. rbac.RULES (+ SECRET_RULES) must cover
+# each use.
 KINDS: dict[str, tuple[str, str]] = {
     "Deployment": ("apps/v1", "deployments"),
     "Service": ("v1", "services"),
@@ -30,6 +32,9 @@ KINDS: dict[str, tuple[str, str]] = {
     "Secret": ("v1", "secrets"),
     "Pod": ("v1", "pods"),
     "Job": ("batch/v1", "jobs"),
+    "JobSet": ("jobset.x-k8s.io/v1alpha2", "jobsets"),  # a campaign's distill stage (resources.distillRunner)
+    "TrainJob": ("trainer.kubeflow.org/v1alpha1", "trainjobs"),
+    "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies"),
     "ModelTier": (API_VERSION, "modeltiers"),
     "RoutingPolicy": (API_VERSION, "routingpolicies"),
     "DistillationCampaign": (API_VERSION, "distillationcampaigns"),

@@ -37,9 +37,9 @@ def test_every_package_folder_is_listed_in_pyproject():
 
 def test_subpackages_import_from_their_image_folders():
     import routenlp.api
-    import routenlp.router.config
+    import routenlp.router.engine
     import routenlp.trainer
 
     assert "/operator/routenlp/api" in routenlp.api.__file__
-    assert "/router_image/routenlp/router" in routenlp.router.config.__file__
+    assert "/router_image/routenlp/router" in routenlp.router.engine.__file__
     assert "/trainer_image/routenlp/trainer" in routenlp.trainer.__file__

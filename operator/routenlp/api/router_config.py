@@ -11,9 +11,9 @@ from pathlib import Path
 import yaml
 from pydantic import Field
 
-from routenlp.api.common import ApiModel
-from routenlp.api.modeltier import TierCost
-from routenlp.api.routingpolicy import Cascade, Task
+from .common import ApiModel
+from .modeltier import TierCost
+from .routingpolicy import Cascade, Task
 
 
 class TierEndpoint(ApiModel):
@@ -33,6 +33,17 @@ class RouterVersions(ApiModel):
     canary_percent: int = Field(default=0, ge=0, le=100)
 
 
+class RouterAuth(ApiModel):
+    """Credentials the router checks: directories of a mounted Secret's files (file name = labeller or client name,
+    content = its bearer token), re-read every few seconds so a rotated Secret takes effect without a restart."""
+
+    labellers_dir: str | None = Field(default=None, description="Labeller tokens: only feedback carrying one of them "
+                                      "(`Authorization: Bearer`) may move thresholds. None: feedback is logged but "
+                                      "never moves a threshold.")
+    client_keys_dir: str | None = Field(default=None, description="Client API keys: when set, `/v1/*` requires one "
+                                        "(`Authorization: Bearer`); the client's name is recorded in routing events.")
+
+
 class RouterConfig(ApiModel):
     policy: str = Field(description="RoutingPolicy name.")
     tiers: list[TierEndpoint] = Field(min_length=1, description="Cheapest first; the last is the reference tier.")
@@ -46,10 +57,13 @@ class RouterConfig(ApiModel):
     encoder_path: str | None = Field(default=None, description="all-MiniLM-L6-v2 folder; None = the PyPI package's.")
     state_path: str | None = Field(default=None, description="YAML of live switches the operator sets without a "
                                    "restart (`preferCheaper`); re-read every few seconds; None = none.")
+    auth: RouterAuth = Field(default_factory=RouterAuth)
+    admin_port: int | None = Field(default=None, ge=1, le=65535, description="When set, `/metrics` and `/routenlp/*` "
+                                   "are served only on this port; the main port keeps `/v1/*`, `/healthz`, `/readyz`.")
 
     @classmethod
     def load(cls, path: str | Path) -> "RouterConfig":
         return cls.model_validate(yaml.safe_load(Path(path).read_text()))
 
     def dump_yaml(self) -> str:
-        return yaml.safe_dump(self.to_k8s(), sort_keys=False)
+        return str(yaml.safe_dump(self.to_k8s(), sort_keys=False))

@@ -1,29 +1,8 @@
-"""What the router observed per router version, for the operator's rollout, campaign triggers and budget.
-
-Served as `GET /routenlp/rollout`:
-
-    {"stable": {version, since, requests, acceptanceRate, violationRate, escalationRate, costReduction,
-                escalations, labelled, violations, spentUsd, referenceCostUsd} ,
-     "canary": {same fields} | null,
-     "spentUsd24h": float}
-
-Each version's counters start when the router first serves it (start-up or version change) and are dropped when it
-is neither stable nor canary any more, so a promoted canary keeps its history. Definitions are the metrics' ones:
-- acceptanceRate: answered requests accepted by the first tier they tried, at a non-reference tier
-  (the "first-tier acceptance" the promotion guard compares), over answered requests;
-- escalationRate: answered requests that escalated at least once (`escalations`) over answered requests;
-- violationRate: the observed risk in the policy's `riskMeasure` (served as `riskMeasure`), as
-  routenlp_violation_rate: `acceptedAnswers`: labels of accepted answers at non-reference tiers that said unacceptable
-  (`violations`) over such labels (`labelled`); `allRequests`: over the random-sample labels of attempts at
-  non-reference tiers (`sampled`: shadow-labelled, or at a tier with no threshold yet: the requests that reached the
-  tier, whatever it decided), the ones accepted there and unacceptable (`sampledViolations`). None without labels;
-  `riskLabels` is its denominator (`labelled` or `sampled`);
-- costReduction: 1 - spentUsd / referenceCostUsd (what always-reference would have cost; shadow calls count as
-  spent, as in routenlp_cost_usd_total); None before any cost.
-Counts (requests, escalations, labelled, violations, sampled, sampledViolations, spentUsd, referenceCostUsd)
-are served too, so an aggregator over several router pods can sum them and recompute exact rates (`merge`).
-The counters outlive the process (`snapshot`/`absorb`, written and taken over by figures_store.py).
-"""
+"""The router's counters per router version (`RolloutFigures`), served as `GET /routenlp/rollout` in the wire format
+of routenlp.api.figures (definitions there), and the 24 h spend. Each version's counters start when the router first
+serves it (start-up or version change) and are dropped when it is neither stable nor canary any more, so a promoted
+canary keeps its history. The counters outlive the process (`snapshot`/`absorb`, written and taken over by
+figures_store.py)."""
 
 from __future__ import annotations
 
@@ -32,16 +11,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from routenlp.api.figures import COUNT_ATTRS, rates
 from routenlp.api.routingpolicy import RiskMeasure
 
 SPEND_BUCKET_SECONDS = 60
 LABELS_REMEMBERED = 20_000  # attempts whose label a later one may replace (as many as the router keeps requests)
 DAY_SECONDS = 24 * 3600
-# The served counts (camelCase, as in /routenlp/rollout and snapshots) -> VersionCounts attributes.
-COUNT_ATTRS = {"requests": "requests", "accepted": "accepted", "escalations": "escalations", "labelled": "labelled",
-               "violations": "violations", "sampled": "sampled", "sampledViolations": "sampled_violations",
-               "spentUsd": "spent_usd", "referenceCostUsd": "reference_cost_usd"}
-COUNT_FIELDS = tuple(COUNT_ATTRS)
 
 
 @dataclass
@@ -68,27 +43,6 @@ class VersionCounts:
             **rates(self.counts(), risk_measure),
         }
 
-
-
-def rates(counts: dict[str, float], risk_measure: str) -> dict[str, Any]:
-    """The served block from counts (`COUNT_FIELDS`; None where the denominator is empty)."""
-    c = {k: float(counts.get(k) or 0) for k in COUNT_FIELDS}
-    n, spent, ref = c["requests"], c["spentUsd"], c["referenceCostUsd"]
-    if RiskMeasure(risk_measure) == RiskMeasure.ALL_REQUESTS:
-        bad, over = c["sampledViolations"], c["sampled"]
-    else:
-        bad, over = c["violations"], c["labelled"]
-    return {
-        **{k: int(c[k]) for k in COUNT_FIELDS if k not in ("spentUsd", "referenceCostUsd")},
-        "spentUsd": round(spent, 9),
-        "referenceCostUsd": round(ref, 9),
-        "riskMeasure": RiskMeasure(risk_measure).value,
-        "acceptanceRate": c["accepted"] / n if n else None,
-        "escalationRate": c["escalations"] / n if n else None,
-        "violationRate": bad / over if over else None,
-        "riskLabels": int(over),  # the labels violationRate is over (the promotion guard's minLabels)
-        "costReduction": 1 - spent / ref if ref > 0 else None,
-    }
 
 
 @dataclass
@@ -124,6 +78,7 @@ class RolloutFigures:
         self.stable: str | None = None
         self.canary: str | None = None
         self._labels: dict[tuple[str, str], tuple] = {}  # (request id, tier) -> what its label added (insertion order)
+        self.chains: dict[str, dict[str, list[str]]] = {}  # version -> {task: its chain in force}, for the operator
 
     def set_versions(self, stable: str | None, canary: str | None) -> None:
         self.stable, self.canary = stable, canary
@@ -164,7 +119,7 @@ class RolloutFigures:
         if attempt is not None:
             old = self._labels.pop(attempt, None)
             if old is not None and old[0] is c:
-                self._count(c, *old[1:], sign=-1)
+                self._count(c, old[1], old[2], old[3], sign=-1)
             self._labels[attempt] = (c, acceptable, accepted, sampled)
             while len(self._labels) > LABELS_REMEMBERED:
                 self._labels.pop(next(iter(self._labels)))
@@ -203,28 +158,9 @@ class RolloutFigures:
             self.spend.buckets[b] = self.spend.buckets.get(b, 0.0) + sign * float(usd)
 
     def answer(self) -> dict[str, Any]:
-        stable, canary = self._counts(self.stable), self._counts(self.canary)
-        m = self.risk_measure
-        return {"stable": stable.figures(m) if stable else None, "canary": canary.figures(m) if canary else None,
-                "spentUsd24h": round(self.spend.total(self.clock()), 9)}
-
-
-def merge(answers: list[dict[str, Any]]) -> dict[str, Any]:
-    """Sum the figures several router pods serve (same versions) into one answer with exact rates. A role whose
-    version differs between pods (a rollout in progress) keeps the pods serving the most common version."""
-    out: dict[str, Any] = {"spentUsd24h": sum(float(a.get("spentUsd24h") or 0) for a in answers)}
-    for role in ("stable", "canary"):
-        blocks = [a[role] for a in answers if isinstance(a.get(role), dict)]
-        if not blocks:
-            out[role] = None
-            continue
-        versions = [b.get("version") for b in blocks]
-        version = max(set(versions), key=versions.count)
-        blocks = [b for b in blocks if b.get("version") == version]
-        sums = {k: sum(float(b.get(k) or 0) for b in blocks) for k in COUNT_FIELDS}
-        # Pods of one policy share its config; a pod from before riskMeasure was served counts as the default.
-        measure = blocks[0].get("riskMeasure") or RiskMeasure.ACCEPTED_ANSWERS.value
-        merged = rates(sums, measure)
-        out[role] = {"version": version, "since": min(str(b.get("since") or "") for b in blocks), "pods": len(blocks),
-                     **merged}
-    return out
+        out: dict[str, Any] = {"spentUsd24h": round(self.spend.total(self.clock()), 9)}
+        for role, version in (("stable", self.stable), ("canary", self.canary)):
+            c = self._counts(version)
+            out[role] = None if c is None else {**c.figures(self.risk_measure),
+                                                **({"chains": self.chains[version]} if version in self.chains else {})}
+        return out
