@@ -29,10 +29,15 @@ VALUE_SETS: dict[str, dict] = {
         "monitoring": {
             "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
             "routerMonitor": {"enabled": True},
+            "podMonitor": {"enabled": True},
             "prometheusRule": {"enabled": True},
             "dashboards": {"enabled": True},
         }
     },
+    # Cluster-wide, with Secret `get` only in the namespaces that hold RoutingPolicies / external tiers.
+    "cluster-secrets": {"rbac": {"secretNamespaces": ["team-a", "team-b"]}},
+    "cluster-secrets-everywhere": {"rbac": {"secretNamespaces": ["*"]}},
+    "no-network-policies": {"networkPolicy": {"enabled": False, "monitoringNamespace": ""}},
     "crds-off": {"crds": {"install": False}},
     "minimal": {
         "replicaCount": 1,
@@ -46,7 +51,7 @@ VALUE_SETS: dict[str, dict] = {
     "namespaced-monitoring": {
         "operator": {"scope": "namespaced", "peering": {"enabled": False, "name": "routenlp"}},
         "monitoring": {"serviceMonitor": {"enabled": True}, "routerMonitor": {"enabled": True},
-                       "prometheusRule": {"enabled": True}},
+                       "podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
     },
 }
 
@@ -100,7 +105,8 @@ def by_kind(objs: list[dict], kind: str) -> list[dict]:
 # ---------------------------------------------------------------- lint and strict validation
 
 
-@pytest.mark.parametrize("name", ["default", "namespaced", "webhook-cert-manager", "monitoring", "minimal"])
+@pytest.mark.parametrize("name", ["default", "namespaced", "webhook-cert-manager", "monitoring", "minimal",
+                                  "cluster-secrets"])
 def test_helm_lint_strict(h, name):
     values = Path(tempfile.mkdtemp()) / "values.yaml"
     values.write_text(yaml.safe_dump(VALUE_SETS[name]))
@@ -140,7 +146,7 @@ def test_expected_objects_per_value_set(rendered):
     assert {"Certificate", "Issuer"} <= set(kinds("webhook-cert-manager"))
     assert "Secret" not in kinds("webhook-cert-manager")  # cert-manager writes it
     assert "Issuer" not in kinds("webhook-cert-manager-issuer")
-    assert {"ServiceMonitor", "PrometheusRule", "ConfigMap"} <= set(kinds("monitoring"))
+    assert {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"} <= set(kinds("monitoring"))
     assert "CustomResourceDefinition" not in kinds("crds-off")
     assert not {"MutatingWebhookConfiguration", "Secret", "ClusterKopfPeering"} & set(kinds("minimal"))
     crds = lambda name: {o["metadata"]["name"] for o in rendered[name] if o["kind"] == "CustomResourceDefinition"}  # noqa: E731
@@ -247,6 +253,7 @@ def test_cluster_scope_grants_exactly_the_rules(h, rendered):
     peering = rules["peering"]["cluster"]  # default: peering enabled, through the ClusterKopfPeering only
     assert _rule_set(roles[0]["rules"]) == _rule_set(rules["cluster"] + rules["namespaced"] + peering)
     assert not any(r == "kopfpeerings" for _, r, _ in _rule_set(roles[0]["rules"]))
+    assert ("", "secrets", "get") not in _rule_set(roles[0]["rules"])  # default: no Secret is readable anywhere
     minimal = by_kind(rendered["minimal"], "ClusterRole")[0]  # peering off: no kopf.dev permissions
     assert _rule_set(minimal["rules"]) == _rule_set(rules["cluster"] + rules["namespaced"])
     binding = by_kind(rendered["default"], "ClusterRoleBinding")[0]
@@ -255,13 +262,32 @@ def test_cluster_scope_grants_exactly_the_rules(h, rendered):
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": h.NAMESPACE}]
 
 
+def test_cluster_scope_grants_secret_get_only_where_asked(h, rendered):
+    rules = yaml.safe_load((h.CHART / "files" / "rbac-rules.yaml").read_text())
+    assert _rule_set(rules["secrets"]) == {("", "secrets", "get")}
+    objs = rendered["cluster-secrets"]
+    cluster = by_kind(objs, "ClusterRole")[0]
+    want = rules["cluster"] + rules["namespaced"] + rules["peering"]["cluster"]
+    assert _rule_set(cluster["rules"]) == _rule_set(want)
+    roles = by_kind(objs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    for role in roles:
+        assert _rule_set(role["rules"]) == _rule_set(rules["secrets"])
+    bindings = by_kind(objs, "RoleBinding")
+    assert sorted((b["metadata"]["namespace"], b["roleRef"]["name"]) for b in bindings) == [
+        (ns, roles[0]["metadata"]["name"]) for ns in ("team-a", "team-b")]
+    everywhere = rendered["cluster-secrets-everywhere"]
+    assert not by_kind(everywhere, "Role")
+    assert ("", "secrets", "get") in _rule_set(by_kind(everywhere, "ClusterRole")[0]["rules"])
+
+
 def test_namespaced_scope_grants_namespaced_rules_per_namespace(h, rendered):
     rules = yaml.safe_load((h.CHART / "files" / "rbac-rules.yaml").read_text())
     objs = rendered["namespaced"]
     roles = by_kind(objs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
-    for role in roles:
-        assert _rule_set(role["rules"]) == _rule_set(rules["namespaced"])
+    for role in roles:  # Secret `get` in the watched namespaces only
+        assert _rule_set(role["rules"]) == _rule_set(rules["namespaced"] + rules["secrets"])
     bindings = by_kind(objs, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     cluster_roles = by_kind(objs, "ClusterRole")
@@ -285,7 +311,8 @@ def test_namespaced_peering_grants_kopfpeerings_per_namespace(h, rendered):
     roles = by_kind(objs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
-        assert _rule_set(role["rules"]) == _rule_set(rules["namespaced"] + rules["peering"]["namespaced"])
+        assert _rule_set(role["rules"]) == _rule_set(rules["namespaced"] + rules["secrets"]
+                                                      + rules["peering"]["namespaced"])
     assert sorted(o["metadata"]["namespace"] for o in by_kind(objs, "KopfPeering")) == ["team-a", "team-b"]
     assert not by_kind(objs, "ClusterKopfPeering")
     for role in by_kind(objs, "ClusterRole"):  # only the cluster-scoped rules (CRD discovery), no peering
@@ -371,6 +398,17 @@ def test_operator_accepts_the_arguments(rendered, name):
         assert args.webhook_cert == mounts["webhook-tls"] + "/tls.crt"
         assert args.webhook_key == mounts["webhook-tls"] + "/tls.key"
     assert bool(args.namespace) != bool(args.all_namespaces)
+    # NetworkPolicies let the operator in by the labels of the pods this Deployment makes.
+    from routenlp.operator.builders import NetworkPeers
+    from routenlp.operator.main import handler_env
+
+    peers = NetworkPeers.from_env(handler_env(args))
+    if name == "no-network-policies":
+        assert peers is None
+    else:
+        assert peers.operator_labels.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+        assert dict(peers.operator_labels) != {}
+        assert any(e["name"] == "POD_NAMESPACE" for e in c["env"])  # the operator's namespace, for the same peer
 
 
 # ---------------------------------------------------------------- webhook and certificates
@@ -586,6 +624,28 @@ def test_selectors_match_what_the_operator_builds(rendered):
     webhook = by_kind(rendered["default"], "MutatingWebhookConfiguration")[0]["webhooks"][0]
     excluded = next(e for e in webhook["objectSelector"]["matchExpressions"] if e["operator"] == "NotIn")
     assert excluded["values"] == [service["metadata"]["labels"][excluded["key"]]]
+    # The PodMonitor scrapes sidecar-injected pods on the injected container's admin port, and not gateway pods
+    # (the ServiceMonitor has those).
+    import jsonpatch
+
+    sidecar = parse({**policy.to_k8s(), "spec": {**policy.to_k8s()["spec"], "deployment": {"mode": "sidecar"}}})
+    app = {"metadata": {"labels": {"routenlp.io/policy": "p"}}, "spec": {"containers": [{"name": "a", "image": "a"}]}}
+    pod = jsonpatch.apply_patch(app, builders.sidecar_patch(app, sidecar, []))
+    pod_monitor = by_kind(rendered["monitoring"], "PodMonitor")[0]["spec"]
+    gateway = builders.router_deployment(policy, [], owner, "team-a", "h")["spec"]["template"]["metadata"]["labels"]
+    assert _selects(pod_monitor["selector"], pod["metadata"]["labels"])
+    assert not _selects(pod_monitor["selector"], gateway)
+    router = next(c for c in pod["spec"]["containers"] if c["name"] == "router")
+    assert pod_monitor["podMetricsEndpoints"][0]["port"] in {p["name"] for p in router["ports"]}
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    ok = all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+    for e in selector.get("matchExpressions") or []:
+        present, values = e["key"] in labels, e.get("values") or []
+        ok &= {"Exists": present, "DoesNotExist": not present, "In": present and labels[e["key"]] in values,
+               "NotIn": not present or labels[e["key"]] not in values}[e["operator"]]
+    return ok
 
 
 def _test_pod_script(objs: list[dict]) -> str:

@@ -4,6 +4,7 @@ trainer (a stage's result is the JSON summary in its terminated container's mess
 from __future__ import annotations
 
 import json
+import time
 
 from kube_emulator.harness import wait_for
 from kube_emulator.specs import campaign, policy, tier
@@ -11,8 +12,9 @@ from kube_emulator.specs import campaign, policy, tier
 JOBS = "/apis/batch/v1"
 
 
-def _setup(cluster, ns: str, **campaign_spec) -> None:
-    cluster.api.create(cluster.cr_path("modeltiers", ns), tier("student", adapterPolicy="AcceptCampaign"))
+def _setup(cluster, ns: str, student: dict | None = None, **campaign_spec) -> None:
+    cluster.api.create(cluster.cr_path("modeltiers", ns), tier("student", adapterPolicy="AcceptCampaign",
+                                                               **(student or {})))
     cluster.api.create(cluster.cr_path("modeltiers", ns), tier("teacher"))
     cluster.api.create(cluster.cr_path("routingpolicies", ns), policy("p", ["student", "teacher"]))
     wait_for(lambda: cluster.condition("routingpolicies", ns, "p", "TiersResolved"), what="policy")
@@ -141,3 +143,116 @@ def test_campaign_with_missing_policy_waits(cluster):
     cond = wait_for(lambda: cluster.condition("distillationcampaigns", ns, "c"), what="condition")
     assert cond["reason"] == "PolicyNotFound"
     assert cluster.api.get(f"{JOBS}/namespaces/{ns}/jobs/c-r1-clustering-a1") is None
+
+
+def _finish_run(cluster, ns: str, run: int, version: str, round_: int = 1, adapter_dir: str = "/adapters") -> None:
+    """Play every stage of one round successfully; the round's router version is `version`."""
+    prefix = f"c-r{run}" + (f"-n{round_}" if round_ > 1 else "")
+    _finish(cluster, ns, f"{prefix}-clustering-a1", {"failures": 300, "clusters": [{"id": 1, "size": 50, "costUsd": 2.0}]})
+    _finish(cluster, ns, f"{prefix}-distilling-a1", {"adapter": f"{version}@{adapter_dir}/{version}"})
+    _finish(cluster, ns, f"{prefix}-evaluating-a1", {"qualityBefore": 0.5, "qualityAfter": 0.6})
+    _finish(cluster, ns, f"{prefix}-retrainingrouter-a1", {"routerVersion": version})
+
+
+def _policy_router(cluster, ns: str) -> dict:
+    return cluster.get_cr("routingpolicies", ns, "p")["status"]["router"]
+
+
+def _rollout_url(cluster, ns: str) -> str:
+    """Where the operator asks the policy's router (through its Service) for its figures."""
+    from routenlp.api import RoutingPolicy
+    from routenlp.operator import builders
+
+    policy = RoutingPolicy.model_validate(cluster.get_cr("routingpolicies", ns, "p"))
+    return f"{builders.router_admin_url(policy, f'p-router.{ns}.svc')}/routenlp/rollout"
+
+
+def _serving_v1(cluster, ns: str) -> None:
+    """An earlier campaign's version v1 serves (scheduled once a year: it does not run during the test)."""
+    from datetime import datetime, timedelta, timezone
+
+    earlier = (datetime.now(timezone.utc) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    cluster.api.create(cluster.cr_path("distillationcampaigns", ns), campaign(
+        "c0", "p", "student", "teacher", trigger={"mode": "Schedule", "schedule": "0 3 1 1 *"}))
+    cluster.api.patch(cluster.cr_path("distillationcampaigns", ns, "c0", "status"), {"status": {
+        "phase": "Succeeded", "routerVersion": "v1", "lastRunTime": earlier, "run": 1}})
+    wait_for(lambda: _policy_router(cluster, ns).get("current") == "v1", what="v1 current")
+
+
+def test_campaign_rollout_settings_drive_the_canary_of_its_version(cluster):
+    """spec.rollout.canaryPercent replaces the policy's 10 % for the campaign's version; promoteAfter holds the
+    promotion back although the guard holds, until the campaign's delay has passed."""
+    ns = "dc-rollout"
+    cluster.api.create(cluster.cr_path("modeltiers", ns), tier("student", adapterPolicy="AcceptCampaign"))
+    cluster.api.create(cluster.cr_path("modeltiers", ns), tier("teacher"))
+    cluster.api.create(cluster.cr_path("routingpolicies", ns), policy(
+        "p", ["student", "teacher"], router={"canaryPercent": 10, "promotionGuard": {"minRequests": 100}}))
+    wait_for(lambda: cluster.condition("routingpolicies", ns, "p", "TiersResolved"), what="policy")
+    _serving_v1(cluster, ns)
+    cluster.api.create(cluster.cr_path("distillationcampaigns", ns), campaign(
+        "c", "p", "student", "teacher", rollout={"canaryPercent": 50, "promoteAfter": "1h"}))
+    _finish_run(cluster, ns, 1, "v2")
+    _phase(cluster, ns, "Succeeded")
+    router = wait_for(lambda: (r := _policy_router(cluster, ns)).get("canary") == "v2" and r, what="canary v2")
+    assert router["canaryPercent"] == 50 and router["current"] == "v1"
+    assert router["history"][-1]["reason"] == "50PercentOfTraffic"
+    # The guard holds on the canary's traffic, but the campaign's promoteAfter (1h) has not passed.
+    cluster.pods.json[_rollout_url(cluster, ns)] = {
+        "canary": {"version": "v2", "requests": 300, "violationRate": 0.0, "riskLabels": 60, "acceptanceRate": 0.8},
+        "stable": {"requests": 900, "violationRate": 0.02, "acceptanceRate": 0.79, "costReduction": 0.4}}
+    wait_for(lambda: cluster.get_cr("routingpolicies", ns, "p")["status"].get("costReduction"), what="figures read")
+    time.sleep(3)  # three more policy resyncs (1 s each) with the guard holding
+    router = _policy_router(cluster, ns)
+    assert router["canary"] == "v2" and router["current"] == "v1"
+    # A shorter delay on the campaign: the policy's next resync promotes.
+    cluster.api.patch(cluster.cr_path("distillationcampaigns", ns, "c"), {"spec": {"rollout": {"promoteAfter": "1s"}}})
+    router = wait_for(lambda: (r := _policy_router(cluster, ns)).get("current") == "v2" and r, what="promotion")
+    assert router["history"][-1]["reason"] == "GuardHeld"
+
+
+def test_campaign_runs_rounds_on_the_failures_of_the_previous_rounds_router(cluster):
+    """rounds: 2. Round 1's version is promoted (the first version: at once), the campaign observes until the
+    router reports minFailures escalations under it, then round 2 clusters only those failures, continues round
+    1's adapter and rolls out with the canary guard; status keeps per-round figures."""
+    ns = "dc-rounds"
+    cache = {"engine": {"model": "Qwen/Qwen2.5-0.5B-Instruct", "modelCache": {"claimName": "weights"}}}
+    _setup(cluster, ns, student=cache, rounds=2, trigger={"minFailures": 50})
+    # publish writes adapters onto the student's model-cache PVC, mounted in the Job (builders.ADAPTER_MOUNT)
+    in_job = "file:///var/lib/routenlp-adapters/adapters"
+    _finish_run(cluster, ns, 1, "c-r1", adapter_dir=in_job)
+    c = _phase(cluster, ns, "Observing")
+    assert c["status"]["round"] == 1 and c["status"]["rounds"][0]["state"] == "Succeeded"
+    assert _policy_router(cluster, ns)["current"] == "c-r1"
+    rollout_url = _rollout_url(cluster, ns)
+    cluster.pods.json[rollout_url] = {"stable": {"version": "c-r1", "requests": 400, "escalations": 20,
+                                                 "costReduction": 0.31, "violationRate": 0.04}}
+    c = wait_for(lambda: (x := cluster.get_cr("distillationcampaigns", ns, "c"))["status"]["rounds"][0]
+                 .get("costReduction") and x, what="round 1 figures")
+    assert c["status"]["phase"] == "Observing" and "20 of 50 escalations" in c["status"]["stages"][-1]["message"]
+    assert cluster.api.get(f"{JOBS}/namespaces/{ns}/jobs/c-r1-n2-clustering-a1") is None
+    cluster.pods.json[rollout_url] = {"stable": {"version": "c-r1", "requests": 900, "escalations": 75,
+                                                 "costReduction": 0.33, "violationRate": 0.04}}
+    job = _job(cluster, ns, "c-r1-n2-clustering-a1")
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--router-version") + 1] == "c-r1"
+    assert job["metadata"]["labels"]["routenlp.io/round"] == "2"
+    c = _phase(cluster, ns, "Clustering")
+    assert c["status"]["round"] == 2 and c["status"]["routerVersion"] == "c-r1"
+    # round 1's adapter keeps serving on the student tier while round 2 works
+    adapters = wait_for(lambda: cluster.get_cr("modeltiers", ns, "student")["status"].get("adapters"), what="adapter")
+    assert [a["name"] for a in adapters] == ["c-r1"]
+    assert c["status"]["rounds"][0]["adapter"] == "c-r1@pvc://weights/adapters/c-r1"  # as the tier loads it
+
+    _finish_run(cluster, ns, 1, "c-r1-n2", round_=2, adapter_dir=in_job)
+    job = _job(cluster, ns, "c-r1-n2-distilling-a1")
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--init-adapter") + 1].endswith("/campaigns/c/run-1/distill/adapter")
+    c = _phase(cluster, ns, "Succeeded")  # the last round: its canary being live is enough
+    router = _policy_router(cluster, ns)
+    assert router["current"] == "c-r1" and router["canary"] == "c-r1-n2"
+    st = c["status"]
+    assert st["round"] == 2 and [r["routerVersion"] for r in st["rounds"]] == ["c-r1", "c-r1-n2"]
+    assert st["rounds"][0]["failures"] == 300 and st["rounds"][0]["costReduction"] == 0.33
+    assert st["rounds"][1]["qualityGain"] == 0.1 and st["rounds"][1]["state"] == "Succeeded"
+    reasons = [e["reason"] for e in cluster.events(ns, "c")]
+    assert "RoundRolledOut" in reasons and "RoundStarted" in reasons

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import yaml
 
-from kube_emulator.harness import wait_for
+from kube_emulator.harness import free_port, wait_for
 from kube_emulator.specs import campaign, policy, tier
 
 DEP = "/apis/apps/v1"
@@ -47,7 +47,7 @@ def _canary_policy(cluster, ns: str, min_requests: int = 100, **spec) -> None:
 def test_canary_rolled_back_on_violations_reported_by_the_router(cluster):
     ns = "fig-rollback"
     _canary_policy(cluster, ns)
-    url = f"http://p-router.{ns}.svc:8080/routenlp/rollout"
+    url = f"http://p-router.{ns}.svc:9091/routenlp/rollout"
     # Too few canary requests: the guard waits, whatever the rates.
     cluster.pods.json[url] = {"canary": {"version": "v2", "requests": 40, "violationRate": 0.5, "acceptanceRate": 0.1},
                               "stable": {"version": "v1", "requests": 400, "violationRate": 0.01,
@@ -85,7 +85,7 @@ def test_figures_summed_over_router_pods_and_budget_exceeded(cluster):
     two = {"stable": {"version": "v1", "requests": 300, "accepted": 240, "escalations": 60, "labelled": 30,
                       "violations": 2, "spentUsd": 4.0, "referenceCostUsd": 12.0}, "canary": None, "spentUsd24h": 7.0}
     for i, (ip, answer) in enumerate((("10.8.0.1", one), ("10.8.0.2", two))):
-        cluster.pods.json[f"http://{ip}:8080/routenlp/rollout"] = answer
+        cluster.pods.json[f"http://{ip}:9091/routenlp/rollout"] = answer
         _router_pod(cluster, ns, "p", i, ip)
     # Each pod is asked (the Service would answer for one replica only) and the counts summed: 13 USD > 10.
     cond = wait_for(lambda: (c := cluster.condition("routingpolicies", ns, "p", "BudgetExceeded"))
@@ -99,7 +99,7 @@ def test_figures_summed_over_router_pods_and_budget_exceeded(cluster):
     assert ev[0]["type"] == "Warning" and "$13.00" in ev[0]["message"]
     # Spend falls back under the limit (old buckets leave the 24 h window): condition False, one Normal Event.
     for ip in ("10.8.0.1", "10.8.0.2"):
-        cluster.pods.json[f"http://{ip}:8080/routenlp/rollout"] = {**one, "spentUsd24h": 2.0}
+        cluster.pods.json[f"http://{ip}:9091/routenlp/rollout"] = {**one, "spentUsd24h": 2.0}
     cond = wait_for(lambda: (c := cluster.condition("routingpolicies", ns, "p", "BudgetExceeded"))["status"] == "False"
                     and c, what="within budget")
     assert cond["reason"] == "WithinBudget"
@@ -116,7 +116,7 @@ def test_prefer_cheaper_switch_follows_the_budget_without_restarting_routers(clu
     cluster.api.create(cluster.cr_path("modeltiers", ns), tier("t"))
     cluster.api.create(cluster.cr_path("routingpolicies", ns), policy(
         "p", ["s", "t"], budget={"maxUsdPerDay": 10, "action": "PreferCheaper"}, deployment={"replicas": 1}))
-    url = "http://10.9.0.1:8080/routenlp/rollout"
+    url = "http://10.9.0.1:9091/routenlp/rollout"
     answer = {"stable": {"version": "v1", "requests": 10, "spentUsd": 1.0, "referenceCostUsd": 4.0}, "canary": None,
               "spentUsd24h": 3.0}
     cluster.pods.json[url] = answer
@@ -154,7 +154,7 @@ def test_escalation_rate_campaign_waits_for_min_failures_then_starts(cluster):
     cluster.api.create(cluster.cr_path("modeltiers", ns), tier("s"))
     cluster.api.create(cluster.cr_path("modeltiers", ns), tier("t"))
     cluster.api.create(cluster.cr_path("routingpolicies", ns), policy("p", ["s", "t"]))
-    url = f"http://p-router.{ns}.svc:8080/routenlp/rollout"
+    url = f"http://p-router.{ns}.svc:9091/routenlp/rollout"
     cluster.pods.json[url] = {"stable": {"version": "v1", "requests": 500, "escalationRate": 0.4, "escalations": 200},
                               "canary": None, "spentUsd24h": 1.0}
     cluster.api.create(cluster.cr_path("distillationcampaigns", ns), campaign(
@@ -175,6 +175,9 @@ def test_escalation_rate_campaign_waits_for_min_failures_then_starts(cluster):
 
 
 # ---------------------------------------------------------------- the real router serving the figures
+LABELLER_TOKEN = "reviewer-token-0123456789abcdef"
+
+
 @pytest.fixture(scope="module")
 def real_router(tmp_path_factory):
     """The router app (build_app) on a loopback port with fake OpenAI-compatible tiers, serving v1 as stable and
@@ -184,7 +187,7 @@ def real_router(tmp_path_factory):
     from unit.router.live import Live
 
     from routenlp.router.artifacts import Calibration, save_artifact
-    from routenlp.router.config import RouterConfig
+    from routenlp.api.router_config import RouterAuth, RouterConfig
     from routenlp.router.conformal import ThresholdResult
     from routenlp.router.server import build_app
 
@@ -206,12 +209,17 @@ def real_router(tmp_path_factory):
         "cascade": {"riskLevel": 0.05, "delta": 0.1, "minCalibrationSamples": 200},
         "router": {"artifactDir": str(tmp / "artifacts"), "current": "v1", "canary": "v2", "canaryPercent": 20},
         "eventLogDir": str(tmp / "events")})
-    port = live.serve(build_app(config, encoder=FakeEncoder()))
-    yield live, port
+    admin = free_port()  # /metrics and /routenlp/* only there, as the operator renders it (adminPort)
+    labellers = tmp / "labellers"  # the mounted labellers Secret: file name = labeller, content = token
+    labellers.mkdir()
+    (labellers / "reviewer").write_text(LABELLER_TOKEN)
+    config = config.model_copy(update={"admin_port": admin, "auth": RouterAuth(labellers_dir=str(labellers))})
+    port = live.serve(build_app(config, encoder=FakeEncoder(), admin_host="127.0.0.1"))
+    yield live, port, admin
     live.close()
 
 
-def _serve_traffic(port: int, n: int) -> tuple[list[str], list[str]]:
+def _serve_traffic(port: int, admin: int, n: int) -> tuple[list[str], list[str]]:
     """n requests to each version (the canary split is a stable hash of the request id); all answered by the
     cheap tier and shadow-labelled acceptable by the reference. Returns the (stable, canary) request ids."""
     from unit.router.live import request
@@ -226,7 +234,7 @@ def _serve_traffic(port: int, n: int) -> tuple[list[str], list[str]]:
                                {"model": "intent", "messages": [{"role": "user", "content": "refund please, easy"}]},
                                headers={"x-request-id": rid})
         assert status == 200 and h["x-routenlp-tier"] == "s"
-    wait_for(lambda: _figures(port)["canary"]["labelled"] >= n and _figures(port)["stable"]["labelled"] >= n,
+    wait_for(lambda: _figures(admin)["canary"]["labelled"] >= n and _figures(admin)["stable"]["labelled"] >= n,
              what="shadow labels")
     return stable, canary
 
@@ -238,21 +246,25 @@ def _figures(port: int) -> dict:
 
 
 def _point_at(cluster, ns: str, port: int) -> None:
-    """A ready router pod at 127.0.0.1: the operator asks http://127.0.0.1:<service port>/routenlp/rollout."""
+    """A ready router pod at 127.0.0.1: the operator asks http://127.0.0.1:<adminPort>/routenlp/rollout."""
     cluster.pods.real.append(f"http://127.0.0.1:{port}/")
     _router_pod(cluster, ns, "p", 0, "127.0.0.1")
 
 
 def test_real_router_figures_promote_then_roll_back_a_canary(cluster, real_router):
-    live, port = real_router
-    stable_ids, canary_ids = _serve_traffic(port, 25)
-    served = _figures(port)
+    from unit.router.live import request
+
+    live, port, admin = real_router
+    assert request(port, "GET", "/routenlp/rollout")[0] == 404  # clients' port: no admin endpoints
+    stable_ids, canary_ids = _serve_traffic(port, admin, 25)
+    served = _figures(admin)
     assert (served["stable"]["version"], served["canary"]["version"]) == ("v1", "v2")
     assert served["canary"]["requests"] == 25 and served["canary"]["violationRate"] == 0.0
     # Namespace A: the guard (20 canary requests, violations <= riskLevel, no acceptance drop) holds -> promoted.
     ns = "fig-real-promote"
-    _canary_policy(cluster, ns, min_requests=20, deployment={"replicas": 1, "service": {"port": port}})
-    _point_at(cluster, ns, port)
+    _canary_policy(cluster, ns, min_requests=20,
+                   deployment={"replicas": 1, "service": {"port": port}, "adminPort": admin})
+    _point_at(cluster, ns, admin)
     router = wait_for(lambda: (r := cluster.get_cr("routingpolicies", ns, "p")["status"]["router"])
                       .get("current") == "v2" and r, what="promotion from real figures")
     assert router["history"][-1] == {**router["history"][-1], "version": "v2", "action": "Promoted",
@@ -260,17 +272,18 @@ def test_real_router_figures_promote_then_roll_back_a_canary(cluster, real_route
     st = cluster.get_cr("routingpolicies", ns, "p")["status"]
     assert st["costReduction"] == pytest.approx(served["stable"]["costReduction"], abs=1e-9)
     assert st["escalations"] == 0 and st["escalationRate"] == 0.0
-    # Users now say the canary's answers were wrong: their labels replace the shadow judge's (one label per attempt),
-    # so the canary's violation rate on labelled traffic climbs to 1.
-    from unit.router.live import request
+    # An authenticated labeller now says the canary's answers were wrong: its labels replace the shadow judge's (one
+    # label per attempt), so the canary's violation rate on labelled traffic climbs to 1.
     for rid in canary_ids:
-        assert request(port, "POST", "/v1/feedback", {"request_id": rid, "accepted": False})[0] == 202
-    assert _figures(port)["canary"]["violationRate"] == pytest.approx(1.0)
-    assert _figures(port)["canary"]["labelled"] == len(canary_ids)
+        assert request(port, "POST", "/v1/feedback", {"request_id": rid, "accepted": False},
+                       headers={"Authorization": f"Bearer {LABELLER_TOKEN}"})[0] == 202
+    assert _figures(admin)["canary"]["violationRate"] == pytest.approx(1.0)
+    assert _figures(admin)["canary"]["labelled"] == len(canary_ids)
     # Namespace B, same figures: the canary breaks the guarantee -> rolled back, the stable keeps serving.
     ns = "fig-real-rollback"
-    _canary_policy(cluster, ns, min_requests=20, deployment={"replicas": 1, "service": {"port": port}})
-    _point_at(cluster, ns, port)
+    _canary_policy(cluster, ns, min_requests=20,
+                   deployment={"replicas": 1, "service": {"port": port}, "adminPort": admin})
+    _point_at(cluster, ns, admin)
     router = wait_for(lambda: (r := cluster.get_cr("routingpolicies", ns, "p")["status"]["router"])
                       .get("history", [{}])[-1].get("action") == "RolledBack" and r, what="rollback from real figures")
     assert router["current"] == "v1" and "canary" not in router

@@ -122,7 +122,7 @@ def test_router_version_auto_follows_campaign_and_canary_promotes(cluster):
     cfg = _config(cluster, ns, "p")
     assert cfg["router"]["canary"] == "v2" and cfg["router"]["canaryPercent"] == 20
     # The router reports the canary's labelled traffic: guard holds -> promoted.
-    cluster.pods.json[f"http://p-router.{ns}.svc:8080/routenlp/rollout"] = {
+    cluster.pods.json[f"http://p-router.{ns}.svc:9091/routenlp/rollout"] = {
         "canary": {"requests": 150, "violationRate": 0.01, "acceptanceRate": 0.8},
         "stable": {"requests": 900, "violationRate": 0.02, "acceptanceRate": 0.79, "escalationRate": 0.21,
                    "costReduction": 0.46}}
@@ -172,6 +172,12 @@ def test_sidecar_webhook_injects_router(cluster):
     router = out["spec"]["containers"][1]
     assert {"name": "router-config", "mountPath": "/etc/routenlp", "readOnly": True} in router["volumeMounts"]
     assert {"name": "router-config", "configMap": {"name": "side-router-config"}} in out["spec"]["volumes"]
+    # Labelled as the policy's router, so the tiers' NetworkPolicy (side-tiers) admits the pod.
+    assert out["metadata"]["labels"]["routenlp.io/router"] == "side"
+    access = cluster.api.get(f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies/side-tiers")
+    assert {"podSelector": {"matchLabels": {"routenlp.io/router": "side"}}} in access["spec"]["ingress"][0]["from"]
+    assert {p["name"] for p in router["ports"]} == {"router", "admin"} and router["securityContext"][
+        "readOnlyRootFilesystem"] is True
     # A pod naming an unknown policy is refused with a reason.
     pod["metadata"]["labels"]["routenlp.io/policy"] = "nope"
     resp = _admission_review(cluster, pod, ns)["response"]

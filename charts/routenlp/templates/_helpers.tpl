@@ -26,6 +26,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end -}}
 
+{{/* The operator pods' selector labels as k=v,k=v (`--operator-pod-labels`: its NetworkPolicy peer). */}}
+{{- define "routenlp.operatorPodLabels" -}}
+{{- $pairs := list -}}
+{{- range $k, $v := (include "routenlp.selectorLabels" . | fromYaml) -}}
+{{- $pairs = append $pairs (printf "%s=%s" $k $v) -}}
+{{- end -}}
+{{- join "," (sortAlpha $pairs) -}}
+{{- end -}}
+
 {{- define "routenlp.labels" -}}
 helm.sh/chart: {{ include "routenlp.chart" . }}
 {{ include "routenlp.selectorLabels" . }}
@@ -85,6 +94,15 @@ app.kubernetes.io/part-of: routenlp
 {{- range (include "routenlp.watchNamespaces" . | fromJsonArray) }}
 - --namespace={{ . }}
 {{- end }}
+{{- end }}
+{{- if .Values.networkPolicy.enabled }}
+- --network-policies
+- --operator-pod-labels={{ include "routenlp.operatorPodLabels" . }}
+{{- with .Values.networkPolicy.monitoringNamespace }}
+- --monitoring-namespace={{ . }}
+{{- end }}
+{{- else }}
+- --no-network-policies
 {{- end }}
 {{- if .Values.operator.peering.enabled }}
 - --peering={{ .Values.operator.peering.name }}

@@ -10,8 +10,9 @@ from pydantic import Field, model_validator
 
 from .common import DNS_LABEL, DURATION, ApiModel, Resource, Rule, SpecError, StatusBase
 from .modeltier import Toleration
+from .release import RELEASE
 
-DEFAULT_TRAINER_IMAGE = "ghcr.io/routenlp/trainer:0.1.0"
+DEFAULT_TRAINER_IMAGE = f"ghcr.io/routenlp/trainer:{RELEASE}"
 
 STAGES = ("Clustering", "Distilling", "Evaluating", "RetrainingRouter", "RollingOut")
 """Campaign stages in order; each runs as one Job (RollingOut is done by the operator itself)."""
@@ -90,7 +91,9 @@ class Clustering(ApiModel):
     )
     max_clusters: int = Field(default=20, ge=2, le=500, description="Largest k tried (kmeans).")
     min_cluster_size: int = Field(default=10, ge=2, description="Smallest cluster kept.")
-    top_clusters: int = Field(default=5, ge=1, le=100, description="Costliest clusters distilled.")
+    top_clusters: int = Field(
+        default=5, ge=1, le=100, description="Costliest clusters distilled; the cluster stage reports how many cover "
+        "80 % of the failure cost (`cost_cover_80`), a good value.")
 
 
 class LoRASettings(ApiModel):
@@ -106,6 +109,10 @@ class LoRASettings(ApiModel):
     learning_rate: float = Field(default=2e-4, gt=0, lt=1, description="Peak learning rate.")
     batch_size: int = Field(default=8, ge=1, description="Examples per step.")
     samples_per_cluster: int = Field(default=200, ge=1, description="Training examples taken per cluster.")
+    budget_split: Literal["cost", "equal"] = Field(
+        default="cost",
+        description="How the pair budget (`samplesPerCluster` per top cluster) is split: `cost`, by the escalation "
+        "cost each cluster's failures caused (the costliest topics get most pairs); `equal`, the same per cluster.")
 
 
 class EvaluationGate(ApiModel):
@@ -121,14 +128,31 @@ class EvaluationGate(ApiModel):
 
 
 class Rollout(ApiModel):
-    """How the retrained router version reaches traffic."""
+    """How the router versions this campaign produces reach traffic (other versions follow the policy's settings)."""
 
-    canary_percent: int = Field(default=10, ge=0, le=100, description="Traffic share of the new router version first.")
-    promote_after: str = Field(default="30m", pattern=DURATION, description="Canary time before promotion is decided.")
+    canary_percent: int | None = Field(
+        default=None, ge=0, le=100,
+        description="Traffic share of this campaign's router version while it is a canary (0: promoted at once); "
+        "default: the policy's `spec.router.canaryPercent`.")
+    promote_after: str | None = Field(
+        default=None, pattern=DURATION,
+        description="Least time this campaign's canary serves before the promotion guard may promote it (a failing "
+        "guard rolls it back at once); default: none, the guard decides as soon as it has `minRequests` and "
+        "`minLabels`.")
+
+
+CAMPAIGN_NODES_NEED_RUNNER = Rule(
+    rule="self.distillNodes == 1 || self.distillRunner != 'Job'",
+    message="spec.resources.distillNodes above 1 needs spec.resources.distillRunner TrainJob or JobSet: a plain Job "
+    "runs the distill stage on one node",
+    field="distillNodes",
+)
 
 
 class CampaignResources(ApiModel):
     """Image and resources of the stage Jobs."""
+
+    RULES = (CAMPAIGN_NODES_NEED_RUNNER,)
 
     image: str = Field(default=DEFAULT_TRAINER_IMAGE, description="Trainer image the stage Jobs run.")
     gpu_count: int = Field(default=1, ge=0, le=16, description="GPUs for the distill stage.")
@@ -143,7 +167,33 @@ class CampaignResources(ApiModel):
     artifact_claim_name: str | None = Field(
         default=None, description="PVC where stages write artifacts; default: the policy's event-log PVC."
     )
+    distill_runner: Literal["Job", "TrainJob", "JobSet"] = Field(
+        default="Job",
+        description="What runs the distill stage: `Job` (one pod); for students beyond one machine `TrainJob` "
+        "(Kubeflow Trainer, runtime `trainingRuntime`) or `JobSet` (one indexed Job of `distillNodes` pods), "
+        "both running `torchrun` over the same `routenlp train distill` (`gpuCount` processes per node).",
+    )
+    distill_nodes: int = Field(default=1, ge=1, le=64, description="Nodes of a TrainJob or JobSet distill stage.")
+    training_runtime: str = Field(
+        default="torch-distributed", pattern=DNS_LABEL, max_length=63,
+        description="Kubeflow Trainer ClusterTrainingRuntime of a `TrainJob` distill stage.")
 
+    @model_validator(mode="after")
+    def _runner_nodes(self) -> "CampaignResources":
+        if self.distill_nodes > 1 and self.distill_runner == "Job":
+            raise CAMPAIGN_NODES_NEED_RUNNER.error(f"distillNodes is {self.distill_nodes}")
+        return self
+
+
+MAX_ROUNDS = 10
+"""Rounds per run, at most: each round waits for a canary promotion and fresh failures, so ten already span days."""
+
+CAMPAIGN_ROUNDS_APPLY = Rule(
+    rule="self.rounds == 1 || (self.autoApply && self.retrainRouter)",
+    message="spec.rounds above 1 needs spec.autoApply and spec.retrainRouter true: each round learns from the "
+    "failures logged under the router version and adapter the previous round rolled out",
+    field="rounds",
+)
 
 CAMPAIGN_STUDENT_NOT_TEACHER = Rule(
     rule="self.studentTier != self.teacherTier",
@@ -156,12 +206,19 @@ CAMPAIGN_STUDENT_NOT_TEACHER = Rule(
 class DistillationCampaignSpec(ApiModel):
     """The closed loop: distill the teacher into a cheaper student tier where the student escalates most."""
 
-    RULES = (CAMPAIGN_STUDENT_NOT_TEACHER,)
+    RULES = (CAMPAIGN_STUDENT_NOT_TEACHER, CAMPAIGN_ROUNDS_APPLY)
 
     policy_ref: str = Field(pattern=DNS_LABEL, max_length=63, description="RoutingPolicy whose traffic is improved.")
     student_tier: str = Field(pattern=DNS_LABEL, max_length=63, description="Cheaper ModelTier that gets the LoRA adapter.")
     teacher_tier: str = Field(pattern=DNS_LABEL, max_length=63, description="ModelTier whose answers are distilled.")
     trigger: Trigger = Field(default_factory=Trigger, description="When a run starts.")
+    rounds: int = Field(
+        default=1,
+        description=f"Rounds per run (1-{MAX_ROUNDS}). Round n+1 starts once round n's router version is promoted "
+        "and the policy's router has seen `trigger.minFailures` escalations under it; it clusters the failures "
+        "logged under that version and continues training round n's adapter (the same student).",
+        json_schema_extra={"minimum": 1, "maximum": MAX_ROUNDS},  # pydantic checks it below, with a clearer message
+    )
     clustering: Clustering = Field(default_factory=Clustering, description="How escalation failures are clustered.")
     lora: LoRASettings = Field(default_factory=LoRASettings, description="LoRA fine-tuning settings.")
     evaluation: EvaluationGate = Field(default_factory=EvaluationGate, description="Gate a new adapter must pass.")
@@ -179,6 +236,11 @@ class DistillationCampaignSpec(ApiModel):
     def _consistent(self) -> "DistillationCampaignSpec":
         if self.student_tier == self.teacher_tier:
             raise CAMPAIGN_STUDENT_NOT_TEACHER.error(f"both are {self.student_tier!r}")
+        if not 1 <= self.rounds <= MAX_ROUNDS:
+            raise SpecError("rounds", f"spec.rounds must be between 1 and {MAX_ROUNDS}, got {self.rounds}: each round "
+                            "waits for a canary promotion and fresh failures; start another run for more")
+        if self.rounds > 1 and not (self.auto_apply and self.retrain_router):
+            raise CAMPAIGN_ROUNDS_APPLY.error(f"rounds is {self.rounds}")
         return self
 
 
@@ -213,14 +275,37 @@ class CampaignMetrics(ApiModel):
     teacher_quality: float | None = Field(default=None, description="Teacher accuracy on the same queries.")
 
 
+class RoundStatus(ApiModel):
+    """One round of the current run and its figures."""
+
+    round: int = Field(description="Round number (1 = the first).")
+    state: Literal["Running", "Succeeded", "Failed"] = Field(
+        description="Running; Succeeded once its router version serves; Failed.")
+    failures: int | None = Field(default=None, description="Escalation failures clustered (under the previous "
+                                 "round's router version from round 2 on).")
+    targeted_cost_usd: float | None = Field(default=None, description="Cost the distilled clusters' failures caused.")
+    quality_after: float | None = Field(default=None, description="Student accuracy on held-out cluster queries, "
+                                        "with this round's adapter.")
+    quality_gain: float | None = Field(default=None, description="Gain over the student before this round.")
+    adapter: str | None = Field(default=None, description="Adapter produced (name@uri).")
+    router_version: str | None = Field(default=None, description="Router version produced.")
+    cost_reduction: float | None = Field(default=None, description="Cost reduction the policy's router observed "
+                                         "while this round's version served as stable.")
+    violation_rate: float | None = Field(default=None, description="Risk the policy's router observed while this "
+                                         "round's version served as stable.")
+
+
 class DistillationCampaignStatus(StatusBase):
     """Where the campaign's current run is and what it produced."""
 
     phase: Literal[
-        "Pending", "Clustering", "Distilling", "Evaluating", "RetrainingRouter", "RollingOut", "Proposed",
-        "Succeeded", "Failed",
-    ] | None = Field(default=None, description="Where the current run is.")
+        "Pending", "Clustering", "Distilling", "Evaluating", "RetrainingRouter", "RollingOut", "Observing",
+        "Proposed", "Succeeded", "Failed",
+    ] | None = Field(default=None, description="Where the current run is (`Observing`: between rounds, waiting for "
+                     "failures under the round's router version).")
     run: int = Field(default=0, description="Runs started so far.")
+    round: int = Field(default=0, description="Round of the current run (1..spec.rounds).")
+    rounds: list[RoundStatus] = Field(default_factory=list, description="Rounds of the current run, with figures.")
     last_run_time: str | None = Field(default=None, description="When the last run started.")
     stages: list[StageStatus] = Field(default_factory=list, description="Stages of the current run.")
     clusters: list[ClusterReport] = Field(default_factory=list, description="Clusters selected for distillation.")

@@ -70,6 +70,8 @@ PRINTER_COLUMNS: dict[str, list[dict[str, Any]]] = {
          "description": "Observed risk in the risk measure, on labelled events."},
         {"name": "Tiers", "type": "string", "jsonPath": ".spec.tiers[*].name", "priority": 1,
          "description": "Tiers in routing order."},
+        {"name": "Chains", "type": "string", "jsonPath": ".status.chainSummary", "priority": 1,
+         "description": "Each task's tier chain in force (pinned or learnt)."},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ],
     "DistillationCampaign": [
@@ -79,8 +81,10 @@ PRINTER_COLUMNS: dict[str, list[dict[str, Any]]] = {
         {"name": "Student", "type": "string", "jsonPath": ".spec.studentTier", "description": "Tier being improved."},
         {"name": "Teacher", "type": "string", "jsonPath": ".spec.teacherTier", "priority": 1,
          "description": "Tier distilled from."},
+        {"name": "Round", "type": "integer", "jsonPath": ".status.round",
+         "description": "Round of the current run (spec.rounds per run)."},
         {"name": "Gain", "type": "number", "jsonPath": ".status.metrics.qualityGain",
-         "description": "Student quality gain on held-out cluster queries."},
+         "description": "Student quality gain on held-out cluster queries (current round)."},
         {"name": "Router", "type": "string", "jsonPath": ".status.routerVersion",
          "description": "Router version produced."},
         {"name": "Run", "type": "integer", "jsonPath": ".status.run", "priority": 1, "description": "Runs so far."},
@@ -101,7 +105,7 @@ class _K8sJsonSchema(GenerateJsonSchema):
     """Also reports defaults made by default factories: `{}` for a nested object (the API server then fills in its
     own defaults), the value for non-empty lists; empty lists/dicts stay unset."""
 
-    def get_default_value(self, schema):  # type: ignore[override]
+    def get_default_value(self, schema: Any) -> Any:
         factory = schema.get("default_factory")
         if factory is None or schema.get("default_factory_takes_data"):
             return super().get_default_value(schema)
@@ -257,7 +261,7 @@ def crds() -> dict[str, dict[str, Any]]:
 
 
 def to_yaml(obj: dict[str, Any]) -> str:
-    return HEADER + yaml.safe_dump(obj, sort_keys=False, width=120, allow_unicode=True)
+    return HEADER + str(yaml.safe_dump(obj, sort_keys=False, width=120, allow_unicode=True))
 
 
 def rendered() -> dict[str, str]:

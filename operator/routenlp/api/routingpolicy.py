@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from enum import Enum
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from .common import DNS_LABEL, DURATION, ApiModel, Resource, Rule, SpecError, StatusBase, duplicates
+from .common import DNS_LABEL, DNS_SUBDOMAIN, DURATION, ApiModel, Resource, Rule, SpecError, StatusBase, duplicates
+from .release import RELEASE
 
-DEFAULT_ROUTER_IMAGE = "ghcr.io/routenlp/router:0.1.0"
+DEFAULT_ROUTER_IMAGE = f"ghcr.io/routenlp/router:{RELEASE}"
 
 
 class TierRef(ApiModel):
@@ -70,7 +72,25 @@ class Task(ApiModel):
         default=0.97,
         gt=0,
         le=1,
-        description="Quality to hold, as a fraction of the reference (last) tier's quality on this task.",
+        description="Start rule (not a promise): a request starts at the cheapest tier of the task's chain whose "
+        "predicted acceptance is at least qualityTarget x that of the chain's last tier. The promise is qualityFloor.",
+    )
+    quality_floor: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="A promise: with probability at least 1 - cascade.delta, the task's quality on new traffic is at "
+        "least qualityFloor x the quality of always using the reference tier (docs/guarantee.md). The thresholds "
+        "of the chain's cheaper tiers are then calibrated with risk levels derived from the floor (riskMeasure "
+        "allRequests), not cascade.riskLevel. Unset: only riskLevel is promised, per tier.",
+    )
+    chain: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="The tiers this task's requests may use, cheapest first in spec.tiers order; the last always "
+        "answers (it may be cheaper than the reference where it is the task's best). Empty: learned by the trainer "
+        "(the task's cost/quality Pareto set on logged quality); every tier until a trained router version exists.",
+        json_schema_extra={"x-kubernetes-list-type": "atomic"},
     )
     labels: list[str] = Field(
         default_factory=list,
@@ -147,6 +167,11 @@ class Cascade(ApiModel):
     )
     recalibration_interval: str = Field(default="10m", pattern=DURATION, description="How often thresholds are recomputed.")
     max_escalations: int = Field(default=2, ge=0, le=10, description="Tiers tried after the first one, at most.")
+    request_deadline: str = Field(
+        default="60s", pattern=DURATION,
+        description="Longest a request may take across all its tier calls and escalations; no tier is called after "
+        "it, and a request that got no answer by then is answered 504. Each tier call is also bounded by the "
+        "tier's timeoutSeconds (for streams: the longest wait for the next chunk).")
     confidence_source: ConfidenceSource = Field(
         default=ConfidenceSource.COMBINED,
         description="Answer confidence: token `logprob`s, structured `labelProbability`, the `routerPrior`, or "
@@ -207,8 +232,53 @@ class ServiceSettings(ApiModel):
     port: int = Field(default=8080, ge=1, le=65535, description="Service port of the router.")
 
 
+ALL_NAMESPACES = "*"
+ClientNamespace = Annotated[str, Field(pattern=r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$", max_length=63)]
+
+
+class RouterNetwork(ApiModel):
+    """Who may reach a gateway router: the NetworkPolicy the operator renders in front of it (sidecar routers live in
+    the application's pods, whose NetworkPolicy is the application's)."""
+
+    allowed_client_namespaces: list[ClientNamespace] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Namespaces whose pods may call the router's client port (`/v1/*`, `/healthz`, `/readyz`), "
+        "besides the policy's own namespace, which always may; `*`: every namespace. The admin port (`/metrics`, "
+        "`/routenlp/*`) stays open only to the operator and the monitoring namespace the chart names.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    allowed_client_cidrs: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="IP ranges (CIDR, e.g. `10.0.0.0/8`) outside the cluster that may call the client port: a "
+        "LoadBalancer's or NodePort's clients, which no namespace names.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+
+    @model_validator(mode="after")
+    def _cidrs_parse(self) -> "RouterNetwork":
+        # Kubernetes rejects a bad ipBlock only when the operator applies the NetworkPolicy: say it up front.
+        for i, cidr in enumerate(self.allowed_client_cidrs):
+            try:
+                ipaddress.ip_network(cidr, strict=True)
+            except ValueError as exc:
+                raise SpecError(f"allowedClientCidrs[{i}]", f"not a CIDR range: {exc} (e.g. 10.0.0.0/8, 2001:db8::/32)")
+        return self
+
+
+ROUTER_ADMIN_PORT_DIFFERS = Rule(
+    rule="self.adminPort != self.service.port",
+    message="adminPort must differ from service.port: the admin endpoints (/metrics, /routenlp/*) are served on "
+    "their own port so that clients never reach them",
+    field="adminPort",
+)
+
+
 class RouterDeployment(ApiModel):
     """Where and how the router runs."""
+
+    RULES = (ROUTER_ADMIN_PORT_DIFFERS,)
 
     mode: DeploymentMode = Field(
         default=DeploymentMode.GATEWAY,
@@ -220,6 +290,52 @@ class RouterDeployment(ApiModel):
     service: ServiceSettings = Field(default_factory=ServiceSettings, description="Service of the gateway.")
     cpu: str = Field(default="1", description="CPU request per router pod.")
     memory: str = Field(default="1Gi", description="Memory request and limit per router pod.")
+    admin_port: int = Field(
+        default=9091, ge=1, le=65535, description="Container port of the router's admin endpoints (`/metrics`, "
+        "`/routenlp/rollout`), apart from the client port so that a NetworkPolicy can keep clients off them."
+    )
+    network: RouterNetwork = Field(default_factory=RouterNetwork, description="Who may reach a gateway router.")
+
+    @model_validator(mode="after")
+    def _admin_port_differs(self) -> "RouterDeployment":
+        if self.admin_port == self.service.port:
+            raise ROUTER_ADMIN_PORT_DIFFERS.error(f"both {self.admin_port}")
+        return self
+
+
+AUTH_SECRETS_DIFFER = Rule(
+    rule="!has(self.labellersSecret) || !has(self.clientKeysSecret) || self.labellersSecret != self.clientKeysSecret",
+    message="clientKeysSecret must differ from labellersSecret: every client key would also be a labeller token, "
+    "and any client could move the acceptance thresholds",
+    field="clientKeysSecret",
+)
+
+
+class Auth(ApiModel):
+    """Credentials the router checks: Secrets in the policy's namespace that the operator mounts into the router
+    (the kubelet refreshes the files when a Secret changes; the router re-reads them). Their values never appear in
+    the router configuration, status, Events or logs."""
+
+    RULES = (AUTH_SECRETS_DIFFER,)
+
+    labellers_secret: str | None = Field(
+        default=None, pattern=DNS_SUBDOMAIN, max_length=253,
+        description="Secret of the labellers whose feedback may move acceptance thresholds: each key is a labeller "
+        "name, its value that labeller's bearer token (`Authorization: Bearer <token>` on `/v1/feedback`). Unset: "
+        "feedback is still logged, but only the shadow judge's labels calibrate.",
+    )
+    client_keys_secret: str | None = Field(
+        default=None, pattern=DNS_SUBDOMAIN, max_length=253,
+        description="Secret of client API keys: when set, `/v1/*` requires `Authorization: Bearer <key>`; each key "
+        "is a client name (recorded in routing events), its value that client's key. Unset: `/v1/*` is open to "
+        "whoever the NetworkPolicy lets in.",
+    )
+
+    @model_validator(mode="after")
+    def _secrets_differ(self) -> "Auth":
+        if self.labellers_secret is not None and self.labellers_secret == self.client_keys_secret:
+            raise AUTH_SECRETS_DIFFER.error(f"both {self.labellers_secret!r}")
+        return self
 
 
 class Feedback(ApiModel):
@@ -258,6 +374,11 @@ POLICY_TASKS_UNIQUE = Rule(
     field="tasks",
     reason="FieldValueDuplicate",
 )
+POLICY_CHAIN_TIERS_KNOWN = Rule(
+    rule="self.tasks.all(t, !has(t.chain) || t.chain.all(c, self.tiers.exists(r, r.name == c)))",
+    message="every tier of a task's chain must be one of spec.tiers",
+    field="tasks",
+)
 POLICY_DEFAULT_TASK_KNOWN = Rule(
     rule="!has(self.defaultTask) || self.tasks.exists(t, t.name == self.defaultTask)",
     message="spec.defaultTask must name one of spec.tasks",
@@ -275,7 +396,8 @@ POLICY_DEFAULT_TASK_REQUIRED = Rule(
 class RoutingPolicySpec(ApiModel):
     """An ordered tier portfolio, the tasks served with their quality targets, and the router that serves them."""
 
-    RULES = (POLICY_TIERS_UNIQUE, POLICY_TASKS_UNIQUE, POLICY_DEFAULT_TASK_KNOWN, POLICY_DEFAULT_TASK_REQUIRED)
+    RULES = (POLICY_TIERS_UNIQUE, POLICY_TASKS_UNIQUE, POLICY_DEFAULT_TASK_KNOWN, POLICY_DEFAULT_TASK_REQUIRED,
+             POLICY_CHAIN_TIERS_KNOWN)
 
     tiers: list[TierRef] = Field(
         min_length=1,
@@ -293,6 +415,7 @@ class RoutingPolicySpec(ApiModel):
     router: RouterSettings = Field(default_factory=RouterSettings, description="Router version and rollout.")
     deployment: RouterDeployment = Field(default_factory=RouterDeployment, description="How the router runs.")
     feedback: Feedback = Field(default_factory=Feedback, description="Label collection.")
+    auth: Auth = Field(default_factory=Auth, description="Labeller tokens and client API keys the router checks.")
     budget: Budget | None = Field(default=None, description="Optional spending limit.")
 
     @model_validator(mode="after")
@@ -308,6 +431,16 @@ class RoutingPolicySpec(ApiModel):
             raise POLICY_DEFAULT_TASK_KNOWN.error(f"{self.default_task!r} is not one of {', '.join(tasks)}")
         if self.unknown_task == "UseDefault" and self.default_task is None and len(tasks) > 1:
             raise POLICY_DEFAULT_TASK_REQUIRED.error()
+        order = {t.name: k for k, t in enumerate(self.tiers)}
+        for i, t in enumerate(self.tasks):
+            unknown = [c for c in t.chain if c not in order]
+            if unknown:
+                raise POLICY_CHAIN_TIERS_KNOWN.error(f"tasks[{i}].chain names {', '.join(unknown)}; tiers: "
+                                                     f"{', '.join(order)}")
+            ks = [order[c] for c in t.chain]
+            if ks != sorted(set(ks)):
+                raise SpecError(f"tasks[{i}].chain", "list each tier once, cheapest first, in spec.tiers order "
+                                f"({', '.join(order)}); got {', '.join(t.chain)}")
         # Two tasks claiming the same request `model` would make matching depend on list order.
         seen: dict[str, str] = {}
         for i, t in enumerate(self.tasks):
@@ -348,6 +481,13 @@ class RouterVersionStatus(ApiModel):
     history: list[RolloutEvent] = Field(default_factory=list, description="Most recent rollout decisions (newest last).")
 
 
+class TaskChain(ApiModel):
+    """One task's tier chain in force."""
+
+    task: str
+    tiers: list[str] = Field(default_factory=list, description="Tiers, cheapest first; the last always answers.")
+
+
 class RoutingPolicyStatus(StatusBase):
     """What the operator and the router observed about the policy."""
 
@@ -367,10 +507,18 @@ class RoutingPolicyStatus(StatusBase):
         default=None, description="Observed requests that escalated since the stable router version was first served "
         "(compared with a campaign's `trigger.minFailures`)."
     )
+    figures_version: str | None = Field(
+        default=None, description="Router version the observed figures are of (the stable version the router "
+        "reported): a campaign's next round waits until they are of its own version."
+    )
     spent_usd24h: float | None = Field(
         default=None, alias="spentUsd24h",
         description="Observed spend over the last 24 h, in USD (compared with `spec.budget.maxUsdPerDay`).",
     )
+    chains: list[TaskChain] = Field(
+        default_factory=list, description="The tier chain each task routes over, as the stable router version serves "
+        "it: the task's pinned `chain`, else the one the trainer learnt, else every tier.")
+    chain_summary: str | None = Field(default=None, description="`chains` on one line (`kubectl get rp -o wide`).")
 
 
 class RoutingPolicy(Resource):

@@ -8,6 +8,8 @@ fix. Exit status: 0 when there is no error (warnings allowed unless --strict), 1
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import difflib
 import json
 import re
@@ -266,6 +268,7 @@ def cross_check(docs: list[Document]) -> list[Finding]:
     for d in docs:
         if d.kind == "RoutingPolicy" and d.model:
             findings += _check_policy(d, tiers)
+            findings += _check_auth_secrets(d, secrets)
         if d.kind == "DistillationCampaign" and d.model:
             findings += _check_campaign(d, docs, tiers)
     return findings
@@ -288,6 +291,50 @@ def _check_secret_refs(tier: Document, secrets: list[Document]) -> list[Finding]
             out.append(tier.finding("error", f"{path}.key", f"Secret {ref.name!r} ({secret.source}, document "
                                     f"{secret.index}) has no key {ref.key!r}",
                                     f"use one of its keys ({', '.join(sorted(keys)) or 'none'}) or add {ref.key!r}"))
+    return out
+
+
+MIN_TOKEN_CHARS = 16  # shorter bearer tokens can be guessed by anyone who can reach the router
+
+
+def _secret_values(secret: Document) -> dict[str, str]:
+    """key -> value (decoded) of a Secret manifest; the values are only measured, never printed."""
+    out = {}
+    for key, value in (secret.data.get("data") or {}).items():
+        try:
+            out[key] = base64.b64decode(str(value), validate=True).decode("utf-8", "replace")
+        except (binascii.Error, ValueError):
+            out[key] = ""
+    out.update({k: str(v) for k, v in (secret.data.get("stringData") or {}).items()})
+    return out
+
+
+def _check_auth_secrets(policy: Document, secrets: list[Document]) -> list[Finding]:
+    """The Secrets spec.auth names: each given in these files must hold at least one key (one per labeller or
+    client) with a token long enough not to be guessed; one not given is a note (often made out of band)."""
+    auth = policy.model.spec.auth
+    out = []
+    for fld, name, who in (("labellersSecret", auth.labellers_secret, "labeller"),
+                           ("clientKeysSecret", auth.client_keys_secret, "client")):
+        if not name:
+            continue
+        path = f"spec.auth.{fld}"
+        secret = _find(secrets, "Secret", name, policy.namespace)
+        if secret is None:
+            out.append(policy.finding("note", path, f"Secret {name!r} is not defined in these files",
+                                      "fine if it is created out of band (sealed-secrets, external-secrets); until "
+                                      "it exists the router pods do not start"))
+            continue
+        values = _secret_values(secret)
+        if not values:
+            out.append(policy.finding("error", path, f"Secret {name!r} ({secret.source}, document {secret.index}) has "
+                                      f"no keys, so no {who} could authenticate",
+                                      f"add one key per {who}: the key is the {who}'s name, the value its token"))
+        short = sorted(k for k, v in values.items() if len(v) < MIN_TOKEN_CHARS)
+        if short:
+            out.append(policy.finding("warning", path, f"Secret {name!r}: the token of {', '.join(short)} is shorter "
+                                      f"than {MIN_TOKEN_CHARS} characters",
+                                      "use random tokens, e.g. `openssl rand -hex 32`"))
     return out
 
 

@@ -8,15 +8,16 @@ labels and an owner reference to the custom resource that made it (so deleting t
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import Any
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import yaml
 
 from routenlp.api import API_VERSION, DistillationCampaign, ModelTier, RoutingPolicy
 from routenlp.api.common import SecretKeyRef
-from routenlp.api.routingpolicy import RiskMeasure
-from routenlp.router.config import RouterConfig, RouterVersions, TierEndpoint
+from routenlp.api.routingpolicy import ALL_NAMESPACES, RiskMeasure
+from routenlp.api.router_config import RouterAuth, RouterConfig, RouterVersions, TierEndpoint
 
 FIELD_MANAGER = "routenlp-operator"
 VLLM_PORT = 8000
@@ -27,8 +28,22 @@ ROUTER_CONFIG_DIR = "/etc/routenlp"
 ROUTER_STATE_DIR = "/etc/routenlp-state"
 ROUTER_STATE_KEY = "state.yaml"
 DATA_DIR = "/var/lib/routenlp"  # event log + router versions (the policy's PVC)
+# The policy's auth Secrets, mounted read-only into the router (RouterConfig.auth names these directories).
+LABELLERS_DIR = "/var/run/routenlp/labellers"
+CLIENT_KEYS_DIR = "/var/run/routenlp/client-keys"
+# Gateway pods set fsGroup = RUN_AS_USER: the files are root:1000, readable by the router's group only. An application
+# pod (sidecar) may set no fsGroup, so there they are readable by all users of the one container that mounts them.
+SECRET_FILE_MODE = {"gateway": 0o440, "sidecar": 0o444}
+# Root filesystems are read-only: what a process writes goes to emptyDirs (/tmp and this cache directory).
+CACHE_DIR = "/var/cache/routenlp"
+ROUTER_SCRATCH_PREFIX = "routenlp-"  # the router's emptyDirs are named apart from a sidecar pod's own volumes
 RUN_AS_USER = 1000
 PRESTOP_SECONDS = 10
+# Pods the policy's NetworkPolicies let reach its tiers: its routers (gateway pods and sidecar-injected pods) and its
+# campaigns' stage Jobs (student probes). Not `routenlp.io/policy`: that label asks the webhook for a sidecar.
+ROUTER_LABEL = "routenlp.io/router"
+CAMPAIGN_POLICY_LABEL = "routenlp.io/campaign-policy"
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set on every namespace by the API server
 
 Obj = dict[str, Any]
 
@@ -87,6 +102,7 @@ def short_name(*parts: str, limit: int = 63) -> str:
 def restricted_security_context() -> Obj:
     return {
         "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
@@ -95,6 +111,20 @@ def restricted_security_context() -> Obj:
 
 def pod_security_context() -> Obj:
     return {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER, "fsGroup": RUN_AS_USER}
+
+
+def scratch_env() -> list[Obj]:
+    """HOME and the XDG caches (Hugging Face, torch, pip...) on the writable emptyDirs, not the read-only root."""
+    return [{"name": "HOME", "value": "/tmp"}, {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
+            {"name": "XDG_CONFIG_HOME", "value": f"{CACHE_DIR}/config"}]
+
+
+def scratch_volumes(prefix: str = "") -> tuple[list[Obj], list[Obj]]:
+    """(volumes, mounts) of the writable emptyDirs: /tmp and CACHE_DIR. `prefix` keeps their names apart from an
+    application's own volumes in a sidecar-injected pod."""
+    tmp, cache = f"{prefix}tmp", f"{prefix}cache"
+    return ([{"name": tmp, "emptyDir": {}}, {"name": cache, "emptyDir": {}}],
+            [{"name": tmp, "mountPath": "/tmp"}, {"name": cache, "mountPath": CACHE_DIR}])
 
 
 def _host_resources(cpu: str | None, memory: str | None, extra: dict[str, str] | None = None) -> Obj:
@@ -112,6 +142,56 @@ def _host_resources(cpu: str | None, memory: str | None, extra: dict[str, str] |
     if limits:
         out["limits"] = limits
     return out
+
+
+# ---------------------------------------------------------------- NetworkPolicies
+
+# The chart's operator pod labels without the release name: the default when the operator is not told its own.
+DEFAULT_OPERATOR_LABELS = {"app.kubernetes.io/name": "routenlp", "app.kubernetes.io/component": "operator"}
+
+
+@dataclass(frozen=True)
+class NetworkPeers:
+    """Who the NetworkPolicies let in besides a policy's routers, clients and campaign Jobs: the operator (LoRA
+    loading into tier pods, rollout figures from routers) and the monitoring namespace (router metrics)."""
+
+    operator_namespace: str | None = None  # None: operator pods in any namespace
+    operator_labels: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_OPERATOR_LABELS))
+    monitoring_namespace: str | None = None  # None: no one scrapes router metrics
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "NetworkPeers | None":
+        """From the operator's environment (`routenlp operator` flags, the chart); None = render no NetworkPolicy."""
+        if env.get("ROUTENLP_NETWORK_POLICIES", "true").lower() in ("0", "false", "no", "off"):
+            return None
+        pairs = [p.split("=", 1) for p in env.get("ROUTENLP_OPERATOR_POD_LABELS", "").split(",") if "=" in p]
+        return cls(env.get("POD_NAMESPACE") or None, {k.strip(): v.strip() for k, v in pairs} or
+                   dict(DEFAULT_OPERATOR_LABELS), env.get("ROUTENLP_MONITORING_NAMESPACE") or None)
+
+    def operator(self) -> Obj:
+        namespaces = {"matchLabels": {NAMESPACE_NAME_LABEL: self.operator_namespace}} if self.operator_namespace else {}
+        return {"namespaceSelector": namespaces, "podSelector": {"matchLabels": dict(self.operator_labels)}}
+
+    def monitoring(self) -> list[Obj]:
+        if not self.monitoring_namespace:
+            return []
+        return [{"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: self.monitoring_namespace}}}]
+
+
+def _tcp(*ports: int) -> list[Obj]:
+    return [{"protocol": "TCP", "port": p} for p in ports]
+
+
+def network_policy(name: str, namespace: str, owner: Obj, lbls: dict[str, str], pod_selector: Obj,
+                   ingress: list[Obj]) -> Obj:
+    """Ingress only: the selected pods accept what one of `ingress` allows (and what other policies selecting them
+    allow: NetworkPolicies add up). Egress stays open (tiers may be external APIs; DNS)."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(name, namespace, owner, lbls),
+        "spec": {"podSelector": pod_selector, "policyTypes": ["Ingress"], "ingress": ingress},
+    }
 
 
 # ---------------------------------------------------------------- ModelTier
@@ -170,15 +250,19 @@ def tier_deployment(tier: ModelTier, owner: Obj, namespace: str) -> Obj:
     env: list[Obj] = [
         {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True" if spec.lora_enabled else "False"},
         {"name": "HF_HOME", "value": f"{engine.model_cache.mount_path}/hf" if engine.model_cache else "/tmp/hf"},
+        *scratch_env(),
+        # vLLM's own writable paths (compile caches, usage-stats file) default to ~/.cache and ~/.config.
+        {"name": "VLLM_CACHE_ROOT", "value": f"{CACHE_DIR}/vllm"},
+        {"name": "VLLM_CONFIG_ROOT", "value": f"{CACHE_DIR}/config/vllm"},
+        {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_DIR}/triton"},
+        {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
     ]
     if engine.hub_token_secret_ref:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
             "name": engine.hub_token_secret_ref.name, "key": engine.hub_token_secret_ref.key}}})
-    volumes: list[Obj] = [
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
-        {"name": "tmp", "emptyDir": {}},
-    ]
-    mounts: list[Obj] = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
+    scratch, scratch_mounts = scratch_volumes()
+    volumes: list[Obj] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}}, *scratch]
+    mounts: list[Obj] = [{"name": "dshm", "mountPath": "/dev/shm"}, *scratch_mounts]
     if engine.model_cache:
         volumes.append({"name": "model-cache", "persistentVolumeClaim": {
             "claimName": engine.model_cache.claim_name, "readOnly": engine.model_cache.read_only}})
@@ -243,10 +327,21 @@ def tier_service(tier: ModelTier, owner: Obj, namespace: str) -> Obj:
     }
 
 
-def tier_objects(tier: ModelTier, owner: Obj, namespace: str) -> list[Obj]:
+def tier_network_policy(tier: ModelTier, owner: Obj, namespace: str, peers: NetworkPeers) -> Obj:
+    """Isolates the tier's pods, letting in the operator only; each RoutingPolicy listing the tier adds its routers
+    and campaign Jobs with its own NetworkPolicy (policy_tiers_network_policy), owned by the policy."""
+    name = tier.metadata.name
+    # `-tier`: a policy's NetworkPolicies end in -router / -tiers, so no tier name can collide with them.
+    return network_policy(short_name(name, "tier"), namespace, owner, labels("model-tier", name, tier=name),
+                          {"matchLabels": tier_selector(tier)},
+                          [{"from": [peers.operator()], "ports": _tcp(VLLM_PORT)}])
+
+
+def tier_objects(tier: ModelTier, owner: Obj, namespace: str, peers: NetworkPeers | None = None) -> list[Obj]:
     if tier.spec.external is not None:
         return []
-    return [tier_deployment(tier, owner, namespace), tier_service(tier, owner, namespace)]
+    objs = [tier_deployment(tier, owner, namespace), tier_service(tier, owner, namespace)]
+    return objs + ([tier_network_policy(tier, owner, namespace, peers)] if peers else [])
 
 
 # ---------------------------------------------------------------- RoutingPolicy
@@ -259,6 +354,8 @@ def policy_names(name: str) -> dict[str, str]:
         "deployment": short_name(name, "router"),
         "service": short_name(name, "router"),
         "pvc": short_name(name, "events"),
+        "router-netpol": short_name(name, "router"),
+        "tiers-netpol": short_name(name, "tiers"),
     }
 
 
@@ -298,6 +395,10 @@ def router_config(policy: RoutingPolicy, tiers: list[ModelTier], namespace: str,
         shadow_sample_rate=spec.feedback.shadow_sample_rate,
         event_log_dir=f"{DATA_DIR}/events",
         state_path=f"{ROUTER_STATE_DIR}/{ROUTER_STATE_KEY}",
+        # Directories only: the tokens stay in the Secrets (mounted by router_volumes), never in the ConfigMap.
+        auth=RouterAuth(labellers_dir=LABELLERS_DIR if spec.auth.labellers_secret else None,
+                        client_keys_dir=CLIENT_KEYS_DIR if spec.auth.client_keys_secret else None),
+        admin_port=spec.deployment.admin_port,
     )
 
 
@@ -342,20 +443,30 @@ def router_container(policy: RoutingPolicy, tiers: list[ModelTier]) -> Obj:
         if ref:  # key read from the Secret by the kubelet; never in the ConfigMap or logs
             env.append({"name": api_key_env(t.metadata.name),
                         "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    mounts: list[Obj] = [
+        {"name": "router-config", "mountPath": ROUTER_CONFIG_DIR, "readOnly": True},
+        {"name": "router-state", "mountPath": ROUTER_STATE_DIR, "readOnly": True},
+        {"name": "routenlp-data", "mountPath": DATA_DIR},
+        *scratch_volumes(ROUTER_SCRATCH_PREFIX)[1],
+    ]
+    auth = policy.spec.auth
+    if auth.labellers_secret:
+        mounts.append({"name": "routenlp-labellers", "mountPath": LABELLERS_DIR, "readOnly": True})
+    if auth.client_keys_secret:
+        mounts.append({"name": "routenlp-client-keys", "mountPath": CLIENT_KEYS_DIR, "readOnly": True})
     return {
         "name": "router",
         "image": dep.image,
         "command": ["routenlp", "router"],
         "args": ["--config", f"{ROUTER_CONFIG_DIR}/{ROUTER_CONFIG_KEY}", "--host", "0.0.0.0",
                  "--port", str(dep.service.port)],
-        "ports": [{"name": "router", "containerPort": dep.service.port, "protocol": "TCP"}],
-        "env": env,
+        # `router`: /v1/*, /healthz, /readyz for clients; `admin`: /metrics and /routenlp/* (RouterConfig.admin_port)
+        # for the operator and Prometheus only (router_network_policy).
+        "ports": [{"name": "router", "containerPort": dep.service.port, "protocol": "TCP"},
+                  {"name": "admin", "containerPort": dep.admin_port, "protocol": "TCP"}],
+        "env": env + scratch_env(),
         "resources": {"requests": {"cpu": dep.cpu, "memory": dep.memory}, "limits": {"memory": dep.memory}},
-        "volumeMounts": [
-            {"name": "router-config", "mountPath": ROUTER_CONFIG_DIR, "readOnly": True},
-            {"name": "router-state", "mountPath": ROUTER_STATE_DIR, "readOnly": True},
-            {"name": "routenlp-data", "mountPath": DATA_DIR},
-        ],
+        "volumeMounts": mounts,
         # The router's own endpoints: /readyz once its config and encoder are loaded, /healthz while alive.
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "router"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "router"}, "periodSeconds": 15, "failureThreshold": 4},
@@ -364,12 +475,21 @@ def router_container(policy: RoutingPolicy, tiers: list[ModelTier]) -> Obj:
 
 
 def router_volumes(policy: RoutingPolicy) -> list[Obj]:
-    return [
+    out = [
         {"name": "router-config", "configMap": {"name": policy_names(policy.metadata.name)["configmap"]}},
         # optional: a router started before the operator wrote its state runs with the defaults
         {"name": "router-state", "configMap": {"name": policy_names(policy.metadata.name)["state"], "optional": True}},
         {"name": "routenlp-data", "persistentVolumeClaim": {"claimName": events_claim(policy)}},
+        *scratch_volumes(ROUTER_SCRATCH_PREFIX)[0],
     ]
+    # Not optional: a router must not start without the credentials its policy names (it would accept anyone).
+    auth, mode = policy.spec.auth, SECRET_FILE_MODE[policy.spec.deployment.mode]
+    if auth.labellers_secret:
+        out.append({"name": "routenlp-labellers", "secret": {"secretName": auth.labellers_secret, "defaultMode": mode}})
+    if auth.client_keys_secret:
+        out.append({"name": "routenlp-client-keys",
+                    "secret": {"secretName": auth.client_keys_secret, "defaultMode": mode}})
+    return out
 
 
 def router_deployment(policy: RoutingPolicy, tiers: list[ModelTier], owner: Obj, namespace: str, cfg_hash: str) -> Obj:
@@ -384,7 +504,8 @@ def router_deployment(policy: RoutingPolicy, tiers: list[ModelTier], owner: Obj,
             "selector": {"matchLabels": selector_labels("router", name)},
             "template": {
                 # The hash rolls the pods when the rendered configuration changes.
-                "metadata": {"labels": lbls, "annotations": {"routenlp.io/config-hash": cfg_hash}},
+                "metadata": {"labels": lbls | {ROUTER_LABEL: name},
+                             "annotations": {"routenlp.io/config-hash": cfg_hash}},
                 "spec": {
                     "containers": [router_container(policy, tiers)],
                     "volumes": router_volumes(policy),
@@ -406,9 +527,52 @@ def router_service(policy: RoutingPolicy, owner: Obj, namespace: str) -> Obj:
         "spec": {
             "type": svc.type,
             "selector": selector_labels("router", name),
-            "ports": [{"name": "http", "port": svc.port, "targetPort": "router", "protocol": "TCP"}],
+            # `admin` (metrics, rollout figures) is reachable only where router_network_policy lets it be.
+            "ports": [{"name": "http", "port": svc.port, "targetPort": "router", "protocol": "TCP"},
+                      {"name": "admin", "port": policy.spec.deployment.admin_port, "targetPort": "admin",
+                       "protocol": "TCP"}],
         },
     }
+
+
+def router_admin_url(policy: RoutingPolicy, host: str) -> str:
+    """Base URL of a router's admin endpoints (/metrics, /routenlp/rollout) on a pod IP or the Service name."""
+    return f"http://{host}:{policy.spec.deployment.admin_port}"
+
+
+def router_network_policy(policy: RoutingPolicy, owner: Obj, namespace: str, peers: NetworkPeers) -> Obj:
+    """Gateway routers accept clients on the client port from the policy's namespace, the allowed namespaces and
+    CIDRs; the admin port only from the operator and the monitoring namespace."""
+    name = policy.metadata.name
+    dep = policy.spec.deployment
+    net = dep.network
+    if ALL_NAMESPACES in net.allowed_client_namespaces:
+        clients: list[Obj] = [{"namespaceSelector": {}}]
+    else:
+        allowed = sorted({namespace, *net.allowed_client_namespaces})
+        clients = [{"namespaceSelector": {"matchExpressions": [
+            {"key": NAMESPACE_NAME_LABEL, "operator": "In", "values": allowed}]}}]
+    clients += [{"ipBlock": {"cidr": cidr}} for cidr in net.allowed_client_cidrs]
+    return network_policy(policy_names(name)["router-netpol"], namespace, owner, labels("router", name, policy=name),
+                          {"matchLabels": selector_labels("router", name)},
+                          [{"from": clients, "ports": _tcp(dep.service.port)},
+                           {"from": [peers.operator(), *peers.monitoring()], "ports": _tcp(dep.admin_port)}])
+
+
+def policy_tiers_network_policy(policy: RoutingPolicy, tiers: list[ModelTier], owner: Obj,
+                                namespace: str) -> Obj | None:
+    """Lets the policy's routers (gateway or sidecar) and its campaigns' stage Jobs into the pods of its engine tiers
+    (which tier_network_policy isolates). None when every tier is external."""
+    name = policy.metadata.name
+    engine = sorted(t.metadata.name for t in tiers if t.spec.external is None)
+    if not engine:
+        return None
+    selector = {"matchLabels": {"app.kubernetes.io/component": "model-tier"},
+                "matchExpressions": [{"key": "routenlp.io/tier", "operator": "In", "values": engine}]}
+    peers = [{"podSelector": {"matchLabels": {ROUTER_LABEL: name}}},
+             {"podSelector": {"matchLabels": {CAMPAIGN_POLICY_LABEL: name}}}]
+    return network_policy(policy_names(name)["tiers-netpol"], namespace, owner, labels("router", name, policy=name),
+                          selector, [{"from": peers, "ports": _tcp(VLLM_PORT)}])
 
 
 def router_endpoint(policy: RoutingPolicy, namespace: str) -> str:
@@ -429,8 +593,10 @@ def router_state_configmap(policy: RoutingPolicy, owner: Obj, namespace: str, pr
 
 
 def policy_objects(policy: RoutingPolicy, tiers: list[ModelTier], owner: Obj, namespace: str,
-                   versions: Obj | None = None, prefer_cheaper: bool = False) -> tuple[list[Obj], str]:
-    """Objects of a policy whose tiers all resolved, and the hash of the rendered configuration."""
+                   versions: Obj | None = None, prefer_cheaper: bool = False,
+                   peers: NetworkPeers | None = None) -> tuple[list[Obj], str]:
+    """Objects of a policy whose tiers all resolved, and the hash of the rendered configuration. `peers`: render the
+    NetworkPolicies (None: none)."""
     cfg = router_config(policy, tiers, namespace, versions).dump_yaml()
     h = config_hash(cfg)
     objs = [router_configmap(policy, owner, namespace, cfg), router_state_configmap(policy, owner, namespace,
@@ -439,15 +605,28 @@ def policy_objects(policy: RoutingPolicy, tiers: list[ModelTier], owner: Obj, na
         objs.append(events_pvc(policy, owner, namespace))
     if policy.spec.deployment.mode == "gateway":
         objs += [router_deployment(policy, tiers, owner, namespace, h), router_service(policy, owner, namespace)]
+    if peers is not None:
+        tiers_np = policy_tiers_network_policy(policy, tiers, owner, namespace)
+        objs += [tiers_np] if tiers_np else []
+        if policy.spec.deployment.mode == "gateway":
+            objs.append(router_network_policy(policy, owner, namespace, peers))
     return objs, h
 
 
 def sidecar_patch(pod: Obj, policy: RoutingPolicy, tiers: list[ModelTier]) -> list[Obj]:
-    """JSON patch that injects the router container and its volumes into a pod (idempotent: no-op if present)."""
+    """JSON patch that injects the router container and its volumes into a pod, and labels the pod as one of the
+    policy's routers (its tiers' NetworkPolicy lets it in). Idempotent: no-op if present."""
     spec = pod.get("spec", {})
     if any(c.get("name") == "router" for c in spec.get("containers", [])):
         return []
+    meta = pod.get("metadata") or {}
     ops: list[Obj] = [{"op": "add", "path": "/spec/containers/-", "value": router_container(policy, tiers)}]
+    if "metadata" not in pod:
+        ops.append({"op": "add", "path": "/metadata", "value": {}})
+    if "labels" not in meta:
+        ops.append({"op": "add", "path": "/metadata/labels", "value": {}})
+    ops.append({"op": "add", "path": "/metadata/labels/" + ROUTER_LABEL.replace("~", "~0").replace("/", "~1"),
+                "value": policy.metadata.name})
     if "volumes" not in spec:
         ops.append({"op": "add", "path": "/spec/volumes", "value": []})
     existing = {v.get("name") for v in spec.get("volumes", [])}
@@ -474,12 +653,17 @@ def stage_commands(campaign: DistillationCampaign, stage: str) -> list[str]:
     return STAGE_COMMANDS[stage]
 
 
-def job_name(campaign: str, run: int, stage: str, attempt: int) -> str:
-    return short_name(campaign, f"r{run}", stage.lower(), f"a{attempt}")
+def _round(round_: int) -> list[str]:
+    """Name part of a campaign round: none for round 1 (the names a single-round run always had)."""
+    return [f"n{round_}"] if round_ > 1 else []
 
 
-def campaign_work_dir(campaign: str, run: int) -> str:
-    return f"{DATA_DIR}/campaigns/{campaign}/run-{run}"
+def job_name(campaign: str, run: int, stage: str, attempt: int, round_: int = 1) -> str:
+    return short_name(campaign, f"r{run}", *_round(round_), stage.lower(), f"a{attempt}")
+
+
+def campaign_work_dir(campaign: str, run: int, round_: int = 1) -> str:
+    return f"{DATA_DIR}/campaigns/{campaign}/run-{run}" + (f"/round-{round_}" if round_ > 1 else "")
 
 
 @dataclass(frozen=True)
@@ -499,45 +683,59 @@ class StageContext:
     generation_tasks: tuple[str, ...] = ()  # tasks of kind generation: the trainer scores them as the router does
     teacher_key: SecretKeyRef | None = None
     student_cache_claim: str | None = None  # student tier's model-cache PVC: where adapters are published
+    chains: tuple[tuple[str, tuple[str, ...]], ...] = ()  # pinned tasks[].chain (other tasks' chains are learnt)
+    quality_floors: tuple[tuple[str, float], ...] = ()  # tasks[].qualityFloor
 
 
 ADAPTER_MOUNT = "/var/lib/routenlp-adapters"  # the student's model-cache PVC inside stage Jobs
 
 
-def adapter_name(campaign: str, run: int) -> str:
-    return short_name(campaign, f"r{run}")
+def adapter_name(campaign: str, run: int, round_: int = 1) -> str:
+    """The adapter's name, which is also the router version the round produces."""
+    return short_name(campaign, f"r{run}", *_round(round_))
 
 
-def stage_args(campaign: DistillationCampaign, ctx: StageContext, cmd: str, run: int) -> list[str]:
-    """Arguments of `routenlp train <cmd>` (trainer_image/routenlp/trainer) for this campaign run."""
+def stage_args(campaign: DistillationCampaign, ctx: StageContext, cmd: str, run: int, round_: int = 1) -> list[str]:
+    """Arguments of `routenlp train <cmd>` (trainer_image/routenlp/trainer) for this campaign run and round. From
+    round 2 on, cluster reads only the failures logged under the previous round's router version, and distill and
+    evaluate start from the previous round's adapter."""
     spec = campaign.spec
-    work = campaign_work_dir(campaign.metadata.name, run)
+    work = campaign_work_dir(campaign.metadata.name, run, round_)
     events, routers = f"{DATA_DIR}/events", f"{work}/routers"
-    version = adapter_name(campaign.metadata.name, run)
+    version = adapter_name(campaign.metadata.name, run, round_)
+    previous = [] if round_ == 1 else [adapter_name(campaign.metadata.name, run, round_ - 1),
+                                       campaign_work_dir(campaign.metadata.name, run, round_ - 1)]
     teacher = ["--teacher-url", ctx.teacher_url, "--teacher-model", ctx.teacher_model]
     if cmd == "cluster":
         c = spec.clustering
         return ["--events", events, "--out", f"{work}/cluster", "--teacher-tier", spec.teacher_tier,
                 "--student-tier", spec.student_tier, "--method", c.method, "--max-clusters", str(c.max_clusters),
-                "--min-cluster-size", str(c.min_cluster_size), "--top-clusters", str(c.top_clusters)]
+                "--min-cluster-size", str(c.min_cluster_size), "--top-clusters", str(c.top_clusters),
+                *(["--router-version", previous[0]] if previous else [])]
     if cmd == "distill":
         lora = spec.lora
         out = ["--clusters", f"{work}/cluster", "--out", f"{work}/distill", "--base-model", ctx.student_model,
                "--adapter-name", version, "--r", str(lora.r), "--alpha", str(lora.alpha),
                "--dropout", str(lora.dropout), "--target-modules", *lora.target_modules, "--steps", str(lora.steps),
                "--learning-rate", str(lora.learning_rate), "--batch-size", str(lora.batch_size),
-               "--samples-per-cluster", str(lora.samples_per_cluster),
+               "--samples-per-cluster", str(lora.samples_per_cluster), "--budget-split", lora.budget_split,
                "--top-clusters", str(spec.clustering.top_clusters),
-               "--hold-out-fraction", str(spec.evaluation.hold_out_fraction), "--quiet", *teacher]
+               "--hold-out-fraction", str(spec.evaluation.hold_out_fraction), "--quiet", *teacher,
+               *(["--init-adapter", f"{previous[1]}/distill/adapter"] if previous else [])]
         return out + (["--teacher-api-key-env", "TEACHER_API_KEY"] if ctx.teacher_key else [])
     if cmd == "evaluate":
         return ["--distill", f"{work}/distill", "--out", f"{work}/evaluate", "--base-model", ctx.student_model,
                 "--min-quality-gain", str(spec.evaluation.min_quality_gain),
-                "--max-regression", str(spec.evaluation.max_regression), *teacher]
+                "--max-regression", str(spec.evaluation.max_regression), *teacher,
+                *(["--baseline-adapter", f"{previous[1]}/distill/adapter"] if previous else [])]
     common = ["--events", events, "--artifact-dir", routers, "--version", version,
               "--teacher-tier", spec.teacher_tier, "--tiers", *ctx.tiers, "--risk-level", str(ctx.risk_level),
               "--risk-measure", ctx.risk_measure, "--delta", str(ctx.delta),
               "--max-escalations", str(ctx.max_escalations), "--generation-tasks", *ctx.generation_tasks]
+    if ctx.chains:
+        common += ["--chains", json.dumps({task: list(chain) for task, chain in ctx.chains})]
+    if ctx.quality_floors:
+        common += ["--quality-floors", json.dumps(dict(ctx.quality_floors))]
     if cmd == "retrain":
         return [*common, "--out", f"{work}/retrain", "--student-tier", spec.student_tier,
                 "--student-model", ctx.student_served_name, "--student-url", ctx.student_url,
@@ -556,17 +754,18 @@ def stage_args(campaign: DistillationCampaign, ctx: StageContext, cmd: str, run:
 
 
 def stage_job(campaign: DistillationCampaign, owner: Obj, namespace: str, stage: str, run: int, attempt: int,
-              artifact_claim: str, ctx: StageContext) -> Obj:
+              artifact_claim: str, ctx: StageContext, round_: int = 1) -> Obj:
     name = campaign.metadata.name
     spec, res = campaign.spec, campaign.spec.resources
     commands = stage_commands(campaign, stage)
     gpu = {res.gpu_resource_name: str(res.gpu_count)} if stage == "Distilling" and res.gpu_count else {}
-    env: list[Obj] = [{"name": "HF_HUB_OFFLINE", "value": "1"}]
+    env: list[Obj] = [{"name": "HF_HUB_OFFLINE", "value": "1"}, *scratch_env()]
     if ctx.teacher_key:  # by reference: the kubelet reads the Secret, the operator never does
         env.append({"name": "TEACHER_API_KEY", "valueFrom": {"secretKeyRef": {
             "name": ctx.teacher_key.name, "key": ctx.teacher_key.key}}})
-    mounts: list[Obj] = [{"name": "routenlp-data", "mountPath": DATA_DIR}]
-    volumes: list[Obj] = [{"name": "routenlp-data", "persistentVolumeClaim": {"claimName": artifact_claim}}]
+    scratch, scratch_mounts = scratch_volumes()
+    mounts: list[Obj] = [{"name": "routenlp-data", "mountPath": DATA_DIR}, *scratch_mounts]
+    volumes: list[Obj] = [{"name": "routenlp-data", "persistentVolumeClaim": {"claimName": artifact_claim}}, *scratch]
     if ctx.student_cache_claim:
         mounts.append({"name": "student-cache", "mountPath": ADAPTER_MOUNT})
         volumes.append({"name": "student-cache", "persistentVolumeClaim": {"claimName": ctx.student_cache_claim}})
@@ -576,7 +775,7 @@ def stage_job(campaign: DistillationCampaign, owner: Obj, namespace: str, stage:
             "name": cmd,
             "image": res.image,
             "command": ["routenlp", "train", cmd],
-            "args": stage_args(campaign, ctx, cmd, run),
+            "args": stage_args(campaign, ctx, cmd, run, round_),
             "env": env,
             "resources": _host_resources(res.cpu, res.memory, gpu),
             "volumeMounts": mounts,
@@ -585,7 +784,9 @@ def stage_job(campaign: DistillationCampaign, owner: Obj, namespace: str, stage:
             "securityContext": restricted_security_context() | {"runAsUser": RUN_AS_USER},
         }
 
-    lbls = labels("campaign-stage", name, campaign=name) | {"routenlp.io/stage": stage, "routenlp.io/run": str(run)}
+    lbls = labels("campaign-stage", name, campaign=name) | {"routenlp.io/stage": stage, "routenlp.io/run": str(run),
+                                                            "routenlp.io/round": str(round_),
+                                                            CAMPAIGN_POLICY_LABEL: spec.policy_ref}
     pod_spec: Obj = {
         "restartPolicy": "Never",
         "containers": [container(commands[-1])],
@@ -602,7 +803,7 @@ def stage_job(campaign: DistillationCampaign, owner: Obj, namespace: str, stage:
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": metadata(job_name(name, run, stage, attempt), namespace, owner, lbls,
+        "metadata": metadata(job_name(name, run, stage, attempt, round_), namespace, owner, lbls,
                              {"routenlp.io/attempt": str(attempt)}),
         "spec": {
             # Retries are the operator's (bounded by maxStageRetries, visible in status), not the Job's.
@@ -632,6 +833,8 @@ def stage_context(campaign: DistillationCampaign, policy: RoutingPolicy, student
         generation_tasks=tuple(t.name for t in policy.spec.tasks if t.kind == "generation"),
         teacher_key=ext.api_key_secret_ref if ext else None,
         student_cache_claim=engine.model_cache.claim_name if engine and engine.model_cache else None,
+        chains=tuple((t.name, tuple(t.chain)) for t in policy.spec.tasks if t.chain),
+        quality_floors=tuple((t.name, t.quality_floor) for t in policy.spec.tasks if t.quality_floor is not None),
     )
 
 

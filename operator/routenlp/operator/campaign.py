@@ -1,9 +1,14 @@
-"""The DistillationCampaign state machine, as a pure function of (spec, status, observed Jobs, now).
+"""The DistillationCampaign state machine, as a pure function of (spec, status, observed Jobs, policy status, now).
 
 Pending -> Clustering -> Distilling -> Evaluating -> RetrainingRouter -> RollingOut -> Succeeded | Failed, with
 Proposed instead of RollingOut when autoApply is false. Each Job stage runs as one Job per attempt; a failed attempt
 is retried up to spec.maxStageRetries times. A stage's result is the one-line JSON summary its container prints last,
 read from the terminated container's message (terminationMessagePolicy FallbackToLogsOnError).
+
+With spec.rounds > 1 a run repeats the loop: RollingOut of round n (< rounds) waits until the canary guard promoted
+the round's router version, then Observing waits until the policy's router reports trigger.minFailures escalations
+under that version, and round n+1 starts at Clustering (its Jobs cluster the failures logged under round n's version
+and continue round n's adapter). A rolled-back round ends the run Failed; the last round ends as a single round does.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from routenlp.api import DistillationCampaign, parse_duration
+
+from .rollout import parse_time
 
 Obj = dict[str, Any]
 
@@ -31,6 +38,7 @@ class JobResult:
     state: str
     message: str = ""
     seconds: float | None = None
+    round: int = 1
 
 
 @dataclass
@@ -85,18 +93,15 @@ def job_result(job: Obj, pods: list[Obj]) -> JobResult:
         message = "; ".join(c.get("message", "") for c in st.get("conditions") or [] if c.get("type") == "Failed")
     seconds = None
     if st.get("startTime") and st.get("completionTime"):
-        seconds = (_ts(st["completionTime"]) - _ts(st["startTime"])).total_seconds()
+        seconds = (parse_time(st["completionTime"]) - parse_time(st["startTime"])).total_seconds()
     return JobResult(meta["name"], lbls.get("routenlp.io/stage", ""), int(meta.get("annotations", {}).get(
-        "routenlp.io/attempt", 0)) or _attempt_from_name(meta["name"]), state, message, seconds)
+        "routenlp.io/attempt", 0)) or _attempt_from_name(meta["name"]), state, message, seconds,
+        int(lbls.get("routenlp.io/round") or 1))
 
 
 def _attempt_from_name(name: str) -> int:
     tail = name.rsplit("-a", 1)
     return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else 1
-
-
-def _ts(s: str) -> datetime:
-    return datetime.fromisoformat(s.replace("Z", "+00:00"))
 
 
 def should_start(campaign: DistillationCampaign, status: Obj, observed_run_id: str | None, now: datetime,
@@ -113,12 +118,13 @@ def should_start(campaign: DistillationCampaign, status: Obj, observed_run_id: s
         if trig.run_id and trig.run_id != observed_run_id:
             return "RunIdChanged"
         return None
-    if last and (now - _ts(last)).total_seconds() < parse_duration(trig.cooldown):
+    if last and (now - parse_time(last)).total_seconds() < parse_duration(trig.cooldown):
         return None
     if trig.mode == "Schedule":
         from croniter import croniter  # lazy: only schedule-triggered campaigns need it
 
-        base = _ts(last) if last else _ts(campaign.metadata.model_extra.get("creationTimestamp") or last_or_now(now))
+        created = campaign.metadata.model_extra.get("creationTimestamp")
+        base = parse_time(last or created or last_or_now(now))
         return "Schedule" if croniter(trig.schedule, base).get_next(datetime) <= now else None
     if trig.mode == "EscalationRate":
         if escalation_rate is None or escalation_rate < trig.escalation_rate_threshold:
@@ -137,7 +143,7 @@ def trigger_waiting(campaign: DistillationCampaign, status: Obj, now: datetime, 
     if trig.mode == "Manual":
         return "manual trigger: set spec.trigger.runId to start a run"
     if last:
-        left = parse_duration(trig.cooldown) - (now - _ts(last)).total_seconds()
+        left = parse_duration(trig.cooldown) - (now - parse_time(last)).total_seconds()
         if left > 0:
             return f"cooldown {trig.cooldown} after the last run: {int(left)}s left"
     if trig.mode == "EscalationRate":
@@ -172,9 +178,42 @@ def _set_stage(status: Obj, entry: Obj) -> None:
 
 def start_run(status: Obj, now: str, reason: str) -> Step:
     st = {**status, "phase": "Clustering", "run": int(status.get("run") or 0) + 1, "lastRunTime": now,
-          "stages": [], "clusters": [], "metrics": {}, "adapter": None, "routerVersion": None}
+          "stages": [], "clusters": [], "metrics": {}, "adapter": None, "routerVersion": None,
+          "round": 1, "rounds": [{"round": 1, "state": "Running"}]}
     _set_stage(st, {"stage": "Clustering", "attempts": 1, "state": "Running", "message": ""})
     return Step(st, ("Clustering", 1), [("Normal", "RunStarted", f"run {st['run']} started ({reason})")])
+
+
+def start_round(status: Obj, spec_rounds: int, why: str) -> Step:
+    """Round n+1 of the run: the previous round's adapter and router version stay in status (they serve) until
+    this round's stages replace them."""
+    n = int(status.get("round") or 1) + 1
+    st = {**status, "phase": "Clustering", "round": n, "stages": [], "clusters": [], "metrics": {},
+          "rounds": [*status.get("rounds", []), {"round": n, "state": "Running"}]}
+    _set_stage(st, {"stage": "Clustering", "attempts": 1, "state": "Running", "message": ""})
+    return Step(st, ("Clustering", 1), [("Normal", "RoundStarted", f"round {n} of {spec_rounds} started: {why}")])
+
+
+def current_round(status: Obj) -> Obj:
+    """The current round's entry in status.rounds (created for a status an older operator wrote)."""
+    n = int(status.get("round") or 1)
+    rounds = status.setdefault("rounds", [])
+    entry = next((r for r in rounds if r.get("round") == n), None)
+    if entry is None:
+        entry = {"round": n, "state": "Running"}
+        rounds.append(entry)
+    return entry
+
+
+def observe_rounds(status: Obj, policy_status: Obj | None) -> None:
+    """Copy the policy router's observed figures onto the round whose version they are of (the stable version)."""
+    figs = policy_status or {}
+    version = figs.get("figuresVersion")
+    for r in status.get("rounds") or []:
+        if version and r.get("routerVersion") == version:
+            for k in ("costReduction", "violationRate"):
+                if isinstance(figs.get(k), (int, float)):
+                    r[k] = figs[k]
 
 
 def _next_stage(stage: str) -> str:
@@ -207,6 +246,11 @@ def _record(status: Obj, stage: str, summary: Obj, campaign: DistillationCampaig
                     for i, c in enumerate(raw if isinstance(raw, list) else [])]
         count = len(clusters) if isinstance(raw, list) else int(raw or 0)  # the trainer may report a count only
         status["clusters"] = clusters[: campaign.spec.clustering.top_clusters]
+        entry = current_round(status)
+        if _get(summary, "failures") is not None:
+            entry["failures"] = int(_get(summary, "failures"))
+        if status["clusters"]:
+            entry["targetedCostUsd"] = round(sum(c["costUsd"] for c in status["clusters"]), 8)
         if not count:
             return False, "no clusters of escalation failures to distill"
         return True, f"{count} clusters"
@@ -215,7 +259,7 @@ def _record(status: Obj, stage: str, summary: Obj, campaign: DistillationCampaig
         if isinstance(adapter, dict):
             adapter = f"{adapter.get('name')}@{adapter.get('source') or adapter.get('uri')}"
         if adapter:
-            status["adapter"] = adapter
+            status["adapter"] = current_round(status)["adapter"] = adapter
         return True, f"adapter {adapter}" if adapter else "distilled"
     if stage == "Evaluating":
         before = _get(summary, "qualityBefore", "quality_before")
@@ -227,24 +271,29 @@ def _record(status: Obj, stage: str, summary: Obj, campaign: DistillationCampaig
         if m["qualityGain"] is None and before is not None and after is not None:
             m["qualityGain"] = round(float(after) - float(before), 6)
         status["metrics"] = {k: v for k, v in m.items() if v is not None}
+        entry = current_round(status)
+        entry.update({k: status["metrics"][k] for k in ("qualityAfter", "qualityGain") if k in status["metrics"]})
         return gate(campaign, status["metrics"], summary)
     if stage == "RetrainingRouter":
         version = _get(summary, "routerVersion", "router_version", "version")
         adapter = _get(summary, "adapter")
         if isinstance(adapter, dict):
             adapter = f"{adapter.get('name')}@{adapter.get('source') or adapter.get('uri')}"
+        entry = current_round(status)
         if adapter:
-            status["adapter"] = adapter
+            status["adapter"] = entry["adapter"] = adapter
         if version:
-            status["routerVersion"] = str(version)
+            status["routerVersion"] = entry["routerVersion"] = str(version)
         return True, f"router version {version}" if version else "published"
     return True, ""
 
 
 def advance(campaign: DistillationCampaign, status: Obj, jobs: list[JobResult], now: str,
-            policy_router: Obj | None = None, start_reason: str | None = None) -> Step:
-    """One step of the state machine. `jobs`: this run's stage Jobs; `policy_router`: the policy's status.router."""
+            policy_router: Obj | None = None, start_reason: str | None = None, policy_status: Obj | None = None) -> Step:
+    """One step of the state machine. `jobs`: this run's stage Jobs; `policy_router`: the policy's status.router;
+    `policy_status`: the policy's status (its router's observed figures, for rounds)."""
     status = json.loads(json.dumps(status or {}))
+    observe_rounds(status, policy_status)
     phase = status.get("phase")
     if phase in (None, "Pending", *TERMINAL):
         if start_reason:
@@ -256,7 +305,8 @@ def advance(campaign: DistillationCampaign, status: Obj, jobs: list[JobResult], 
     if phase in JOB_STAGES:
         entry = _stage(status, phase) or {"stage": phase, "attempts": 1, "state": "Running", "message": ""}
         attempt = int(entry.get("attempts") or 1)
-        job = next((j for j in jobs if j.stage == phase and j.attempt == attempt), None)
+        n = int(status.get("round") or 1)
+        job = next((j for j in jobs if j.stage == phase and j.attempt == attempt and j.round == n), None)
         if job is None:  # not created yet, or deleted under us: (re)create it (apply is idempotent)
             _set_stage(status, {**entry, "state": "Running"})
             return Step(status, (phase, attempt))
@@ -272,6 +322,7 @@ def advance(campaign: DistillationCampaign, status: Obj, jobs: list[JobResult], 
                             [("Warning", "StageRetried", f"{phase} attempt {attempt} failed; retrying")])
             _set_stage(status, {**entry, "state": "Failed", "message": job.message[:300], "seconds": job.seconds})
             status["phase"] = "Failed"
+            current_round(status)["state"] = "Failed"
             return Step(status, None, [("Warning", "StageFailed",
                                         f"{phase} failed after {attempt} attempts: {job.message[:200]}")], "Failed")
         summary = parse_summary(job.message)
@@ -282,8 +333,10 @@ def advance(campaign: DistillationCampaign, status: Obj, jobs: list[JobResult], 
                                 "message": msg, "seconds": job.seconds})
             if phase == "Clustering":  # nothing to do is a successful run
                 status["phase"] = "Succeeded"
+                current_round(status)["state"] = "Succeeded"
                 return Step(status, None, [("Normal", "NothingToDistill", msg)], "Succeeded")
             status["phase"] = "Failed"
+            current_round(status)["state"] = "Failed"
             return Step(status, None, [("Warning", "EvaluationGateFailed", msg)], "Failed")
         _set_stage(status, {**entry, "state": "Succeeded", "message": msg, "seconds": job.seconds})
         nxt = _next_stage(phase)
@@ -302,27 +355,118 @@ def advance(campaign: DistillationCampaign, status: Obj, jobs: list[JobResult], 
         return Step(status, (nxt, 1), [("Normal", "StageSucceeded", f"{phase}: {msg}")])
 
     if phase == "RollingOut":
-        version = status.get("routerVersion")
-        router = policy_router or {}
-        live = version is None or version in (router.get("current"), router.get("canary"), router.get("proposed"))
-        if not live:
-            return Step(status)
-        entry = _stage(status, "RollingOut") or {"stage": "RollingOut", "attempts": 1}
-        _set_stage(status, {**entry, "state": "Succeeded",
-                            "message": f"router version {version} is {'current' if version == router.get('current') else 'canary or proposed'}"})
-        status["phase"] = "Succeeded"
-        return Step(status, None, [("Normal", "RunSucceeded", f"run {status.get('run')} succeeded")], "Succeeded")
+        return _rolling_out(campaign, status, policy_router or {})
+    if phase == "Observing":
+        return _observing(campaign, status, policy_router or {}, policy_status or {})
     return Step(status)
+
+
+def _rolled_back(router: Obj, version: str | None) -> bool:
+    return any(h.get("version") == version and h.get("action") == "RolledBack" for h in router.get("history") or [])
+
+
+def _rolling_out(campaign: DistillationCampaign, status: Obj, router: Obj) -> Step:
+    """The last round succeeds once its version is live (canary, current or proposed), as a single round does; an
+    earlier round waits for the canary guard to promote its version: the next round learns from its failures."""
+    version = status.get("routerVersion")
+    n, last = int(status.get("round") or 1), int(status.get("round") or 1) >= campaign.spec.rounds
+    entry = _stage(status, "RollingOut") or {"stage": "RollingOut", "attempts": 1}
+    if version is not None and _rolled_back(router, version):
+        _set_stage(status, {**entry, "state": "Failed", "message": f"the canary guard rolled back router version "
+                                                                   f"{version} of round {n}"})
+        status["phase"] = "Failed"
+        current_round(status)["state"] = "Failed"
+        return Step(status, None, [("Warning", "RolledBack", f"round {n}: router version {version} was rolled back; "
+                                                             f"the run stops")], "Failed")
+    live = version is None or version in (router.get("current"), router.get("canary"), router.get("proposed"))
+    if last and live:
+        where = "current" if version == router.get("current") else "canary or proposed"
+        _set_stage(status, {**entry, "state": "Succeeded", "message": f"router version {version} is {where}"})
+        status["phase"] = "Succeeded"
+        current_round(status)["state"] = "Succeeded"
+        return Step(status, None, [("Normal", "RunSucceeded", f"run {status.get('run')} succeeded")], "Succeeded")
+    if last or version != router.get("current"):
+        if not last:
+            why = (f"router version {version} is only proposed (the policy pins spec.router.version): pin it to go on"
+                   if version == router.get("proposed") else
+                   f"waiting for the canary guard to promote router version {version}")
+            _set_stage(status, {**entry, "state": "Running", "message": why})
+        return Step(status)
+    _set_stage(status, {**entry, "state": "Succeeded", "message": f"router version {version} is current"})
+    status["phase"] = "Observing"
+    current_round(status)["state"] = "Succeeded"
+    return Step(status, None, [("Normal", "RoundRolledOut", f"round {n}: router version {version} is current; "
+                                                            f"waiting for failures under it")])
+
+
+def _observing(campaign: DistillationCampaign, status: Obj, router: Obj, figures: Obj) -> Step:
+    """Between rounds: the next round starts once the router reports minFailures escalations under this version."""
+    version, need = status.get("routerVersion"), campaign.spec.trigger.min_failures
+    if router.get("current") != version:
+        if _rolled_back(router, version) or router.get("current"):
+            status["phase"] = "Failed"
+            return Step(status, None, [("Warning", "RouterReplaced", f"router version {version} no longer serves "
+                                        f"(current: {router.get('current')}); the run stops")], "Failed")
+        return Step(status)
+    seen = figures.get("escalations") if figures.get("figuresVersion") == version else None
+    if seen is None or seen < need:
+        _set_stage(status, {**(_stage(status, "RollingOut") or {"stage": "RollingOut", "attempts": 1}),
+                            "message": f"router version {version} is current; {seen or 0} of {need} escalations "
+                                       f"(trigger.minFailures) under it before round {int(status.get('round') or 1) + 1}"})
+        return Step(status)
+    return start_round(status, campaign.spec.rounds, f"{seen} escalations under router version {version}")
+
+
+@dataclass(frozen=True)
+class RouterOffer:
+    """The newest router version campaigns produced for a policy, and how that campaign wants it rolled out
+    (`spec.rollout`; None: the policy's own setting)."""
+
+    version: str | None = None
+    propose_only: bool = False  # the campaign has autoApply false: the version is only proposed
+    canary_percent: int | None = None
+    promote_after: float = 0.0  # seconds the canary serves before the guard may promote it
+
+
+# Phases in which status.routerVersion is a version the campaign has produced for traffic (in the Job stages of
+# round 2 and later it is the previous round's version, which keeps serving).
+OFFERING = ("RollingOut", "Succeeded", "Proposed", "Observing", *JOB_STAGES)
+
+
+def router_offer(campaigns: list[Obj], policy: str) -> RouterOffer:
+    """What the policy's rollout follows: the router version of the campaign (for `policy`) that started last."""
+    best: tuple[str, Obj] | None = None
+    for c in campaigns:
+        st, spec = c.get("status") or {}, c.get("spec") or {}
+        if spec.get("policyRef") != policy or not st.get("routerVersion") or st.get("phase") not in OFFERING:
+            continue
+        key = st.get("lastRunTime") or ""
+        if best is None or key > best[0]:
+            best = (key, c)
+    if best is None:
+        return RouterOffer()
+    st, rollout = best[1]["status"], (best[1].get("spec") or {}).get("rollout") or {}
+    try:
+        after = parse_duration(rollout["promoteAfter"]) if rollout.get("promoteAfter") else 0.0
+    except ValueError:  # the CRD schema's pattern keeps this out; a stored oddity must not stop the policy
+        after = 0.0
+    return RouterOffer(st["routerVersion"], st.get("phase") == "Proposed", rollout.get("canaryPercent"), after)
 
 
 def now_utc() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def campaign_adapter(status: Obj) -> Obj | None:
-    """{"name","source"} of the adapter a finished campaign produced (status.adapter is name@uri)."""
-    a = status.get("adapter")
-    if not a or status.get("phase") not in ("RollingOut", "Succeeded"):
-        return None
-    name, _, source = a.partition("@")
-    return {"name": name, "source": source or name}
+def campaign_adapters(status: Obj) -> list[Obj]:
+    """{"name","source"} of the adapters the student tier must serve for this campaign (status.adapter is
+    name@uri): the one being rolled out or finished, and those of the last two rounds that reached traffic (the
+    stable router version may still be the previous round's while the newest is a canary)."""
+    names = [r["adapter"] for r in (status.get("rounds") or []) if r.get("state") == "Succeeded" and r.get("adapter")]
+    names = names[-2:]
+    if status.get("adapter") and status.get("phase") in ("RollingOut", "Succeeded"):
+        names.append(status["adapter"])
+    out: list[Obj] = []
+    for a in dict.fromkeys(names):
+        name, _, source = a.partition("@")
+        out.append({"name": name, "source": source or name})
+    return out

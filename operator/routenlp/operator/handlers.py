@@ -22,11 +22,12 @@ from pydantic import ValidationError
 
 from routenlp.api import GROUP, VERSION, DistillationCampaign, ModelTier, RoutingPolicy
 from routenlp.api.common import now_rfc3339
-from routenlp.router.rollout import merge as merge_figures
+from routenlp.api.figures import merge as merge_figures
 
 from . import builders, metrics
 from .adapters import AiohttpPodHTTP, PodHTTP, reconcile_adapters, wanted_adapters
-from .campaign import advance, campaign_adapter, job_result, now_utc, should_start, trigger_waiting
+from .campaign import advance, campaign_adapters, job_result, now_utc, router_offer, should_start, trigger_waiting
+from .distributed import distill_workload
 from .kube import ApiError, Kube
 from .rollout import CanaryStats, budget_condition, decide, observed_figures, prefer_cheaper
 from .status import (
@@ -174,6 +175,61 @@ class _timed:
         metrics.RECONCILES.labels(self.kind, "error" if exc_type else "ok").inc()
 
 
+# ---------------------------------------------------------------- Secrets and NetworkPolicies
+
+# _secret_keys' answer where the operator may not read Secrets (a distinct object: compared with `is`).
+NOT_PERMITTED: frozenset[str] = frozenset({"<not permitted>"})
+
+
+async def _secret_keys(ns: str, name: str) -> frozenset[str] | None:
+    """The keys of a Secret (never its values), None when it does not exist, NOT_PERMITTED when the operator may not
+    read Secrets in `ns` (the chart's default cluster-wide install grants Secret `get` only where asked): the check
+    is then left to the kubelet, which holds the pod until the Secret exists."""
+    try:
+        secret = await _api().get("Secret", ns, name)
+    except ApiError as exc:
+        if exc.status == 403:
+            return NOT_PERMITTED
+        raise
+    if secret is None:
+        return None
+    return frozenset(secret.get("data") or {}) | frozenset(secret.get("stringData") or {})
+
+
+def _not_permitted(ns: str, name: str) -> str:
+    return (f"Secret {name!r} not checked: the operator may not read Secrets in namespace {ns!r} (chart value "
+            "rbac.secretNamespaces)")
+
+
+def _network_peers() -> builders.NetworkPeers | None:
+    """What the NetworkPolicies let in besides routers and campaign Jobs (None: render none), from the flags."""
+    return builders.NetworkPeers.from_env(os.environ)
+
+
+async def auth_condition(policy: RoutingPolicy, ns: str, gen: int | None) -> Obj | None:
+    """`AuthSecretsFound`: the Secrets spec.auth names exist and hold keys (None when it names none). A router pod
+    cannot start without them: the kubelet waits for the Secret."""
+    auth = policy.spec.auth
+    named = [(f, n) for f, n in (("labellersSecret", auth.labellers_secret),
+                                 ("clientKeysSecret", auth.client_keys_secret)) if n]
+    if not named:
+        return None
+    unchecked = []
+    for fld, name in named:
+        keys = await _secret_keys(ns, name)
+        if keys is None:
+            return condition("AuthSecretsFound", False, "SecretNotFound", f"Secret {name!r} (spec.auth.{fld}) does not "
+                             "exist: the router pods wait for it", gen)
+        if keys is NOT_PERMITTED:
+            unchecked.append(_not_permitted(ns, name))
+        elif not keys:
+            return condition("AuthSecretsFound", False, "SecretHasNoKeys", f"Secret {name!r} (spec.auth.{fld}) has no "
+                             "keys: add one key per " + ("labeller" if fld == "labellersSecret" else "client"), gen)
+    if unchecked:
+        return condition("AuthSecretsFound", None, "SecretNotChecked", "; ".join(unchecked), gen)
+    return condition("AuthSecretsFound", True, "SecretsFound", ", ".join(n for _, n in named) + " exist", gen)
+
+
 # ---------------------------------------------------------------- ModelTier
 
 
@@ -209,20 +265,21 @@ async def _reconcile_tier(body: Any, ns: str, name: str) -> bool:
     conds: list[Obj] = []
     if tier.spec.external is not None:
         ref = tier.spec.external.api_key_secret_ref
-        secret = await api.get("Secret", ns, ref.name) if ref else None
-        if ref and secret is None:
+        keys = await _secret_keys(ns, ref.name) if ref else None
+        if ref and keys is None:
             phase, ready = "Failed", condition("Ready", False, "SecretNotFound",
                                                f"Secret {ref.name!r} (key {ref.key!r}) does not exist", gen)
-        elif ref and ref.key not in (secret.get("data") or {}) and ref.key not in (secret.get("stringData") or {}):
+        elif ref and keys is not NOT_PERMITTED and ref.key not in keys:
             phase, ready = "Failed", condition("Ready", False, "SecretKeyNotFound",
                                                f"Secret {ref.name!r} has no key {ref.key!r}", gen)
         else:
+            unchecked = f"; {_not_permitted(ns, ref.name)}" if keys is NOT_PERMITTED else ""
             phase, ready = "Ready", condition("Ready", True, "ExternalEndpoint",
-                                              f"external endpoint {tier.spec.external.base_url}", gen)
+                                              f"external endpoint {tier.spec.external.base_url}{unchecked}", gen)
         conds.append(ready)
     else:
         dep = None
-        for obj in builders.tier_objects(tier, dict(body), ns):
+        for obj in builders.tier_objects(tier, dict(body), ns, _network_peers()):
             applied = await api.apply(obj)  # the answer carries the Deployment's current status
             dep = applied if obj["kind"] == "Deployment" else dep
         selector = builders.selector_string(builders.tier_selector(tier))
@@ -237,9 +294,8 @@ async def _reconcile_tier(body: Any, ns: str, name: str) -> bool:
         campaigns = []
         if tier.spec.adapter_policy == "AcceptCampaign":
             for c in await api.list("DistillationCampaign", ns):
-                a = campaign_adapter(c.get("status") or {})
-                if a and (c.get("spec") or {}).get("studentTier") == name:
-                    campaigns.append(a)
+                if (c.get("spec") or {}).get("studentTier") == name:
+                    campaigns += campaign_adapters(c.get("status") or {})
         wanted = wanted_adapters([a.to_k8s() for a in tier.spec.adapters], campaigns,
                                  tier.spec.adapter_policy == "AcceptCampaign")
         if wanted:
@@ -339,39 +395,23 @@ async def reconcile_policy(body: Any, observe: bool = False) -> None:
             await _reconcile_policy(fresh, ns, name, observe)
 
 
-def _campaign_version(campaigns: list[Obj], policy: str) -> tuple[str | None, bool]:
-    """Newest router version a campaign produced for the policy, and whether it is only proposed."""
-    best: tuple[str, str, bool] | None = None
-    for c in campaigns:
-        st, spec = c.get("status") or {}, c.get("spec") or {}
-        if spec.get("policyRef") != policy or not st.get("routerVersion"):
-            continue
-        if st.get("phase") not in ("RollingOut", "Succeeded", "Proposed"):
-            continue
-        key = st.get("lastRunTime") or ""
-        if best is None or key > best[0]:
-            best = (key, st["routerVersion"], st.get("phase") == "Proposed")
-    return (best[1], best[2]) if best else (None, False)
-
-
 async def router_figures(policy: RoutingPolicy, ns: str) -> Obj:
     """The router's /routenlp/rollout answer for the whole gateway: each ready router pod is asked directly and the
-    counts are summed (router.rollout.merge), since one call through the Service reaches one replica only. Without
+    counts are summed (api.figures.merge), since one call through the Service reaches one replica only. Without
     ready router pods (or none answering), the Service is asked."""
     name = policy.metadata.name
-    port = policy.spec.deployment.service.port
     pods = await _api().list("Pod", ns, builders.selector_string(builders.selector_labels("router", name)))
     ips = [p["status"]["podIP"] for p in pods if pod_ready(p) and (p.get("status") or {}).get("podIP")]
     answers = []
-    for ip in sorted(ips):
+    for ip in sorted(ips):  # the admin port: the router's NetworkPolicy lets the operator (only) reach it
         try:
-            answers.append(await RT.pod_http.get_json(f"http://{ip}:{port}/routenlp/rollout"))
+            answers.append(await RT.pod_http.get_json(f"{builders.router_admin_url(policy, ip)}/routenlp/rollout"))
         except Exception as exc:  # a pod restarting: the others still count
             log.info("router pod %s of %s/%s unavailable: %s", ip, ns, name, exc)
     if answers:
         return merge_figures(answers)
-    base = builders.router_endpoint(policy, ns).removesuffix("/v1")
-    return await RT.pod_http.get_json(f"{base}/routenlp/rollout")
+    service = f"{builders.policy_names(name)['service']}.{ns}.svc"
+    return await RT.pod_http.get_json(f"{builders.router_admin_url(policy, service)}/routenlp/rollout")
 
 
 async def _reconcile_policy(body: Obj, ns: str, name: str, observe: bool) -> None:
@@ -411,7 +451,7 @@ async def _reconcile_policy(body: Obj, ns: str, name: str, observe: bool) -> Non
         status["phase"] = "Pending"
     else:
         conds.append(condition("TiersResolved", True, "AllTiersFound", f"{len(tiers)} tiers resolved", gen))
-        version, propose_only = _campaign_version(await api.list("DistillationCampaign", ns), name)
+        offer = router_offer(await api.list("DistillationCampaign", ns), name)
         stats = None
         router_old = old.get("router") or {}
         if observe and policy.spec.deployment.mode == "gateway":
@@ -424,10 +464,12 @@ async def _reconcile_policy(body: Obj, ns: str, name: str, observe: bool) -> Non
                 budget = budget_condition(policy, status.get("spentUsd24h"), gen)
             except Exception as exc:  # router not reachable yet: decide later
                 log.info("router figures of %s/%s unavailable: %s", ns, name, exc)
-        router_status, events = decide(policy, router_old, version, stats, now_rfc3339(), propose_only)
+        router_status, events = decide(policy, router_old, offer.version, stats, now_rfc3339(), offer.propose_only,
+                                       offer.canary_percent, offer.promote_after)
         _emit(body, events)
         cheaper = prefer_cheaper(policy, budget or get_condition(old.get("conditions"), "BudgetExceeded"))
-        objs, cfg_hash = builders.policy_objects(policy, tiers, dict(body), ns, router_status, cheaper)
+        objs, cfg_hash = builders.policy_objects(policy, tiers, dict(body), ns, router_status, cheaper,
+                                                 _network_peers())
         for obj in objs:
             await api.apply(obj)
         status.update(configHash=cfg_hash, router=router_status)
@@ -445,11 +487,16 @@ async def _reconcile_policy(body: Obj, ns: str, name: str, observe: bool) -> Non
             router_ok = condition("RouterReady", True, "SidecarMode",
                                   f"router injected into pods labelled routenlp.io/policy={name}", gen)
         conds.append(router_ok)
+        auth = await auth_condition(policy, ns, gen)
+        conds += [auth] if auth else []
         if not_ready:
             conds.append(condition("TiersReady", False, "TiersNotReady", f"not ready: {', '.join(not_ready)}", gen))
         else:
             conds.append(condition("TiersReady", True, "AllTiersReady", "every tier is Ready", gen))
-        if router_ok["status"] != "True":
+        if auth and auth["status"] == "False":  # the router cannot start without them: say why first
+            ready = condition("Ready", False, auth["reason"], auth["message"], gen)
+            status["phase"] = "Failed"
+        elif router_ok["status"] != "True":
             ready = condition("Ready", False, router_ok["reason"], router_ok["message"], gen)
             status["phase"] = "Progressing"
         elif not_ready:
@@ -462,6 +509,8 @@ async def _reconcile_policy(body: Obj, ns: str, name: str, observe: bool) -> Non
     status["conditions"] = merge_conditions(old.get("conditions"), conds + ([budget] if budget else []))
     if policy.spec.budget is None:  # budget removed from the spec: so is its condition
         status["conditions"] = [c for c in status["conditions"] if c["type"] != "BudgetExceeded"]
+    if not (policy.spec.auth.labellers_secret or policy.spec.auth.client_keys_secret):  # likewise spec.auth
+        status["conditions"] = [c for c in status["conditions"] if c["type"] != "AuthSecretsFound"]
     _transition_events(body, conds)
     _emit(body, budget_events(get_condition(old.get("conditions"), "BudgetExceeded"), budget))
     await _write_status("RoutingPolicy", body, status)
@@ -607,18 +656,20 @@ async def _reconcile_campaign(body: Obj, ns: str, name: str) -> tuple[str, str] 
         for j in await api.list("Job", ns, f"routenlp.io/campaign={name},routenlp.io/run={run}"):
             pods = await api.list("Pod", ns, f"job-name={j['metadata']['name']}")
             jobs.append(job_result(j, pods))
-    step = advance(campaign, old, jobs, now_rfc3339(), pol_status.get("router"), reason)
+    step = advance(campaign, old, jobs, now_rfc3339(), pol_status.get("router"), reason, pol_status)
     if reason and campaign.spec.trigger.run_id and step.status.get("run", 0) > run:
         await api.patch_metadata("DistillationCampaign", ns, name,
                                  {"annotations": {"routenlp.io/observed-run-id": campaign.spec.trigger.run_id}})
-    if step.status.get("adapter") and ctx is not None:  # where the student tier sees what publish wrote
-        adapter, _, source = step.status["adapter"].partition("@")
-        step.status["adapter"] = f"{adapter}@{builders.tier_adapter_source(source, ctx.student_cache_claim)}"
+    for holder in (step.status, *step.status.get("rounds", [])):  # where the student tier sees what publish wrote
+        if holder.get("adapter") and ctx is not None:
+            adapter, _, source = holder["adapter"].partition("@")
+            holder["adapter"] = f"{adapter}@{builders.tier_adapter_source(source, ctx.student_cache_claim)}"
     if step.create_job:
         stage, attempt = step.create_job
         claim = campaign.spec.resources.artifact_claim_name or builders.events_claim(policy_model)
-        job = builders.stage_job(campaign, body, ns, stage, int(step.status["run"]), attempt, claim, ctx)
-        await api.apply(job)
+        job = builders.stage_job(campaign, body, ns, stage, int(step.status["run"]), attempt, claim, ctx,
+                                 int(step.status.get("round") or 1))
+        await api.apply(distill_workload(job, campaign) if stage == "Distilling" else job)
     _emit(body, step.events)
     if step.finished:
         metrics.CAMPAIGN_RUNS.labels(ns, name, step.finished).inc()

@@ -29,6 +29,13 @@ def parser() -> argparse.ArgumentParser:
                    help="serve the sidecar-injection webhook (HTTPS) on this port (0: off)")
     p.add_argument("--webhook-cert", help="TLS certificate file of the webhook server (e.g. from cert-manager)")
     p.add_argument("--webhook-key", help="TLS private key file of the webhook server")
+    p.add_argument("--network-policies", action=argparse.BooleanOptionalAction, default=True,
+                   help="render NetworkPolicies for tier and router pods (default: on)")
+    p.add_argument("--operator-pod-labels", metavar="K=V,...",
+                   help="labels of this operator's pods, let into tier pods (LoRA loading) and routers' admin port "
+                   "(default: app.kubernetes.io/name=routenlp,app.kubernetes.io/component=operator); the namespace "
+                   "is POD_NAMESPACE")
+    p.add_argument("--monitoring-namespace", help="namespace whose pods may scrape the routers' admin port (/metrics)")
     p.add_argument("--resync-seconds", type=float, default=None, help="status refresh / drift repair interval")
     p.add_argument("--log-format", choices=["json", "plain"], default="json", help="log format (json: structured)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -36,16 +43,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def handler_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment the handlers read their settings from (they are also run by `kopf run` without this CLI):
+    resync timers at import, the webhook at startup, NetworkPolicy peers (builders.NetworkPeers) on each reconcile."""
+    env = {"ROUTENLP_NETWORK_POLICIES": "true" if args.network_policies else "false"}
+    if args.resync_seconds is not None:
+        env["ROUTENLP_RESYNC_SECONDS"] = str(args.resync_seconds)
+    if args.operator_pod_labels:
+        env["ROUTENLP_OPERATOR_POD_LABELS"] = args.operator_pod_labels
+    if args.monitoring_namespace:
+        env["ROUTENLP_MONITORING_NAMESPACE"] = args.monitoring_namespace
+    if args.webhook_port:
+        env.update(ROUTENLP_WEBHOOK_PORT=str(args.webhook_port), ROUTENLP_WEBHOOK_CERT=args.webhook_cert,
+                   ROUTENLP_WEBHOOK_KEY=args.webhook_key)
+    return env
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.webhook_port and not (args.webhook_cert and args.webhook_key):
         print("routenlp operator: --webhook-port needs --webhook-cert and --webhook-key", file=sys.stderr)
         return 2
-    if args.resync_seconds is not None:
-        os.environ["ROUTENLP_RESYNC_SECONDS"] = str(args.resync_seconds)
-    if args.webhook_port:  # read by the startup handler
-        os.environ.update(ROUTENLP_WEBHOOK_PORT=str(args.webhook_port), ROUTENLP_WEBHOOK_CERT=args.webhook_cert,
-                          ROUTENLP_WEBHOOK_KEY=args.webhook_key)
+    os.environ.update(handler_env(args))
     import kopf
 
     kopf.configure(verbose=args.verbose, quiet=args.quiet,

@@ -24,13 +24,24 @@ RULES: list[dict[str, list[str]]] = [
     {"apiGroups": [""], "resources": ["services", "configmaps"], "verbs": ["list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["create", "patch"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "create", "patch"]},
+    # A campaign's distill stage on a distributed engine (resources.distillRunner); its node Jobs are watched above.
+    {"apiGroups": ["jobset.x-k8s.io"], "resources": ["jobsets"], "verbs": ["create", "patch"]},
+    {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": ["create", "patch"]},
+    # NetworkPolicies of tiers and routers (re-applied on every resync, so no watch is needed to repair drift).
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create", "patch"]},
     # Tier pods (readiness, scheduling reasons, pod IPs for LoRA loading) and stage Job pods (termination message).
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
-    # External tiers: the API-key Secret exists (its value is never read into status or logs).
-    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     # kopf's resource discovery follows CRDs being added or removed.
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+]
+
+# Checking that the Secrets a ModelTier (API key) or RoutingPolicy (spec.auth) names exist and hold the keys named;
+# their values are never read into status or logs. Kept apart from RULES because the chart grants it only in the
+# namespaces it is asked to (rbac.secretNamespaces, or the watched namespaces when namespaced): without it the
+# operator reports the Secret as not checked and the kubelet holds the pod until the Secret exists.
+SECRET_RULES: list[dict[str, list[str]]] = [
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
 ]
 
 # Only with `--peering NAME` (several replicas; kopf peering picks one active operator), with --all-namespaces: the
@@ -58,4 +69,4 @@ def triples(rules: list[dict[str, list[str]]]) -> set[tuple[str, str, str]]:
 def cluster_role(name: str = "routenlp-operator", peering: bool = True) -> dict[str, Any]:
     """The ClusterRole of a cluster-wide (--all-namespaces) install."""
     return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
-            "rules": RULES + (PEERING_RULES if peering else [])}
+            "rules": RULES + SECRET_RULES + (PEERING_RULES if peering else [])}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from routenlp.api import RoutingPolicy
@@ -45,10 +46,13 @@ def _event(version: str, action: str, reason: str, now: str) -> Obj:
 
 
 def decide(policy: RoutingPolicy, router_status: Obj | None, campaign_version: str | None,
-           stats: CanaryStats | None, now: str, propose_only: bool = False) -> tuple[Obj, list[tuple[str, str, str]]]:
+           stats: CanaryStats | None, now: str, propose_only: bool = False, canary_percent: int | None = None,
+           promote_after: float = 0.0) -> tuple[Obj, list[tuple[str, str, str]]]:
     """New status.router and the events to emit. `campaign_version`: newest version a campaign produced for this
-    policy; `propose_only`: that campaign has autoApply false, so the version is only proposed."""
+    policy; `propose_only`: that campaign has autoApply false, so the version is only proposed. `canary_percent`,
+    `promote_after` (seconds): that campaign's spec.rollout, for its version only (None / 0: the policy's settings)."""
     spec = policy.spec.router
+    percent = spec.canary_percent if canary_percent is None else canary_percent
     st: Obj = json.loads(json.dumps(router_status or {}))
     st.setdefault("history", [])
     events: list[tuple[str, str, str]] = []
@@ -76,12 +80,12 @@ def decide(policy: RoutingPolicy, router_status: Obj | None, campaign_version: s
         elif not st.get("current"):
             st.update(current=new, canary=None, canaryPercent=0, proposed=None)
             log(new, "Promoted", "FirstVersion")
-        elif spec.canary_percent == 0:
+        elif percent == 0:
             st.update(current=new, canary=None, canaryPercent=0, proposed=None)
             log(new, "Promoted", "NoCanary")
         else:
-            st.update(canary=new, canaryPercent=spec.canary_percent, proposed=None)
-            log(new, "Canary", f"{spec.canary_percent}PercentOfTraffic")
+            st.update(canary=new, canaryPercent=percent, proposed=None)
+            log(new, "Canary", f"{percent}PercentOfTraffic")
 
     canary = st.get("canary")
     if canary and stats is not None:
@@ -102,10 +106,23 @@ def decide(policy: RoutingPolicy, router_status: Obj | None, campaign_version: s
                 log(canary, "RolledBack", "AcceptanceDropped", "Warning")
             elif not enough:
                 pass  # too few labels on the canary's traffic yet: keep waiting
+            elif canary == new and _serving_seconds(st["history"], canary, now) < promote_after:
+                pass  # the campaign's promoteAfter has not passed: the guard may still roll back, not promote
             else:
                 st.update(current=canary, canary=None, canaryPercent=0)
                 log(canary, "Promoted", "GuardHeld")
     return _clean(st), events
+
+
+def _serving_seconds(history: list[Obj], canary: str, now: str) -> float:
+    """How long `canary` has been the canary (since its latest Canary event; unknown: forever)."""
+    since = next((h["time"] for h in reversed(history) if h["version"] == canary and h["action"] == "Canary"), None)
+    return float("inf") if since is None else (parse_time(now) - parse_time(since)).total_seconds()
+
+
+def parse_time(s: str) -> datetime:
+    """An RFC 3339 time as Kubernetes writes it (`Z` suffix)."""
+    return datetime.fromisoformat(s.replace("Z", "+00:00"))
 
 
 def _clean(st: Obj) -> Obj:
@@ -121,6 +138,12 @@ def observed_figures(answer: Obj) -> Obj:
                 if isinstance(stable.get(k), (int, float))}
     if isinstance(stable.get("escalations"), (int, float)):
         out["escalations"] = int(stable["escalations"])
+    if isinstance(stable.get("version"), str):
+        out["figuresVersion"] = stable["version"]
+    chains = stable.get("chains")
+    if isinstance(chains, dict) and all(isinstance(v, list) for v in chains.values()):
+        out["chains"] = [{"task": str(t), "tiers": [str(x) for x in tiers]} for t, tiers in sorted(chains.items())]
+        out["chainSummary"] = "; ".join(f"{c['task']}: {'>'.join(c['tiers'])}" for c in out["chains"])
     if isinstance((answer or {}).get("spentUsd24h"), (int, float)):
         out["spentUsd24h"] = round(float(answer["spentUsd24h"]), 6)
     return out

@@ -122,6 +122,34 @@ def test_secret_in_the_set_without_the_referenced_key_is_an_error():
     assert "'token'" in errors[0].message and "api-key" in errors[0].fix
 
 
+AUTH_POLICY = POLICY + "  auth: {labellersSecret: labellers, clientKeysSecret: client-keys}\n"
+
+
+def secret(name: str, string_data: dict | None = None, data: dict | None = None) -> str:
+    body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}}
+    body.update({"stringData": string_data} if string_data is not None else {})
+    body.update({"data": data} if data is not None else {})
+    return json.dumps(body)
+
+
+def test_auth_secrets_given_together_are_checked():
+    token = "a" * 32
+    ok = run(TIERS, AUTH_POLICY, secret("labellers", {"alice": token}),
+             secret("client-keys", data={"app": "YWFhYWFhYWFhYWFhYWFhYWFhYWFh"}))  # base64 of 20 'a's
+    assert [f for f in ok if f.severity in ("error", "warning")] == []
+    # Missing Secrets: a note each (often created out of band), never an error.
+    notes = [f for f in run(TIERS, AUTH_POLICY) if f.kind == "RoutingPolicy"]
+    assert {(f.severity, f.path) for f in notes} == {("note", "spec.auth.labellersSecret"),
+                                                     ("note", "spec.auth.clientKeysSecret")}
+    # A Secret without keys authenticates nobody; a short token can be guessed (its value is never printed).
+    findings = run(TIERS, AUTH_POLICY, secret("labellers", {}), secret("client-keys", {"app": "hunter2"}))
+    errors = [(f.path, f.message) for f in findings if f.severity == "error"]
+    assert errors == [("spec.auth.labellersSecret", errors[0][1])] and "no keys" in errors[0][1]
+    warnings = [f for f in findings if f.severity == "warning"]
+    assert [f.path for f in warnings] == ["spec.auth.clientKeysSecret"] and "app" in warnings[0].message
+    assert all("hunter2" not in f.message + f.fix for f in findings)
+
+
 def test_duplicate_resources_warn():
     findings = run(TIERS, TIERS)
     assert {(f.severity, f.source, f.path) for f in findings} == {("warning", "f1.yaml", "metadata.name")}

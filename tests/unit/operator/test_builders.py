@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import kubernetes_validate
 import pytest
@@ -11,7 +12,7 @@ import yaml
 from routenlp.api import DistillationCampaign, ModelTier, RoutingPolicy
 from routenlp.api.campaign import STAGES
 from routenlp.operator import builders
-from routenlp.router.config import RouterConfig
+from routenlp.api.router_config import RouterConfig
 
 NS = "team-a"
 API = "routenlp.io/v1alpha1"
@@ -158,7 +159,9 @@ def test_sidecar_patch_is_idempotent():
     import jsonpatch
     out = jsonpatch.apply_patch(pod, ops)
     assert [c["name"] for c in out["spec"]["containers"]] == ["app", "router"]
-    assert {v["name"] for v in out["spec"]["volumes"]} == {"router-config", "router-state", "routenlp-data"}
+    assert {v["name"] for v in out["spec"]["volumes"]} == {"router-config", "router-state", "routenlp-data",
+                                                           "routenlp-tmp", "routenlp-cache"}
+    assert out["metadata"]["labels"] == {builders.ROUTER_LABEL: "support"}  # its tiers' NetworkPolicy lets it in
     assert builders.sidecar_patch(out, policy, _tiers()) == []
     valid({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": out["spec"]})
 
@@ -232,3 +235,92 @@ def test_retrain_jobs_calibrate_for_the_policys_risk_measure(measure):
         args = container["args"]
         assert args[args.index("--risk-level") + 1] == "0.07"
         assert args[args.index("--risk-measure") + 1] == (measure or "acceptedAnswers")
+
+
+def test_retrain_jobs_get_the_policys_pinned_chains_and_quality_floors():
+    student, teacher = mt("small", engine={"model": "pvc://weights/small"}), mt("large")
+    tasks = [{"name": "intent", "chain": ["large"], "qualityFloor": 0.95}, {"name": "chat"}]
+    c = builders.stage_context(dc(), rp(tiers=("small", "large"), tasks=tasks, defaultTask="intent",
+                                        cascade={"riskMeasure": "allRequests"}), student, teacher, NS)
+    job = builders.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "RetrainingRouter", 1, 1, "ev", c)
+    for container in job["spec"]["template"]["spec"]["initContainers"]:
+        args = container["args"]
+        assert json.loads(args[args.index("--chains") + 1]) == {"intent": ["large"]}  # chat's is learnt
+        assert json.loads(args[args.index("--quality-floors") + 1]) == {"intent": 0.95}
+    plain = builders.stage_context(dc(), rp(), student, teacher, NS)
+    job = builders.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "RetrainingRouter", 1, 1, "ev", plain)
+    assert "--chains" not in job["spec"]["template"]["spec"]["initContainers"][0]["args"]
+
+
+# ---------------------------------------------------------------- issue 14: auth, admin port, read-only root
+
+
+def _pod_specs(objs):
+    return [o["spec"]["template"]["spec"] for o in objs if o["kind"] in ("Deployment", "Job")]
+
+
+def test_every_container_has_a_read_only_root_and_writable_scratch():
+    tier = mt(engine={"model": "org/m", "modelCache": {"claimName": "weights"}})
+    policy = rp(auth={"labellersSecret": "labellers"})
+    objs = builders.tier_objects(tier, owner("ModelTier", "small"), NS)
+    objs += builders.policy_objects(policy, _tiers(), owner("RoutingPolicy", "support"), NS)[0]
+    objs += [builders.stage_job(dc(), owner("DistillationCampaign", "c"), NS, s, 1, 1, "ev", ctx())
+             for s in ("Clustering", "RetrainingRouter")]
+    specs = _pod_specs(objs)
+    assert len(specs) == 4
+    for pod in specs:
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        empty_dirs = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+        for c in pod["containers"] + pod.get("initContainers", []):
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, c["name"]
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            assert mounts["/tmp"] in empty_dirs and mounts[builders.CACHE_DIR] in empty_dirs, c["name"]
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert env["HOME"] == "/tmp" and env["XDG_CACHE_HOME"] == builders.CACHE_DIR
+    vllm_env = {e["name"]: e.get("value") for e in specs[0]["containers"][0]["env"]}
+    for var in ("VLLM_CACHE_ROOT", "VLLM_CONFIG_ROOT", "TRITON_CACHE_DIR"):  # vLLM writes there, not under ~
+        assert vllm_env[var].startswith(builders.CACHE_DIR + "/")
+
+
+@pytest.mark.parametrize("mode", ["gateway", "sidecar"])
+@pytest.mark.parametrize("auth", [{}, {"labellersSecret": "labellers"},
+                                  {"labellersSecret": "labellers", "clientKeysSecret": "client-keys"}])
+def test_auth_secrets_are_mounted_and_the_config_names_only_their_directories(mode, auth):
+    policy = rp(deployment={"mode": mode, "adminPort": 9191}, auth=auth)
+    objs, _ = builders.policy_objects(policy, _tiers(), owner("RoutingPolicy", "support"), NS)
+    text = objs[0]["data"]["router.yaml"]
+    cfg = RouterConfig.model_validate(yaml.safe_load(text))
+    assert cfg.admin_port == 9191
+    assert cfg.auth.labellers_dir == (builders.LABELLERS_DIR if auth else None)
+    assert cfg.auth.client_keys_dir == (builders.CLIENT_KEYS_DIR if "clientKeysSecret" in auth else None)
+    if mode == "gateway":
+        pod = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+        assert pod["securityContext"]["fsGroup"] == builders.RUN_AS_USER
+    else:
+        import jsonpatch
+        app = {"metadata": {"labels": {"routenlp.io/policy": "support"}},
+               "spec": {"containers": [{"name": "app", "image": "a"}]}}
+        pod = jsonpatch.apply_patch(app, builders.sidecar_patch(app, policy, _tiers()))["spec"]
+    router = next(c for c in pod["containers"] if c["name"] == "router")
+    secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    mounts = {m["name"]: m for m in router["volumeMounts"]}
+    wanted = {"routenlp-labellers": (auth.get("labellersSecret"), builders.LABELLERS_DIR),
+              "routenlp-client-keys": (auth.get("clientKeysSecret"), builders.CLIENT_KEYS_DIR)}
+    for vol, (secret, path) in wanted.items():
+        if secret is None:
+            assert vol not in secrets and vol not in mounts
+            continue
+        # No `optional`: a router never starts without its credentials. Gateway pods run with fsGroup 1000, so the
+        # router's group may read; an application pod's fsGroup is unknown, and only the router container mounts it.
+        assert secrets[vol] == {"secretName": secret, "defaultMode": 0o440 if mode == "gateway" else 0o444}
+        assert mounts[vol]["mountPath"] == path and mounts[vol]["readOnly"] is True
+    ports = {p["name"]: p["containerPort"] for p in router["ports"]}
+    assert ports == {"router": 8080, "admin": 9191}
+    # Probes stay on the client port (/healthz, /readyz live there); /metrics and /routenlp/* moved to `admin`.
+    assert router["readinessProbe"]["httpGet"]["port"] == "router"
+    valid({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": pod})
+    if mode == "gateway":
+        svc = next(o for o in objs if o["kind"] == "Service")
+        assert {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
+            "http": (8080, "router"), "admin": (9191, "admin")}
+        assert builders.router_admin_url(policy, "10.0.0.7") == "http://10.0.0.7:9191"

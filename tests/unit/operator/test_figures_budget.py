@@ -32,7 +32,8 @@ def esc_campaign(min_failures=200) -> DistillationCampaign:
 
 def test_observed_figures_take_the_stable_block_and_the_spend():
     assert rollout.observed_figures(ANSWER) == {"costReduction": 0.46, "escalationRate": 0.35,
-                                                "violationRate": 0.02, "escalations": 315, "spentUsd24h": 12.345679}
+                                                "violationRate": 0.02, "escalations": 315, "spentUsd24h": 12.345679,
+                                                "figuresVersion": "v1"}
     # no labels yet: violationRate null is left out, not written as 0
     assert rollout.observed_figures({"stable": {"violationRate": None, "requests": 0}}) == {}
 

@@ -63,6 +63,8 @@ def test_stage_ranks_clusters_by_cost_and_writes_a_complete_manifest(tmp_path, t
     assert all("card" in e for e in report["clusters"][0]["examples"])
     assert all("pin" in e for e in report["clusters"][1]["examples"])
     assert report["top_clusters"] == [0, 1]
+    # costs 0.036 / 0.024 / 0.012 per topic (+ the failed student attempts): the top two hold 83 %
+    assert report["cost_cover_80"] == 2
     # the 6 requests the student answered well fall nearest to one cluster: 12 failures of 18 requests there
     assert sorted(c["escalation_rate"] for c in report["clusters"]) == [0.6667, 1.0, 1.0]
     m = helpers.read_manifest(out)
@@ -89,3 +91,28 @@ def test_stage_refuses_a_log_without_failures(tmp_path, topic_embed):
     with pytest.raises(StageError, match="no escalation failures"):
         cluster.run(cluster_args(["--events", str(tmp_path / "events"), "--out", str(tmp_path / "o"),
                                   "--teacher-tier", "reference"]))
+
+
+def test_a_later_round_clusters_only_the_failures_of_the_previous_rounds_router():
+    from routenlp.router.events import RoutingEvent, TierAttempt
+
+    def ev(rid, version):
+        return RoutingEvent(request_id=rid, time=1.0, policy="p", task="intent", query=rid, final_tier="reference",
+                            router_version=version, escalations=1, attempts=[
+                                TierAttempt(tier="student", model="s", accepted=False, cost_usd=0.001),
+                                TierAttempt(tier="reference", model="r", accepted=True, response="x", cost_usd=0.01)])
+
+    events = [ev("a", "v1"), ev("b", "v2"), ev("c", "v2"), ev("d", None)]
+    assert {f.request_id for f in select_failures(events, "reference")[0]} == {"a", "b", "c", "d"}
+    failures, tried = select_failures(events, "reference", router_version="v2")
+    assert {f.request_id for f in failures} == {"b", "c"} and len(tried) == 2
+
+
+def test_cost_cover_counts_the_clusters_holding_most_failure_cost():
+    from routenlp.trainer.cluster import cost_cover
+
+    ranked = [{"cost_usd": 5.0}, {"cost_usd": 3.0}, {"cost_usd": 1.0}]
+    assert cost_cover(ranked, 10.0, 0.5) == 1
+    assert cost_cover(ranked, 10.0, 0.8) == 2
+    assert cost_cover(ranked, 10.0, 0.9) == 3
+    assert cost_cover(ranked, 20.0, 0.8) is None  # most of the cost is noise: no top-k covers it

@@ -4,7 +4,9 @@ import json
 import pytest
 
 from routenlp.trainer import distill
-from routenlp.trainer.distill import Interrupted, batch_indices, encode_pair, split_holdout, training_rows
+from routenlp.trainer.distill import (
+    Interrupted, batch_indices, encode_pair, split_budget, split_holdout, training_rows,
+)
 
 
 def rows_for(clusters: dict[int, int]) -> list[dict]:
@@ -33,6 +35,27 @@ def test_untargeted_control_has_the_same_budget_but_draws_from_everything():
     assert len({r["cluster"] for r in untargeted}) >= 4
 
 
+def test_budget_split_follows_cost_within_caps():
+    assert split_budget([3.0, 1.0], [100, 100], 40) == [30, 10]
+    assert split_budget([3.0, 1.0, 0.0], [5, 100, 100], 40) == [5, 35, 0]  # a full cluster's share goes on
+    assert split_budget([0.0, 0.0], [100, 100], 9) in ([5, 4], [4, 5])  # no costs: equal
+    assert sum(split_budget([1.0, 1.0, 1.0], [100, 100, 100], 10)) == 10  # whole pairs, none lost
+    assert split_budget([1.0, 1.0], [2, 3], 50) == [2, 3]  # never more than there is
+
+
+def test_cost_split_gives_the_costly_cluster_more_pairs_for_the_same_budget():
+    rows = [{**r, "cost_usd": 0.03 if r["cluster"] == 0 else 0.01} for r in rows_for({0: 40, 1: 40, 2: 40, -1: 20})]
+    equal = training_rows(rows, [0, 1, 2], set(), "targeted", 10, seed=0, budget_split="equal")
+    by_cost = training_rows(rows, [0, 1, 2], set(), "targeted", 10, seed=0, budget_split="cost")
+    assert len(equal) == len(by_cost) == 30  # the same budget
+    assert [sum(r["cluster"] == c for r in equal) for c in (0, 1, 2)] == [10, 10, 10]
+    assert [sum(r["cluster"] == c for r in by_cost) for c in (0, 1, 2)] == [18, 6, 6]  # 3:1:1 of the cost
+    from routenlp.trainer.manifest import StageError
+
+    with pytest.raises(StageError, match="--budget-split"):
+        training_rows(rows, [0], set(), "targeted", 10, seed=0, budget_split="size")
+
+
 def test_batches_are_a_function_of_the_step():
     assert batch_indices(10, 4, 7, seed=1) == batch_indices(10, 4, 7, seed=1)
     epoch = [i for s in range(5) for i in batch_indices(10, 2, s, seed=1)]
@@ -54,7 +77,7 @@ def _args(clusters_dir, out, base, steps=6, **kw):
               top_clusters=2, hold_out_fraction=0.25, outside_holdout=2, system_prompt="classify", teacher_url=None,
               teacher_model="t", teacher_api_key_env=None, checkpoint_every=2, seed=0, quiet=True, r=4, alpha=8,
               dropout=0.1, target_modules=["q_proj", "v_proj"], steps=steps, learning_rate=1e-2, batch_size=2,
-              samples_per_cluster=6, top_layers=0)
+              samples_per_cluster=6, top_layers=0, init_adapter=None, budget_split="cost")
     ns.update(kw)
     return argparse.Namespace(**ns)
 
@@ -131,3 +154,64 @@ def test_bad_lora_settings_name_the_flag(tmp_path):
 
     with pytest.raises(StageError, match="--steps"):
         distill.main(["--clusters", str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "0"])
+
+
+def test_a_round_continues_the_previous_adapter_with_the_same_settings(tmp_path, tiny_model, clusters_dir):
+    """--init-adapter: training starts from the earlier adapter's weights (its first loss is where the earlier run
+    ended, not where a fresh adapter starts); other LoRA settings are refused with the flag named."""
+    from routenlp.trainer.manifest import StageError
+
+    first = distill.run(_args(clusters_dir, tmp_path / "round-1", tiny_model, steps=8))["metrics"]
+    fresh = distill.run(_args(clusters_dir, tmp_path / "fresh", tiny_model, steps=2))["metrics"]
+    cont = distill.run(_args(clusters_dir, tmp_path / "round-2", tiny_model, steps=2,
+                             init_adapter=str(tmp_path / "round-1" / "adapter")))["metrics"]
+    assert cont["loss_first"] < fresh["loss_first"]
+    assert cont["loss_first"] < first["loss_first"]
+    man = json.loads((tmp_path / "round-2" / "manifest.json").read_text())
+    assert "init_adapter" in man["inputs"]  # part of the idempotency key
+    with pytest.raises(StageError, match=r"--init-adapter.*r 4 \(asked 8\)"):
+        distill.run(_args(clusters_dir, tmp_path / "bad", tiny_model, r=8,
+                          init_adapter=str(tmp_path / "round-1" / "adapter")))
+    with pytest.raises(StageError, match="adapter_config.json"):
+        distill.run(_args(clusters_dir, tmp_path / "bad2", tiny_model, init_adapter=str(tmp_path)))
+
+
+def test_torchrun_processes_train_the_same_adapter_as_one_process(tmp_path, tiny_model, clusters_dir):
+    """Data-parallel distill (a TrainJob / JobSet runs it under torchrun): two gloo processes each take half of
+    every batch; the adapter equals one process's on the whole batch, and only rank 0 writes and reports."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    def argv(out):
+        return ["train", "distill", "--clusters", str(clusters_dir), "--out", str(out), "--base-model", str(tiny_model),
+                "--top-clusters", "2", "--hold-out-fraction", "0.25", "--outside-holdout", "2", "--system-prompt",
+                "classify", "--quiet", "--r", "4", "--alpha", "8", "--dropout", "0", "--steps", "4",
+                "--learning-rate", "1e-2", "--batch-size", "4", "--samples-per-cluster", "6"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "--", "routenlp.cli.main", *argv(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    summaries = [line for line in two.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1  # rank 0 alone reports
+    one = subprocess.run([sys.executable, "-m", "routenlp.cli.main", *argv(tmp_path / "one")], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+    m2 = json.loads((tmp_path / "two" / "manifest.json").read_text())["metrics"]
+    m1 = json.loads((tmp_path / "one" / "manifest.json").read_text())["metrics"]
+    assert m2["train_pairs"] == m1["train_pairs"] and abs(m2["loss_first"] - m1["loss_first"]) < 1e-3
+    with pytest.raises(Exception, match="--batch-size"):  # 3 examples cannot be shared by 2 processes
+        import unittest.mock
+
+        with unittest.mock.patch.dict(os.environ, {"WORLD_SIZE": "2", "RANK": "1"}):
+            distill.run(_args(clusters_dir, tmp_path / "odd", tiny_model, batch_size=3))

@@ -49,7 +49,8 @@ def test_evaluate_stage_in_process_writes_per_cluster_accuracy(tmp_path, tiny_mo
     ])
     args = argparse.Namespace(distill=str(d), out=str(tmp_path / "eval"), base_model=str(tiny_model),
                               min_quality_gain=0.02, max_regression=0.01, teacher_url=None, teacher_model="t",
-                              labels=None, max_new_tokens=3, student_url=None, student_model="s", adapter_model=None)
+                              labels=None, max_new_tokens=3, student_url=None, student_model="s", adapter_model=None,
+                              baseline_adapter=None)
     s = evaluate.run(args)
     man = json.loads((tmp_path / "eval" / "manifest.json").read_text())
     metrics = man["metrics"]
@@ -61,3 +62,42 @@ def test_evaluate_stage_in_process_writes_per_cluster_accuracy(tmp_path, tiny_mo
     answers = [json.loads(x) for x in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()]
     assert all(a["before"] == a["after"] for a in answers)
     assert evaluate.run(args)["skipped"] is True
+
+
+def test_a_later_round_is_judged_against_the_adapter_it_continues(tmp_path, tiny_model):
+    """--baseline-adapter: "before" is the student with the previous round's adapter, not the bare student."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from routenlp.trainer.manifest import StageError, read_jsonl, write_json_atomic, write_jsonl
+
+    d = tmp_path / "distill"
+    d.mkdir()
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    get_peft_model(base, LoraConfig(**cfg)).save_pretrained(d / "adapter")  # untrained: the bare student
+    torch.manual_seed(1)
+    noisy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16),
+                           LoraConfig(**cfg, init_lora_weights=False))  # random B: answers change
+    noisy.save_pretrained(tmp_path / "previous")
+    write_json_atomic(d / "adapter.json", {"name": "a", "system_prompt": "classify", "top_clusters": [0]})
+    write_jsonl(d / "holdout.jsonl", [{"request_id": str(i), "query": q, "target": "x", "cluster": 0}
+                                      for i, q in enumerate(["where is my card", "pin blocked", "rate wrong"])])
+
+    def run(out, baseline, url=None):
+        return evaluate.run(argparse.Namespace(
+            distill=str(d), out=str(tmp_path / out), base_model=str(tiny_model), min_quality_gain=0.0,
+            max_regression=1.0, teacher_url=None, teacher_model="t", labels=None, max_new_tokens=4, student_url=url,
+            student_model="s", adapter_model="a", baseline_adapter=baseline))
+
+    run("bare", None)
+    run("vs-previous", str(tmp_path / "previous"))
+    bare = [r["before"] for r in read_jsonl(tmp_path / "bare" / "answers.jsonl")]
+    rows = read_jsonl(tmp_path / "vs-previous" / "answers.jsonl")
+    assert [r["before"] for r in rows] != bare  # judged against the previous adapter's answers
+    assert [r["after"] for r in rows] == bare  # the (untrained) new adapter is the bare student
+    man = json.loads((tmp_path / "vs-previous" / "manifest.json").read_text())
+    assert "baseline_adapter" in man["inputs"]
+    with pytest.raises(StageError, match="--student-model"):
+        run("served", str(tmp_path / "previous"), url="http://127.0.0.1:9/v1")

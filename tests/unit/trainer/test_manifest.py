@@ -69,3 +69,23 @@ def test_summary_is_the_last_stdout_line(capsys):
     print_summary({"stage": "x", "metrics": {"a": 1}})
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last)["stage"] == "x"
+
+
+def test_summary_reaches_the_termination_message_file_only_where_the_kubelet_mounted_it(tmp_path, capsys):
+    """A successful container's logs are not its termination message (FallbackToLogsOnError): the summary must be
+    in the file, within Kubernetes' 4096 bytes."""
+    import json
+
+    from routenlp.trainer.manifest import print_summary
+
+    msg = tmp_path / "termination-log"
+    msg.write_text("")
+    print_summary({"stage": "cluster", "metrics": {"clusters": 3}}, str(msg))
+    assert json.loads(msg.read_text()) == {"stage": "cluster", "metrics": {"clusters": 3}}
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stage"] == "cluster"
+    big = {"stage": "cluster", "metrics": {"failures": 9, "top": [{"examples": ["x" * 500]}] * 20}}
+    print_summary(big, str(msg))
+    assert json.loads(msg.read_text()) == {"stage": "cluster", "metrics": {"failures": 9}}
+    absent = tmp_path / "none"
+    print_summary({"stage": "cluster"}, str(absent))
+    assert not absent.exists()  # never created outside a pod

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +86,19 @@ class Settings:
     # s > 0 = Zipf(s) popularity over the intents (a random ranking per seed, shared by log and held-out traffic),
     # as production customer-service traffic is concentrated on few intents (`sample_traffic`)
     traffic_skew: float = 0.0
+    # matched quality: every router version (before, after, control) is recalibrated for this quality ratio, the
+    # policy's binding quality floor (RoutingPolicy tasks[].qualityFloor, certified under allRequests), so the arms'
+    # cost reductions are compared at one quality level; the policy's risk_level figures stay as a secondary column
+    quality_floor: float = 0.95
+    rounds: int = 1
+    round_queries: int = 0  # fresh queries logged before each later round (0: log_queries)
+    budget_split: str = "cost"  # the pair budget over the top clusters: by their failures' cost, or equal
 
 
 # 60 steps: at 30 the adapter's loss was still ~0.9 and its held-out cluster accuracy sometimes stayed 0 (flaky e2e)
 SMALL = Settings(log_queries=240, heldout_queries=60, probe=120, method="kmeans", max_clusters=8, min_cluster_size=10,
                  top_clusters=3, samples_per_cluster=30, outside_holdout=20, steps=60, learning_rate=2e-3,
-                 risk_level=0.2, delta=0.2)
+                 risk_level=0.2, delta=0.2, quality_floor=0.8)  # 0.8 = 1 - its riskLevel: 60 held-out queries
 
 
 @dataclass
@@ -135,90 +142,124 @@ def sample_traffic(examples, n: int, rng: random.Random, skew: float, ranking: l
 # ------------------------------------------------------------------------------------------- routing (pure-ish)
 
 
+class OraclePort:
+    """The reference tier of the campaign bench, in process: the oracle stand-in answers each query with its gold
+    label (no frontier model runs here), with the token counts a frontier model would bill."""
+
+    def __init__(self, gold: dict[str, str]):
+        from routenlp.router.clients import CircuitBreaker
+
+        self.gold, self.breaker = gold, CircuitBreaker()
+
+    async def post(self, path: str, body: dict, timeout: float | None = None):
+        from routenlp.local import banking77 as b77
+        from routenlp.router.clients import UpstreamResult
+
+        query = body["messages"][-1]["content"]
+        label = self.gold[query]
+        usage = {"prompt_tokens": b77.approx_tokens(SYSTEM_PROMPT) + 4 + b77.approx_tokens(query),
+                 "completion_tokens": b77.approx_tokens(label)}
+        answer = {"choices": [{"message": {"role": "assistant", "content": label}}], "usage": usage}
+        return UpstreamResult(200, answer, "", 0.0)
+
+
 def route(queries: list[Any], student: Any, student_model: str, artifact: Any, encoder: Any, writer: Any = None,
-          quality_target: float = 0.9, label: str = "route") -> dict[str, Any]:
-    """Route `queries` (BANKING77 examples) through the cascade student -> reference with the router's decision code.
+          quality_target: float = 0.9, label: str = "route", concurrency: int = 8) -> dict[str, Any]:
+    """Route `queries` (BANKING77 examples) through the portfolio student -> reference with the router's cascade
+    engine (router/engine.py: the code that serves), the student on its real vLLM server.
 
-    artifact None = no router version yet: every query starts at the student and, with no certified threshold,
-    escalates (the conservative default), which is what makes the first log fully labelled."""
+    Every query is on the exploration sample (the bench labels every attempt against the reference), so an
+    uncertified student is still tried and escalates: artifact None (no router version yet) makes the first log
+    fully labelled."""
+    import asyncio
+
     import numpy as np
-
-    from routenlp.local import banking77 as b77
-    from routenlp.router.cascade import accept, start_tiers
-    from routenlp.router.confidence import answer_features
-    from routenlp.router.events import FeedbackEvent, RoutingEvent, TierAttempt
-    from routenlp.trainer.client import chat_many
-    from routenlp.trainer.distill import messages_for
-    from routenlp.trainer.evaluate import matches
     from tqdm import tqdm
 
+    from routenlp.api.modeltier import TierCost
+    from routenlp.router.clients import TierClient
+    from routenlp.router.confidence import ConfidenceSet
+    from routenlp.api.router_config import TierEndpoint
+    from routenlp.router.encoder import encoder_for
+    from routenlp.router.engine import CascadeEngine, TierInfo, make_plan
+    from routenlp.router.events import FeedbackEvent, RoutingEvent
+    from routenlp.router.openai_api import parse_chat
+    from routenlp.trainer.distill import messages_for
+    from routenlp.trainer.evaluate import matches
+
     texts = [q.text for q in queries]
+    prior = None
     if artifact is not None and artifact.router is not None:
         t = artifact.router.task_index(TASK) or 0
-        pred = artifact.router.predict_proba(encoder.encode(texts), np.full(len(texts), t))
-        start = start_tiers(pred, quality_target)
-    else:
-        pred, start = None, np.zeros(len(texts), dtype=int)
-    to_student = [i for i in range(len(texts)) if start[i] == 0]
-    answers = dict(zip(to_student, chat_many(
-        student, student_model, [messages_for(SYSTEM_PROMPT, texts[i]) for i in to_student], max_tokens=20,
-        progress=lambda it, total: tqdm(it, total=total, desc=f"{label}: {student_model}", unit="req", leave=False))))
-    thr = None
-    if artifact is not None and artifact.calibration is not None:
-        res = artifact.calibration.get(TASK, STUDENT)
-        thr = res.threshold if res is not None else None
-    ref_in = b77.approx_tokens(SYSTEM_PROMPT) + 4
-    total = {"cost": 0.0, "reference_cost": 0.0, "correct": 0, "reference_correct": 0, "student_answered": 0,
-             "student_tried": len(to_student), "escalations": 0}
+        x = encoder_for(artifact.encoder, encoder).encode(texts)  # the variant the version was fitted on
+        prior = artifact.router.predict_proba(x, np.full(len(texts), t))
+    cal = artifact.calibration.get(TASK, STUDENT) if artifact is not None and artifact.calibration else None
+    confidence = artifact.confidence if artifact is not None else ConfidenceSet()
+    costs = {k: TierCost(input_per_million=i, output_per_million=o) for k, (i, o) in PRICES.items()}
+    student_tier = TierEndpoint(name=STUDENT, served_model_name=student_model, base_url=student,
+                                cost=costs[STUDENT], timeout_seconds=120)
+    tiers = [TierInfo(STUDENT, student_model, costs[STUDENT]), TierInfo(REFERENCE, "banking77-oracle",
+                                                                        costs[REFERENCE])]
+
+    async def run_all():
+        ports = [TierClient(student_tier, max_connections=concurrency), OraclePort({q.text: q.label for q in queries})]
+        engine = CascadeEngine(tiers, ports)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(i):
+            req = parse_chat({"messages": messages_for(SYSTEM_PROMPT, texts[i]), "temperature": 0, "max_tokens": 20})
+            plan = make_plan(None if prior is None else prior[i], quality_target, [cal, None], [True, True], 1,
+                             explore=True)
+            async with gate:
+                return await engine.run(req, TASK, True, plan, confidence)
+
+        try:
+            tasks = [asyncio.ensure_future(one(i)) for i in range(len(texts))]
+            for f in tqdm(asyncio.as_completed(tasks), total=len(tasks), desc=f"{label}: {student_model}",
+                          unit="req", leave=False):
+                await f
+            return [t.result() for t in tasks]
+        finally:
+            await ports[0].close()
+
+    outcomes = asyncio.run(run_all())
+    total = {"cost": 0.0, "reference_cost": 0.0, "correct": 0, "student_answered": 0, "student_tried": 0}
     signals = []
     now = time.time()
-    for i, q in enumerate(queries):
+    for i, (q, out) in enumerate(zip(queries, outcomes)):
         rid = uuid.uuid4().hex
-        attempts = []
-        final = None
-        in_tok, out_tok = ref_in + b77.approx_tokens(q.text), b77.approx_tokens(q.label)
-        ref_cost = cost(REFERENCE, in_tok, out_tok)
-        total["reference_cost"] += ref_cost
-        total["reference_correct"] += 1  # the oracle stand-in answers the gold label
-        if i in answers:
-            a = answers[i]
-            prior = None if pred is None else float(pred[i, 0])
-            feats = answer_features(a.token_logprobs, True, prior)
-            score = (artifact.confidence.score(TASK, STUDENT, feats) if artifact is not None
-                     else float("nan"))
-            ok = not a.error and accept(score, thr, False)
-            attempts.append(TierAttempt(tier=STUDENT, model=student_model, predicted=prior, score=score,
-                                        threshold=thr, accepted=ok, response=a.text, input_tokens=a.input_tokens,
-                                        output_tokens=a.output_tokens,
-                                        cost_usd=cost(STUDENT, a.input_tokens, a.output_tokens), error=a.error))
-            signals.append({"request_id": rid, "task": TASK, "query": q.text, "tier": STUDENT, "model": student_model,
-                            "answer": a.text, "target": q.label, "acceptable": matches(a.text, q.label),
-                            "token_logprobs": a.token_logprobs})
-            if ok:
-                final = (STUDENT, a.text)
-        if final is None:
-            attempts.append(TierAttempt(tier=REFERENCE, model="banking77-oracle", accepted=True, response=q.label,
-                                        input_tokens=in_tok, output_tokens=out_tok, cost_usd=ref_cost))
-            final = (REFERENCE, q.label)
-        ev_cost = sum(a.cost_usd for a in attempts)
-        total["cost"] += ev_cost
-        total["correct"] += matches(final[1], q.label)
-        total["student_answered"] += final[0] == STUDENT
-        total["escalations"] += len(attempts) - 1
+        ref = out.attempts[-1] if out.attempts and out.attempts[-1].tier == REFERENCE else None
+        ref_tokens = (ref.input_tokens, ref.output_tokens) if ref else (
+            b77_tokens(SYSTEM_PROMPT, q.text), b77_tokens("", q.label))
+        total["reference_cost"] += cost(REFERENCE, *ref_tokens)
+        first = out.attempts[0] if out.attempts else None
+        if first is not None and first.tier == STUDENT:
+            total["student_tried"] += 1
+            if first.error is None:
+                signals.append({"request_id": rid, "task": TASK, "query": q.text, "tier": STUDENT,
+                                "model": student_model, "answer": first.response or "", "target": q.label,
+                                "acceptable": matches(first.response or "", q.label),
+                                "token_logprobs": token_logprobs_of(out, STUDENT)})
+        final = None if out.final is None else tiers[out.final].name
+        answer = out.answers.get(final, "") if final else ""
+        event_cost = sum(a.cost_usd for a in out.attempts)
+        total["cost"] += event_cost
+        total["correct"] += bool(final) and matches(answer or "", q.label)
+        total["student_answered"] += final == STUDENT
         if writer is not None:
             writer.submit(RoutingEvent(request_id=rid, time=now + i * 1e-3, policy="banking77", task=TASK,
                                        query=q.text, router_version=getattr(artifact, "version", None),
-                                       attempts=attempts, final_tier=final[0], escalations=len(attempts) - 1,
-                                       cost_usd=ev_cost, shadow=True, explored=True))
-            if attempts[0].tier == STUDENT:  # shadow label: the student's answer compared with the reference's
+                                       attempts=out.attempts, final_tier=final, escalations=out.escalations,
+                                       outcome=out.outcome, cost_usd=event_cost, shadow=True, explored=True))
+            if first is not None and first.tier == STUDENT and first.error is None:  # shadow label vs the reference
                 writer.submit(FeedbackEvent(request_id=rid, time=now + i * 1e-3 + 1e-4, tier=STUDENT,
-                                            accepted=matches(attempts[0].response, q.label), source="shadow",
+                                            accepted=matches(first.response or "", q.label), source="shadow",
                                             reference_response=q.label))
     n = len(queries)
     return {
         "queries": n,
         "quality": round(total["correct"] / n, 4),
-        "quality_ratio": round((total["correct"] / n) / (total["reference_correct"] / n), 4),
+        "quality_ratio": round(total["correct"] / n, 4),  # the oracle stand-in is always right: ratio = accuracy
         "cost_usd": round(total["cost"], 6),
         "reference_cost_usd": round(total["reference_cost"], 6),
         "cost_reduction": round(1 - total["cost"] / total["reference_cost"], 4),
@@ -228,6 +269,17 @@ def route(queries: list[Any], student: Any, student_model: str, artifact: Any, e
         "student_model": student_model,
         "_signals": signals,
     }
+
+
+def b77_tokens(system: str, text: str) -> int:
+    from routenlp.local import banking77 as b77
+
+    return (b77.approx_tokens(system) + 4 if system else 0) + b77.approx_tokens(text)
+
+
+def token_logprobs_of(outcome: Any, tier: str) -> list[float]:
+    """The token logprobs the engine scored for `tier`'s answer (kept for the evaluate stage's signals)."""
+    return list(outcome.logprobs.get(tier) or [])
 
 
 # ------------------------------------------------------------------------------------------------ stages (CLI)
@@ -251,15 +303,147 @@ def stage(args: list[str], timings: Timings, name: str, quiet: bool, threads: in
     return json.loads(Path(summary["manifest"]).read_text())
 
 
+MODES = ("targeted", "untargeted")
+
+
+@dataclass
+class Bench:
+    """What the stages of one bench run share: settings, the work folder, the running vLLM server, timings."""
+
+    s: Settings
+    work: Path
+    server: Any
+    model: Path
+    encoder: Any
+    timings: Timings
+    quiet: bool
+    tag: str
+    held_q: list[Any]
+
+    def stage(self, args: list[str], name: str) -> dict[str, Any]:
+        return stage(args, self.timings, name, self.quiet, self.s.threads)
+
+    def policy(self, risk_level: float) -> list[str]:
+        """The policy flags retrain and calibrate share."""
+        s = self.s
+        return ["--events", str(self.work / "events"), "--artifact-dir", str(self.work / "router-artifacts"),
+                "--teacher-tier", REFERENCE, "--tiers", STUDENT, REFERENCE, "--quality-target", str(s.quality_target),
+                "--risk-level", str(risk_level), "--risk-measure", s.risk_measure, "--delta", str(s.delta),
+                "--max-escalations", "1", "--system-prompt", SYSTEM_PROMPT]
+
+    def at_floor(self, base_version: str, signals: Path, name: str) -> tuple[str, dict[str, Any]]:
+        """The same router weights recalibrated for the bench's quality floor (RoutingPolicy tasks[].qualityFloor:
+        the binding floor, certified under allRequests): every arm is judged at this one quality level."""
+        version = f"{base_version}-floor"
+        m = self.stage(["calibrate", *self.policy(self.s.risk_level), "--risk-measure", ALL_REQUESTS,
+                        "--quality-floors", json.dumps({TASK: self.s.quality_floor}), "--signals", str(signals),
+                        "--base-version", base_version, "--version", version,
+                        "--out", str(self.work / f"calibrate-{base_version}")], f"calibrate_{name}")
+        return version, m
+
+    def route(self, queries: list[Any], model_name: str, artifact_dir: Path | None, version: str | None, label: str,
+              writer: Any = None) -> dict[str, Any]:
+        from routenlp.router.artifacts import load_artifact
+
+        t0 = time.perf_counter()
+        art = load_artifact(artifact_dir, version) if version else None
+        out = route(queries, self.server.base_url, model_name, art, self.encoder, writer, self.s.quality_target, label)
+        self.timings.add(f"route_{label}", t0)
+        return out
+
+
+def _suffix(round_: int) -> str:
+    """Names of round 1 are those a single-round bench always had; later rounds add -rN."""
+    return "" if round_ == 1 else f"-r{round_}"
+
+
+def arm_round(b: Bench, mode: str, round_: int, cluster_dir: Path, previous: dict[str, Any] | None) -> dict[str, Any]:
+    """One round of one arm: distill (continuing the arm's previous adapter) -> load into the running server ->
+    evaluate (against the previous adapter) -> retrain (the policy's risk level) -> recalibrate for the quality floor
+    -> publish -> route the held-out traffic with both router versions."""
+    s, work = b.s, b.work
+    sfx = _suffix(round_)
+    key = f"{mode}{sfx.replace('-', '_')}"
+    name = f"b77-{mode}{sfx}"
+    ddir = work / f"distill-{mode}{sfx}"
+    init = ["--init-adapter", str(previous["adapter_dir"])] if previous else []
+    d = b.stage(["distill", "--clusters", str(cluster_dir), "--out", str(ddir), "--base-model", str(b.model),
+                 "--adapter-name", name, "--mode", mode, "--top-clusters", str(s.top_clusters),
+                 "--samples-per-cluster", str(s.samples_per_cluster), "--budget-split", s.budget_split,
+                 "--outside-holdout", str(s.outside_holdout), "--system-prompt", SYSTEM_PROMPT, "--r", str(s.r),
+                 "--alpha", str(s.alpha), "--steps", str(s.steps), "--batch-size", str(s.batch_size),
+                 "--learning-rate", str(s.learning_rate), "--seed", str(s.seed), "--checkpoint-every", "20", "--quiet",
+                 "--top-layers", str(s.top_layers), "--target-modules", *s.target_modules, *init], f"distill_{key}")
+    t0 = time.perf_counter()
+    b.server.load_lora(name, ddir / "adapter")  # into the RUNNING server
+    b.timings.add(f"load_adapter_{key}", t0)
+    ev = b.stage(["evaluate", "--distill", str(ddir), "--out", str(work / f"evaluate-{mode}{sfx}"), "--student-url",
+                  b.server.base_url, "--student-model", previous["model"] if previous else "smollm2-135m",
+                  "--adapter-model", name], f"evaluate_{key}")
+    # the adapter trained on every earlier round's pairs too: none of them may be probed
+    exclude = work / f"exclude-{mode}{sfx}.jsonl"
+    exclude.write_text("".join(p.read_text() for p in [*(previous or {}).get("train", []), ddir / "train.jsonl"]))
+    version = f"v{round_ + 1}-{mode}-{b.tag}"
+    rt = b.stage(["retrain", *b.policy(s.risk_level), "--probe", str(s.probe), "--student-tier", STUDENT,
+                  "--seed", str(s.seed), "--student-url", b.server.base_url, "--student-model", name, "--version",
+                  version, "--exclude", str(exclude), "--out", str(work / f"retrain-{mode}{sfx}-{b.tag}")],
+                 f"retrain_{key}")
+    floor_version, fl = b.at_floor(version, work / f"retrain-{mode}{sfx}-{b.tag}" / "signals.jsonl", key)
+    pub = work / "published"
+    pb = b.stage(["publish", "--out", str(work / f"publish-{mode}{sfx}-{b.tag}"), "--adapter", str(ddir / "adapter"),
+                  "--adapter-name", name, "--adapter-to", (pub / "adapters").as_uri(), "--router-version",
+                  str(work / "router-artifacts" / floor_version), "--router-to", (pub / "router").as_uri()],
+                 f"publish_{key}")
+    at_floor = b.route(b.held_q, name, pub / "router", floor_version, key)
+    at_policy = b.route(b.held_q, name, work / "router-artifacts", version, f"{key}_policy")
+    for r in (at_floor, at_policy):
+        r.pop("_signals")
+    return {"round": round_, "adapter": name, "model": name, "adapter_dir": ddir / "adapter",
+            "train": [*(previous or {}).get("train", []), ddir / "train.jsonl"], "version": floor_version,
+            "at_floor": at_floor, "at_policy": at_policy, "distill": d["metrics"], "evaluate": ev["metrics"],
+            "thresholds": {"policy": rt["metrics"]["thresholds"], "floor": fl["metrics"]["thresholds"]},
+            "publish": pb["metrics"]}
+
+
+def log_round(b: Bench, mode: str, round_: int, queries: list[Any], previous: dict[str, Any]) -> Path:
+    """Fresh traffic routed by the arm's previous round (its floor router version and adapter), logged; then the
+    failures logged under that router version are clustered for this round."""
+    from routenlp.router.eventlog import EventLogWriter
+
+    sfx = _suffix(round_)
+    events = b.work / f"events-{mode}{sfx}"
+    shutil.rmtree(events, ignore_errors=True)
+    writer = EventLogWriter(events)
+    b.route(queries, previous["model"], b.work / "published" / "router", previous["version"],
+            f"log_{mode}{sfx.replace('-', '_')}", writer)
+    writer.close()
+    out = b.work / f"cluster-{mode}{sfx}"
+    s = b.s
+    b.stage(["cluster", "--events", str(events), "--out", str(out), "--teacher-tier", REFERENCE, "--student-tier",
+             STUDENT, "--router-version", previous["version"], "--method", s.method, "--max-clusters",
+             str(s.max_clusters), "--min-cluster-size", str(s.min_cluster_size), "--top-clusters", str(s.top_clusters),
+             "--seed", str(s.seed)], f"cluster_{mode}{sfx.replace('-', '_')}")
+    return out
+
+
+def compare(before: dict[str, Any], after: dict[str, Any], control: dict[str, Any]) -> dict[str, Any]:
+    """Targeted versus untargeted cost gains over `before`. The ratio needs a control that saved something: below
+    1 % of the reference cost it would be noise over noise, so the paired difference in points (the same held-out
+    queries in both arms) is the figure then."""
+    g_after = after["cost_reduction"] - before["cost_reduction"]
+    g_control = control["cost_reduction"] - before["cost_reduction"]
+    return {"gain_targeted": round(g_after, 4), "gain_untargeted": round(g_control, 4),
+            "improvement_ratio": round(g_after / g_control, 3) if g_control >= 0.01 else None,
+            "paired_difference_points": round(100 * (after["cost_reduction"] - control["cost_reduction"]), 2),
+            "quality_ratio": {"targeted": after["quality_ratio"], "untargeted": control["quality_ratio"]}}
+
+
 def run_campaign(s: Settings, work: Path, progress: bool = True, server: Any = None) -> dict[str, Any]:
     """Run the campaign in `work`. `server`: a running `VLLMServer` of SmolLM2-135M with runtime LoRA loading (the
     e2e tests share one); None starts one here and stops it at the end."""
-    import numpy as np
-
     from routenlp.local import banking77 as b77
     from routenlp.local.models import ensure_model
     from routenlp.local.vllm import LoRAOptions, VLLMServer
-    from routenlp.router.artifacts import load_artifact
     from routenlp.router.encoder import Encoder
     from routenlp.router.eventlog import EventLogWriter
     from routenlp.trainer.manifest import write_jsonl
@@ -276,7 +460,14 @@ def run_campaign(s: Settings, work: Path, progress: bool = True, server: Any = N
     ranking = random.Random(f"intents-{s.seed}").sample(intents, len(intents))
     log_q = sample_traffic(train, s.log_queries, rng, s.traffic_skew, ranking)
     held_q = sample_traffic(b77.load_split("test"), s.heldout_queries, rng, s.traffic_skew, ranking)
-    events, artifacts, pub = work / "events", work / "router-artifacts", work / "published"
+    # later rounds log fresh traffic (the same queries for both arms), never a query logged before
+    used = {q.text for q in log_q}
+    round_q: dict[int, list[Any]] = {}
+    for r in range(2, s.rounds + 1):
+        round_q[r] = sample_traffic([e for e in train if e.text not in used], s.round_queries or s.log_queries, rng,
+                                    s.traffic_skew, ranking)
+        used |= {q.text for q in round_q[r]}
+    events = work / "events"
 
     t0 = time.perf_counter()
     model = ensure_model("smollm2-135m", quiet=quiet)
@@ -289,6 +480,8 @@ def run_campaign(s: Settings, work: Path, progress: bool = True, server: Any = N
                             scratch_dir=work / "vllm")
         server.start()
     timings.add("vllm_start", t0)
+    b = Bench(s, work, server, Path(model), encoder, timings, quiet, tag, held_q)
+    rounds: list[dict[str, Any]] = []
     try:
         server.chat("warm up", max_tokens=4)
 
@@ -307,117 +500,162 @@ def run_campaign(s: Settings, work: Path, progress: bool = True, server: Any = N
             logged["seconds"] = timings.seconds["log_traffic"]
             (work / "log.json").write_text(json.dumps(logged))
 
-        common = ["--events", str(events), "--artifact-dir", str(artifacts), "--teacher-tier", REFERENCE,
-                  "--tiers", STUDENT, REFERENCE, "--quality-target", str(s.quality_target), "--risk-level",
-                  str(s.risk_level), "--risk-measure", s.risk_measure, "--delta", str(s.delta), "--max-escalations",
-                  "1", "--system-prompt", SYSTEM_PROMPT, "--probe", str(s.probe), "--student-tier", STUDENT,
-                  "--seed", str(s.seed)]
-        # 2. router v1 from the log (the base student's signals were recorded while logging)
-        v1 = stage(["retrain", *common, "--signals", str(work / "signals-base.jsonl"), "--version", f"v1-{tag}",
-                    "--student-model", "smollm2-135m", "--out", str(work / f"retrain-v1-{tag}")],
-                   timings, "retrain_v1", quiet, s.threads)
-        t0 = time.perf_counter()
-        before = route(held_q, server.base_url, "smollm2-135m", load_artifact(artifacts, f"v1-{tag}"), encoder,
-                       quality_target=s.quality_target, label="before")
-        before.pop("_signals")
-        timings.add("route_before", t0)
+        # 2. router v1 from the log (the base student's signals were recorded while logging), at both levels
+        v1 = b.stage(["retrain", *b.policy(s.risk_level), "--probe", str(s.probe), "--student-tier", STUDENT,
+                      "--seed", str(s.seed), "--signals", str(work / "signals-base.jsonl"), "--version", f"v1-{tag}",
+                      "--student-model", "smollm2-135m", "--out", str(work / f"retrain-v1-{tag}")], "retrain_v1")
+        v1_floor, v1_fl = b.at_floor(f"v1-{tag}", work / "signals-base.jsonl", "v1")
+        before = {"at_floor": b.route(held_q, "smollm2-135m", work / "router-artifacts", v1_floor, "before"),
+                  "at_policy": b.route(held_q, "smollm2-135m", work / "router-artifacts", f"v1-{tag}",
+                                       "before_policy")}
+        for r in before.values():
+            r.pop("_signals")
 
-        # 3. cluster the escalation failures
-        cl = stage(["cluster", "--events", str(events), "--out", str(work / "cluster"), "--teacher-tier", REFERENCE,
-                    "--student-tier", STUDENT, "--method", s.method, "--max-clusters", str(s.max_clusters), "--min-cluster-size",
-                    str(s.min_cluster_size), "--top-clusters", str(s.top_clusters), "--seed", str(s.seed)],
-                   timings, "cluster", quiet, s.threads)
+        # 3. cluster the escalation failures of the log
+        b.stage(["cluster", "--events", str(events), "--out", str(work / "cluster"), "--teacher-tier", REFERENCE,
+                 "--student-tier", STUDENT, "--method", s.method, "--max-clusters", str(s.max_clusters),
+                 "--min-cluster-size", str(s.min_cluster_size), "--top-clusters", str(s.top_clusters),
+                 "--seed", str(s.seed)], "cluster")
 
-        runs = {}
-        for mode in ("targeted", "untargeted"):
-            name = f"b77-{mode}"
-            d = stage(["distill", "--clusters", str(work / "cluster"), "--out", str(work / f"distill-{mode}"),
-                       "--base-model", str(model), "--adapter-name", name, "--mode", mode, "--top-clusters",
-                       str(s.top_clusters), "--samples-per-cluster", str(s.samples_per_cluster), "--outside-holdout",
-                       str(s.outside_holdout), "--system-prompt", SYSTEM_PROMPT, "--r", str(s.r), "--alpha",
-                       str(s.alpha), "--steps", str(s.steps), "--batch-size", str(s.batch_size), "--learning-rate",
-                       str(s.learning_rate), "--seed", str(s.seed), "--checkpoint-every", "20", "--quiet",
-                       "--top-layers", str(s.top_layers), "--target-modules", *s.target_modules],
-                      timings, f"distill_{mode}", quiet, s.threads)
-            t0 = time.perf_counter()
-            server.load_lora(name, work / f"distill-{mode}" / "adapter")  # into the RUNNING server
-            timings.add(f"load_adapter_{mode}", t0)
-            ev = stage(["evaluate", "--distill", str(work / f"distill-{mode}"), "--out", str(work / f"evaluate-{mode}"),
-                        "--student-url", server.base_url, "--student-model", "smollm2-135m", "--adapter-model", name],
-                       timings, f"evaluate_{mode}", quiet, s.threads)
-            version = f"v2-{mode}-{tag}"
-            rt = stage(["retrain", *common, "--student-url", server.base_url, "--student-model", name, "--version",
-                        version, "--exclude", str(work / f"distill-{mode}" / "train.jsonl"),
-                        "--out", str(work / f"retrain-{mode}-{tag}")],
-                       timings, f"retrain_{mode}", quiet, s.threads)
-            pb = stage(["publish", "--out", str(work / f"publish-{mode}-{tag}"), "--adapter",
-                        str(work / f"distill-{mode}" / "adapter"), "--adapter-name", name, "--adapter-to",
-                        (pub / "adapters").as_uri(), "--router-version", str(artifacts / version), "--router-to",
-                        (pub / "router").as_uri()], timings, f"publish_{mode}", quiet, s.threads)
-            t0 = time.perf_counter()
-            after = route(held_q, server.base_url, name, load_artifact(pub / "router", version), encoder,
-                          quality_target=s.quality_target, label=mode)
-            after.pop("_signals")
-            timings.add(f"route_{mode}", t0)
-            runs[mode] = {"distill": d["metrics"], "evaluate": ev["metrics"], "retrain": rt["metrics"],
-                          "publish": pb["metrics"], "route": after}
+        # 4. rounds: each arm learns from the failures of its own previous round
+        previous: dict[str, Any] = {m: None for m in MODES}
+        for r in range(1, s.rounds + 1):
+            this: dict[str, Any] = {"round": r}
+            for mode in MODES:
+                cdir = work / "cluster" if r == 1 else log_round(b, mode, r, round_q[r], previous[mode])
+                this[mode] = arm_round(b, mode, r, cdir, previous[mode])
+                this[mode]["clusters"] = cluster_figures(cdir, s.top_clusters)
+                previous[mode] = this[mode]
+            rounds.append(this)
     finally:
         if own_server:
             t0 = time.perf_counter()
             server.stop()
             timings.add("vllm_stop", t0)
+    return report(s, b, logged, log_q, before, rounds, {"v1": v1["metrics"]["thresholds"],
+                                                         "v1_floor": v1_fl["metrics"]["thresholds"]},
+                  time.perf_counter() - t_all)
 
-    def gain(r: dict[str, Any]) -> float:
-        return r["cost_reduction"] - before["cost_reduction"]
 
-    after, control = runs["targeted"]["route"], runs["untargeted"]["route"]
-    ratio = round(gain(after) / gain(control), 3) if gain(control) > 1e-9 else None
-    clusters = json.loads((work / "cluster" / "clusters.json").read_text())
+def cluster_figures(cdir: Path, top: int) -> dict[str, Any]:
+    c = json.loads((cdir / "clusters.json").read_text())
+    total = c.get("total_cost_usd") or 0.0
+    return {"k": c["clustering"].get("k"), "failures": c["failures"], "cost_cover_80": c.get("cost_cover_80"),
+            "top_cost_share": round(sum(x["cost_usd"] for x in c["clusters"][:top]) / total, 4) if total else None,
+            "top": [{k: x[k] for k in ("id", "size", "cost_usd", "escalation_rate", "examples")}
+                    for x in c["clusters"][:top]]}
+
+
+def report(s: Settings, b: Bench, logged: dict[str, Any], log_q: list[Any], before: dict[str, Any],
+           rounds: list[dict[str, Any]], v1_thresholds: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The bench's JSON: the matched-quality (floor) comparison first, per round; the policy-risk one as secondary."""
+    arm_keys = ("distill", "evaluate", "thresholds", "clusters")
+
+    def figures(level: str) -> list[dict[str, Any]]:
+        return [{"round": x["round"], "after": x["targeted"][level], "control": x["untargeted"][level],
+                 **compare(before[level], x["targeted"][level], x["untargeted"][level])} for x in rounds]
+
+    floor, policy = figures("at_floor"), figures("at_policy")
+    last, first = rounds[-1], rounds[0]
     return {
         "workload": {"data": "BANKING77 (CC BY 4.0)", "log_queries": s.log_queries, "heldout_queries": s.heldout_queries,
-                     "log_from": "train split", "heldout_from": "test split",
+                     "round_queries": s.round_queries or s.log_queries, "log_from": "train split",
+                     "heldout_from": "test split",
                      "intent_mix": "uniform sample" if s.traffic_skew <= 0 else f"Zipf({s.traffic_skew}) over intents",
                      "distinct_intents": {"log": len({q.label for q in log_q}),
-                                          "heldout": len({q.label for q in held_q})}},
+                                          "heldout": len({q.label for q in b.held_q})}},
         "portfolio": {STUDENT: "SmolLM2-135M-Instruct on vLLM (CPU), LoRA adapters loaded at runtime",
                       REFERENCE: "banking77-oracle: oracle-quality stand-in for a frontier model (gold labels)",
                       "prices_usd_per_million": {k: {"input": v[0], "output": v[1]} for k, v in PRICES.items()}},
         "settings": s.__dict__,
+        "quality_floor": s.quality_floor,
         "log": {k: v for k, v in logged.items() if not k.startswith("_")},
-        "before": before,
-        "after": after,
-        "control": control,
-        "improvement_ratio": ratio,
-        "cost_improvement": {"targeted": round(gain(after), 4), "untargeted": round(gain(control), 4)},
-        "clusters": {"k": clusters["clustering"].get("k"), "failures": clusters["failures"],
-                     "top": [{k: c[k] for k in ("id", "size", "cost_usd", "escalation_rate", "examples")}
-                             for c in clusters["clusters"][: s.top_clusters]]},
+        # matched quality: every router version recalibrated for the quality floor
+        "before": before["at_floor"],
+        "after": last["targeted"]["at_floor"],
+        "control": last["untargeted"]["at_floor"],
+        "improvement_ratio": floor[-1]["improvement_ratio"],
+        "paired_difference_points": floor[-1]["paired_difference_points"],
+        "meets_floor": {"before": before["at_floor"]["quality_ratio"] >= s.quality_floor,
+                        **{m: last[m]["at_floor"]["quality_ratio"] >= s.quality_floor for m in MODES}},
+        "rounds": [{"round": f["round"], "at_floor": {k: v for k, v in f.items() if k not in ("after", "control")},
+                    "at_policy_risk": {k: v for k, v in p.items() if k not in ("after", "control")},
+                    **{m: {"at_floor": x[m]["at_floor"], "at_policy_risk": x[m]["at_policy"],
+                           **{k: x[m][k] for k in arm_keys}} for m in MODES}}
+                   for f, p, x in zip(floor, policy, rounds)],
+        # secondary: the routers as the policy's own risk level calibrates them (the earlier definition)
+        "at_policy_risk": {"risk_level": s.risk_level, "before": before["at_policy"],
+                           "after": last["targeted"]["at_policy"], "control": last["untargeted"]["at_policy"],
+                           "improvement_ratio": policy[-1]["improvement_ratio"],
+                           "paired_difference_points": policy[-1]["paired_difference_points"]},
+        "cost_improvement": {"targeted": floor[-1]["gain_targeted"], "untargeted": floor[-1]["gain_untargeted"]},
+        "clusters": first["targeted"]["clusters"],
         "per_cluster_student_accuracy": {
-            mode: {"before": runs[mode]["evaluate"]["per_cluster_before"],
-                   "after": runs[mode]["evaluate"]["per_cluster_after"]} for mode in runs},
-        "evaluation": {mode: {k: runs[mode]["evaluate"][k] for k in
-                              ("passed", "quality_before", "quality_after", "quality_gain", "outside_before",
-                               "outside_after", "regression", "reasons")} for mode in runs},
-        "distill": {mode: {k: runs[mode]["distill"].get(k) for k in
-                           ("train_pairs", "steps", "loss_first", "loss_last", "seconds_per_step")} for mode in runs},
-        "thresholds": {f"v1-{tag}": v1["metrics"]["thresholds"],
-                       **{f"v2-{m}-{tag}": runs[m]["retrain"]["thresholds"] for m in runs}},
-        "stage_seconds": timings.seconds,
-        "total_seconds": round(time.perf_counter() - t_all, 1),
+            m: {"before": first[m]["evaluate"]["per_cluster_before"],
+                "after": first[m]["evaluate"]["per_cluster_after"]} for m in MODES},
+        "evaluation": {m: {k: first[m]["evaluate"][k] for k in
+                           ("passed", "quality_before", "quality_after", "quality_gain", "outside_before",
+                            "outside_after", "regression", "reasons")} for m in MODES},
+        "distill": {m: {k: first[m]["distill"].get(k) for k in
+                        ("train_pairs", "pairs_per_cluster", "steps", "loss_first", "loss_last", "seconds_per_step")}
+                    for m in MODES},
+        "thresholds": v1_thresholds,
+        "stage_seconds": b.timings.seconds,
+        "total_seconds": round(seconds, 1),
         "machine": {"cpus": os.cpu_count()},
         "command": "routenlp bench campaign",
     }
 
 
+def plot_rounds(r: dict[str, Any], path: Path) -> Path:
+    """Cost reduction and quality ratio per round for both arms (round 0: router v1, the base student), with the
+    quality floor every router version was calibrated for."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [0] + [x["round"] for x in r["rounds"]]
+    fig, (ax_cost, ax_q) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, style in (("targeted", "o-"), ("untargeted", "s--")):
+        cost = [r["before"]["cost_reduction"]] + [x[mode]["at_floor"]["cost_reduction"] for x in r["rounds"]]
+        qual = [r["before"]["quality_ratio"]] + [x[mode]["at_floor"]["quality_ratio"] for x in r["rounds"]]
+        ax_cost.plot(xs, cost, style, label=mode)
+        ax_q.plot(xs, qual, style, label=mode)
+    ax_q.axhline(r["quality_floor"], color="grey", lw=1, ls=":", label=f"floor {r['quality_floor']}")
+    ax_cost.set(xlabel="round", ylabel="cost reduction vs always-reference", xticks=xs)
+    ax_q.set(xlabel="round", ylabel="held-out quality ratio", xticks=xs)
+    for ax in (ax_cost, ax_q):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"routenlp bench campaign: routers calibrated for quality floor {r['quality_floor']}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def table(r: dict[str, Any]) -> str:
-    rows = [("before (router v1, base student)", r["before"]), ("after (targeted adapter, router v2)", r["after"]),
-            ("control (untargeted adapter)", r["control"])]
-    out = ["| run | quality ratio | cost reduction | student share |", "| --- | --- | --- | --- |"]
-    out += [f"| {n} | {x['quality_ratio']:.3f} | {x['cost_reduction']:.3f} | {x['student_share']:.3f} |" for n, x in rows]
-    ratio = r["improvement_ratio"]
-    out += ["", f"improvement ratio (targeted / untargeted cost improvement): "
-            f"{'n/a (control improved nothing)' if ratio is None else ratio}  [paper claims >= 2]", "",
-            "per-cluster student accuracy on held-out cluster queries (before -> after):"]
+    floor = r["quality_floor"]
+    out = [f"routers calibrated for quality floor {floor} (matched quality):", "",
+           "| run | quality ratio | cost reduction | student share |", "| --- | --- | --- | --- |",
+           f"| before (router v1, base student) | {r['before']['quality_ratio']:.3f} | "
+           f"{r['before']['cost_reduction']:.3f} | {r['before']['student_share']:.3f} |"]
+    for x in r["rounds"]:
+        for mode in MODES:
+            f = x[mode]["at_floor"]
+            out.append(f"| round {x['round']} {mode} | {f['quality_ratio']:.3f} | {f['cost_reduction']:.3f} | "
+                       f"{f['student_share']:.3f} |")
+    out.append("")
+    for x in r["rounds"]:
+        for level in ("at_floor", "at_policy_risk"):
+            c = x[level]
+            ratio = c["improvement_ratio"]
+            out.append(f"round {x['round']} {level}: improvement ratio "
+                       f"{'n/a (control saved < 1 %)' if ratio is None else ratio}, targeted - untargeted "
+                       f"{c['paired_difference_points']:+.2f} points  [paper claims >= 2]")
+    out += ["", "per-cluster student accuracy on held-out cluster queries, round 1 (before -> after):"]
     for mode, pc in r["per_cluster_student_accuracy"].items():
         out.append(f"  {mode}: " + ", ".join(f"c{c}: {pc['before'][c]:.2f}->{pc['after'].get(c, 0):.2f}"
                                              for c in pc["before"]))
@@ -432,9 +670,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--small", action="store_true", help="the short variant (used by the e2e test)")
     p.add_argument("--work", help="working directory (default: a temporary one, removed afterwards)")
+    p.add_argument("--plot", help="PNG of cost and quality per round (default: campaign-rounds.png in --work)")
     p.add_argument("--steps", type=int, help="override LoRA steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per stage (0: torch's default)")
+    p.add_argument("--rounds", type=int, help="campaign rounds of both arms (default 1)")
+    p.add_argument("--round-queries", type=int, help="fresh queries logged before each later round")
+    p.add_argument("--quality-floor", type=float,
+                   help="quality ratio every router version is recalibrated for (default 0.95; --small 0.8)")
+    p.add_argument("--budget-split", choices=("cost", "equal"), help="pair budget over the top clusters")
+    p.add_argument("--top-clusters", type=int, help="clusters distilled (clustering.topClusters)")
     p.add_argument("--risk-level", type=float, help="policy riskLevel (alpha) of the student tier's threshold")
     p.add_argument("--risk-measure", choices=RISK_MEASURES,
                    help="policy riskMeasure: what riskLevel bounds (default allRequests)")
@@ -445,23 +690,32 @@ def main(argv: list[str]) -> int:
     p.add_argument("--probe", type=int, help="logged queries the retrained student is probed on")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    s = SMALL if args.small else Settings()
+    s = replace(SMALL if args.small else Settings())
     s.threads = args.threads
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     s.seed = args.seed
-    for name in ("steps", "risk_level", "risk_measure", "delta", "quality_target", "probe", "traffic_skew"):
+    for name in ("steps", "risk_level", "risk_measure", "delta", "quality_target", "probe", "traffic_skew", "rounds",
+                 "round_queries", "quality_floor", "budget_split", "top_clusters"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
+    if not 1 <= s.rounds <= 10:
+        p.error(f"--rounds: between 1 and 10, got {s.rounds}")
+    if not 0 < s.quality_floor < 1:
+        p.error(f"--quality-floor: a quality ratio between 0 and 1, got {s.quality_floor}")
     if args.work:
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
         result = run_campaign(s, work, progress=not args.json)
+        plot = Path(args.plot) if args.plot else work / "campaign-rounds.png"
     else:
         with tempfile.TemporaryDirectory(prefix="routenlp-campaign-") as tmp:
             result = run_campaign(s, Path(tmp), progress=not args.json)
+        plot = Path(args.plot) if args.plot else None
+    if plot is not None:
+        result["plot"] = str(plot_rounds(result, plot))
     result["command"] = "routenlp bench campaign " + " ".join(a for a in argv if a != "--json")
     print(json.dumps(result, default=str) if args.json else table(result))
     return 0

