@@ -3,45 +3,11 @@ trainer (a stage's result is the JSON summary in its terminated container's mess
 
 from __future__ import annotations
 
-import json
 import time
 
+from kube_emulator.campaigns import JOBS, _finish, _job, _setup
 from kube_emulator.harness import wait_for
 from kube_emulator.specs import campaign, policy, tier
-
-JOBS = "/apis/batch/v1"
-
-
-def _setup(cluster, ns: str, student: dict | None = None, **campaign_spec) -> None:
-    cluster.api.create(cluster.cr_path("modeltiers", ns), tier("student", adapterPolicy="AcceptCampaign",
-                                                               **(student or {})))
-    cluster.api.create(cluster.cr_path("modeltiers", ns), tier("teacher"))
-    cluster.api.create(cluster.cr_path("routingpolicies", ns), policy("p", ["student", "teacher"]))
-    wait_for(lambda: cluster.condition("routingpolicies", ns, "p", "TiersResolved"), what="policy")
-    cluster.api.create(cluster.cr_path("distillationcampaigns", ns), campaign("c", "p", "student", "teacher",
-                                                                              **campaign_spec))
-
-
-def _job(cluster, ns: str, name: str) -> dict:
-    return wait_for(lambda: cluster.api.get(f"{JOBS}/namespaces/{ns}/jobs/{name}"), what=f"job {name}")
-
-
-def _finish(cluster, ns: str, name: str, summary: dict | None, ok: bool = True) -> dict:
-    """Play the Job controller + kubelet: a pod whose main container terminated with the stage's summary."""
-    job = _job(cluster, ns, name)
-    main = job["spec"]["template"]["spec"]["containers"][0]["name"]
-    pod = f"{name}-pod"
-    cluster.api.create(f"/api/v1/namespaces/{ns}/pods", {"apiVersion": "v1", "kind": "Pod", "metadata": {
-        "name": pod, "labels": {"job-name": name}}, "spec": {"containers": [{"name": main, "image": "t"}]}})
-    message = "loading...\n" + (json.dumps(summary) if summary is not None else "Traceback: CUDA out of memory")
-    cluster.api.patch(f"/api/v1/namespaces/{ns}/pods/{pod}/status", {"status": {
-        "phase": "Succeeded" if ok else "Failed", "containerStatuses": [{"name": main, "state": {"terminated": {
-            "exitCode": 0 if ok else 1, "message": message}}}]}})
-    cluster.api.patch(f"{JOBS}/namespaces/{ns}/jobs/{name}/status", {"status": {
-        "startTime": "2026-11-27T10:00:00Z", "completionTime": "2026-11-27T10:05:00Z",
-        "conditions": [{"type": "Complete" if ok else "Failed", "status": "True",
-                        **({} if ok else {"reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"})}]}})
-    return job
 
 
 def _phase(cluster, ns: str, phase: str) -> dict:

@@ -55,3 +55,12 @@ def test_a_quality_floor_needs_thresholds_calibrated_for_it(stack_factory):
                        artifacts=[("v1", {"router": None, "calibration": CAL, "metadata": floor})])
     _, h, _ = s2.chat("refund, easy")
     assert h["x-routenlp-tier"] == "small"
+
+
+def test_the_exploration_sample_tries_tiers_off_the_chain(stack_factory):
+    """Logs must show what a tier off a task's chain could do, or no retrain could ever put it on the chain."""
+    s = stack_factory(tasks=intent(chain=["medium", "big"]), shadowSampleRate=1.0,
+                      artifacts=[("v1", {"router": None, "calibration": CAL,
+                                         "metadata": {"chains": {"intent": ["medium", "big"]}}})])
+    code, h, _ = s.chat("refund, hard")
+    assert code == 200 and calls(s)[0] == 1  # small, off the chain, was tried on the exploration sample
