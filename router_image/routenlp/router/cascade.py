@@ -1,18 +1,25 @@
 """Cascade decisions, as pure functions shared by the server (one query) and the offline benchmark (arrays).
 
+Tiers are the portfolio's, ordered cheapest first; the last column is the policy's reference tier. A task's
+**chain** is the subset of tiers its requests may use, as a bool membership mask over the K tiers (`chains.py`
+learns it); its **end** (highest-index member) always answers, as the reference does when the chain is every tier.
+`chain=None` means every tier (the chain ends at the reference).
+
 Rules:
-- start tier: the cheapest tier whose predicted acceptance is at least quality_target x the reference (last) tier's
-  predicted acceptance (`start_tiers`); no prediction -> the cheapest tier.
+- start tier: the cheapest chain member whose predicted acceptance is at least quality_target x the chain end's
+  predicted acceptance (`start_tiers`); no prediction -> the chain's first member.
 - usable tiers: a cheaper tier with no certified threshold for the task can only escalate (it accepts nothing), so
-  calling it costs money for nothing; the plan skips it (`usable`), the reference tier is always usable. The server
+  calling it costs money for nothing; the plan skips it (`usable`), the chain end is always usable. The server
   lets its exploration (shadow) sample try such tiers anyway, to collect labels.
-- attempt plan: from the start tier upwards, skipping tiers whose circuit is open or that are not usable, at most
-  1 + max_escalations attempts; when a limit >= 1 cuts the plan short, the last allowed attempt goes to the highest
-  tier still up (the reference when it is up), so an answer is either accepted by a threshold or comes from the
-  reference.
-- accept: the reference tier always answers; a cheaper tier's answer is accepted iff its threshold is certified and
+- attempt plan: chain members from the start tier upwards, skipping tiers whose circuit is open or that are not
+  usable, at most 1 + max_escalations attempts; when a limit >= 1 cuts the plan short, the last allowed attempt
+  goes to the highest tier still up in the plan (the chain end when it is up), so an answer is either accepted by a
+  threshold or comes from the chain end. When the chain end is down and it is not the last tier, the highest tier
+  of the portfolio above it that is up (the reference when it is up) is appended as the last attempt; its answer is
+  a "fallback" (it is not the task's end and has no threshold for the task).
+- accept: the chain end always answers; a cheaper tier's answer is accepted iff its threshold is certified and
   score >= threshold; otherwise escalate to the next tier of the plan. The last attempt of a plan answers anyway
-  ("fallback" when it is not the reference and was not accepted).
+  ("fallback" when it is not the chain end and was not accepted).
 """
 
 from __future__ import annotations
@@ -23,57 +30,89 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def start_tiers(predicted: np.ndarray, quality_target, usable=None) -> np.ndarray:
-    """(n,) start tier for (n, K) predicted acceptance; quality_target scalar or (n,). Reference tier = last column.
+def _chain_rows(chain, n: int, K: int) -> np.ndarray:
+    """(n, K) bool membership; None -> every tier. A row with no member is an error (a chain must end somewhere)."""
+    if chain is None:
+        return np.ones((n, K), dtype=bool)
+    c = np.broadcast_to(np.asarray(chain, dtype=bool), (n, K))
+    if n and not c.any(axis=1).all():
+        raise ValueError("a chain needs at least one tier")
+    return c
 
-    usable: optional (K,) or (n, K) bool (see `usable_tiers`); the start then moves up to the first usable tier at or
-    above the rule's start, which is exactly where `plan_for` with the same `usable` would begin (so calibration,
-    which skips in the plan, and callers that move the start agree)."""
+
+def chain_ends(chain) -> np.ndarray:
+    """Index of each chain's end (highest member) for a (K,) or (n, K) bool mask."""
+    c = np.asarray(chain, dtype=bool)
+    return c.shape[-1] - 1 - np.argmax(c[..., ::-1], axis=-1)
+
+
+def start_tiers(predicted: np.ndarray, quality_target, usable=None, chain=None) -> np.ndarray:
+    """(n,) start tier for (n, K) predicted acceptance; quality_target scalar or (n,).
+
+    chain: optional (K,) or (n, K) bool membership (default: every tier, ending with the reference = last column).
+    The start is the cheapest chain member whose predicted acceptance >= quality_target x that of the chain end.
+    usable: optional (K,) or (n, K) bool (see `usable_tiers`); the start then moves up to the first usable chain
+    member at or above the rule's start, which is exactly where `plan_for` with the same `usable` would begin (so
+    calibration, which skips in the plan, and callers that move the start agree)."""
     p = np.asarray(predicted, dtype=float)
     if p.ndim == 1:
         p = p[None, :]
-    need = np.asarray(quality_target, dtype=float).reshape(-1, 1) * p[:, -1:]
-    ok = p >= need
-    ok[:, -1] = True  # the reference tier always qualifies
+    n, K = p.shape
+    ch = _chain_rows(chain, n, K)
+    rows = np.arange(n)
+    end = chain_ends(ch) if n else np.zeros(0, dtype=int)
+    need = np.asarray(quality_target, dtype=float).reshape(-1) * p[rows, end]
+    ok = (p >= need[:, None]) & ch
+    ok[rows, end] = True  # the chain end always qualifies
     start = ok.argmax(axis=1)
     if usable is None:
         return start
-    u = np.broadcast_to(np.asarray(usable, dtype=bool), p.shape).copy()
-    u[:, -1] = True
-    u &= np.arange(p.shape[1])[None, :] >= start[:, None]
+    u = np.broadcast_to(np.asarray(usable, dtype=bool), p.shape) & ch
+    u[rows, end] = True
+    u &= np.arange(K)[None, :] >= start[:, None]
     return u.argmax(axis=1)
 
 
 def usable_tiers(thresholds) -> np.ndarray:
     """Bool array shaped like `thresholds` (NaN/None = uncertified): True where the tier may accept, i.e. it has a
-    certified threshold, or it is the reference (last) tier, which always answers."""
+    certified threshold, or it is the reference (last) tier, which always answers. (With chains, `plan_for` and
+    `attempt_plan` also count each chain's end as usable.)"""
     u = ~np.isnan(np.array(thresholds, dtype=float))  # numpy reads None as NaN here
     u[..., -1] = True
     return u
 
 
-def start_tier(predicted: np.ndarray | None, quality_target: float) -> int:
-    """Start tier of one query (see `start_tiers`); None (no router artifact) -> the cheapest tier."""
+def start_tier(predicted: np.ndarray | None, quality_target: float, chain=None) -> int:
+    """Start tier of one query (see `start_tiers`); None (no router artifact) -> the chain's first member."""
     if predicted is None:
-        return 0
-    return int(start_tiers(np.asarray(predicted)[None, :], quality_target)[0])
+        return 0 if chain is None else int(np.argmax(np.asarray(chain, dtype=bool)))
+    return int(start_tiers(np.asarray(predicted)[None, :], quality_target, chain=chain)[0])
 
 
-def plan_for(start: int, n_tiers: int, max_escalations: int, tier_up=None, usable=None) -> list[int]:
+def plan_for(start: int, n_tiers: int, max_escalations: int, tier_up=None, usable=None, chain=None) -> list[int]:
     """Tiers to try, in order, for one query (may be empty when every candidate tier is down).
 
-    usable: optional (K,) bool; False = skip this non-reference tier (it cannot accept). Default: all usable."""
-    up = [True] * n_tiers if tier_up is None else list(tier_up)
+    usable: optional (K,) bool; False = skip this tier (it cannot accept); the chain end is always usable.
+    chain: optional (K,) bool membership (default every tier). Only chain members are tried; when the chain end is
+    down and is not the last tier, the highest tier above it that is up is tried last (a fallback answer)."""
+    up = [True] * n_tiers if tier_up is None else [bool(u) for u in tier_up]
     use = [True] * n_tiers if usable is None else [bool(u) for u in usable]
-    use[-1] = True  # the reference always answers
-    cands = [k for k in range(start, n_tiers) if up[k] and use[k]]
+    members = list(range(n_tiers)) if chain is None else [k for k, c in enumerate(chain) if c]
+    if not members:
+        raise ValueError("a chain needs at least one tier")
+    end = members[-1]
+    use[end] = True  # the chain end always answers
+    cands = [k for k in members if k >= start and up[k] and use[k]]
+    if not up[end]:
+        above = [k for k in range(end + 1, n_tiers) if up[k]]
+        cands += above[-1:]  # a chain that ends below the reference borrows the best tier that is up
     if not cands:
         # No usable tier from the start up is available: an up-but-uncertified tier still beats no answer (fallback).
-        above = [k for k in range(start, n_tiers) if up[k]]
+        above = [k for k in members if k >= start and up[k]]
         if above:
             return above[-1:]
-        # Everything from the start tier up is down: fall back to the highest cheaper tier that is up.
-        lower = [k for k in range(start) if up[k]]
+        # Everything from the start tier up is down: fall back to the highest cheaper member that is up.
+        lower = [k for k in members if k < start and up[k]]
         return lower[-1:] if lower else []
     if max_escalations <= 0:
         return cands[:1]
@@ -82,28 +121,33 @@ def plan_for(start: int, n_tiers: int, max_escalations: int, tier_up=None, usabl
     return cands
 
 
-def attempt_plan(start: np.ndarray, n_tiers: int, max_escalations: int, tier_up=None, usable=None) -> np.ndarray:
+def attempt_plan(start: np.ndarray, n_tiers: int, max_escalations: int, tier_up=None, usable=None,
+                 chain=None) -> np.ndarray:
     """(n, K) bool: tier k is in query i's plan (`plan_for` vectorised over start tiers).
 
-    usable: optional (K,) or (n, K) bool per query (e.g. `usable_tiers(thr_table)[task_ids]`)."""
+    usable: optional (K,) or (n, K) bool per query (e.g. `usable_tiers(thr_table)[task_ids]`); chain: optional
+    (K,) or (n, K) bool membership per query (e.g. `chains[task_ids]`)."""
     start = np.asarray(start, dtype=int)
     n = len(start)
     out = np.zeros((n, n_tiers), dtype=bool)
     use = np.ones((n, n_tiers), dtype=bool) if usable is None else np.broadcast_to(
         np.asarray(usable, dtype=bool), (n, n_tiers))
-    key = np.column_stack([start, use.astype(int)]) if n else np.zeros((0, n_tiers + 1), dtype=int)
+    ch = _chain_rows(chain, n, n_tiers)
+    key = (np.column_stack([start, use.astype(int), ch.astype(int)]) if n
+           else np.zeros((0, 2 * n_tiers + 1), dtype=int))
     combos, inverse = np.unique(key, axis=0, return_inverse=True)
     inverse = np.asarray(inverse).reshape(-1)
     for i, row in enumerate(combos):
-        cols = plan_for(int(row[0]), n_tiers, max_escalations, tier_up, row[1:].astype(bool))
+        cols = plan_for(int(row[0]), n_tiers, max_escalations, tier_up, row[1:n_tiers + 1].astype(bool),
+                        None if chain is None else row[n_tiers + 1:].astype(bool))
         if cols:
             out[np.ix_(inverse == i, cols)] = True
     return out
 
 
-def accept(score: float | None, threshold: float | None, is_reference: bool) -> bool:
-    """Accept a tier's answer? The reference always; otherwise only above a certified threshold."""
-    if is_reference:
+def accept(score: float | None, threshold: float | None, is_end: bool) -> bool:
+    """Accept a tier's answer? The chain's end always; otherwise only above a certified threshold."""
+    if is_end:
         return True
     if threshold is None or score is None or math.isnan(score) or math.isnan(threshold):
         return False
@@ -140,13 +184,14 @@ class CascadeResult:
 
 
 def simulate_cascade(start, scores, quality, costs, thresholds, max_escalations: int, tier_up=None,
-                     latencies=None, skip_uncertified: bool = True) -> CascadeResult:
+                     latencies=None, skip_uncertified: bool = True, chains=None) -> CascadeResult:
     """Run the cascade offline over recorded outcomes, vectorised over queries.
 
     start (n,) int; scores, quality, costs (n, K) per query and tier (cost: what calling that tier costs for that
     query); thresholds (n, K) per query (e.g. `thr_table[task_ids]`), NaN = uncertified (accepts nothing).
     skip_uncertified: uncertified non-reference tiers are not called (as the server does outside its exploration
     sample); False calls them and escalates (the old behaviour, which costs more than always-reference).
+    chains: optional (K,) or (n, K) bool chain membership per query (e.g. `chains[task_ids]`); None = every tier.
     Returns the tier answered, cost paid (all tiers called), quality obtained, escalations, acceptance."""
     scores = np.asarray(scores, dtype=float)
     n, K = scores.shape
@@ -156,7 +201,8 @@ def simulate_cascade(start, scores, quality, costs, thresholds, max_escalations:
     if thr.shape != (n, K):
         thr = np.broadcast_to(thr, (n, K))
     usable = usable_tiers(thr) if skip_uncertified else None
-    plan = attempt_plan(np.asarray(start, dtype=int), K, max_escalations, tier_up, usable)
+    plan = attempt_plan(np.asarray(start, dtype=int), K, max_escalations, tier_up, usable, chains)
+    end = chain_ends(_chain_rows(chains, n, K)) if n else np.zeros(0, dtype=int)
     # Position of each tier in its plan, and the last tier of each plan.
     last = np.where(plan.any(1), K - 1 - np.argmax(plan[:, ::-1], axis=1), -1)
     done = np.zeros(n, dtype=bool)
@@ -174,7 +220,7 @@ def simulate_cascade(start, scores, quality, costs, thresholds, max_escalations:
             lat += np.where(call, np.asarray(latencies, dtype=float)[:, k], 0.0)
         tried += call
         called[:, k] = call
-        accepted_k = call & ((k == K - 1) | ok_score[:, k])
+        accepted_k = call & ((end == k) | ok_score[:, k])
         finish = call & (accepted_k | (last == k))
         tier[finish] = k
         acc_out[finish] = accepted_k[finish]

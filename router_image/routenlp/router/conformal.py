@@ -137,27 +137,39 @@ def ordered_grid(train_scores, train_labels, n_cal: int, risk_level: float, delt
     bad = 1.0 - y
     rng = np.random.default_rng(seed)
     G = len(grid)
-    gain = np.zeros(G)
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(s), n_cal)
-        n_acc = acc[:, idx].sum(1)
-        n_bad = (acc[:, idx] * bad[idx]).sum(1)
-        if risk_measure == ALL_REQUESTS:  # every answer is in the sample; accepting none is risk 0
-            risk, n_obs, defined = n_bad / n_cal, np.full(G, float(n_cal)), np.ones(G, dtype=bool)
-        else:
-            risk = np.where(n_acc > 0, n_bad / np.maximum(n_acc, 1), 1.0)
-            n_obs, defined = np.maximum(n_acc, 1.0), n_acc > 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            p = compute_hoeffding_bentkus_p_value(risk, n_obs.astype(float), risk_level, binary=True)[:, 0]
-        rej = defined & (np.nan_to_num(p, nan=1.0) <= delta)
-        # walk from each start j: the last index of the run of rejections beginning at j (-1 if j is not rejected)
-        last = np.full(G, -1)
-        for j in range(G - 1, -1, -1):
-            if rej[j]:
-                last[j] = last[j + 1] if j + 1 < G and rej[j + 1] else j
-        gain += np.where(last >= 0, n_acc[np.maximum(last, 0)] / n_cal, 0.0)
+    # All bootstrap samples at once (the same draws as one sample at a time): (n_boot, n_cal) indices.
+    idx = rng.integers(0, len(s), (n_boot, n_cal))
+    A = acc[:, idx]  # (G, B, n_cal)
+    n_acc = A.sum(2).T  # (B, G)
+    n_bad = (A * bad[idx][None]).sum(2).T
+    if risk_measure == ALL_REQUESTS:  # every answer is in the sample; accepting none is risk 0
+        risk, n_obs, defined = n_bad / n_cal, np.full(n_acc.shape, float(n_cal)), np.ones(n_acc.shape, dtype=bool)
+    else:
+        risk = np.where(n_acc > 0, n_bad / np.maximum(n_acc, 1), 1.0)
+        n_obs, defined = np.maximum(n_acc, 1.0), n_acc > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = compute_hoeffding_bentkus_p_value(risk.ravel(), n_obs.astype(float).ravel(), risk_level,
+                                              binary=True)[:, 0].reshape(risk.shape)
+    rej = defined & (np.nan_to_num(p, nan=1.0) <= delta)
+    # walk from each start j: the last index of the run of rejections beginning at j (-1 if j is not rejected)
+    last = np.full(rej.shape, -1)
+    for j in range(G - 1, -1, -1):
+        nxt = last[:, j + 1] if j + 1 < G else np.full(len(rej), -1)
+        last[:, j] = np.where(rej[:, j], np.where(nxt >= 0, nxt, j), -1)
+    reached = np.take_along_axis(n_acc, np.maximum(last, 0), axis=1)
+    gain = np.where(last >= 0, reached / n_cal, 0.0).sum(0)
     start = int(np.argmax(gain))  # first maximum = strictest among ties
     return grid[start:]
+
+
+def _paired(a, b, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two arrays of one length, flattened, without the pairs where either is NaN (unknown)."""
+    x = np.asarray(a, dtype=float).reshape(-1)
+    y = np.asarray(b, dtype=float).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"{what} differ in length: {x.shape} vs {y.shape}")
+    keep = ~(np.isnan(x) | np.isnan(y))
+    return x[keep], y[keep]
 
 
 class _Scores:
@@ -185,12 +197,8 @@ def calibrate_threshold(scores, labels, risk_level: float, delta: float, min_sam
 
     if not 0 < risk_level < 1 or not 0 < delta < 1:
         raise ValueError(f"risk_level and delta must be in (0, 1); got {risk_level}, {delta}")
-    s = np.asarray(scores, dtype=float).reshape(-1)
-    y = np.asarray(labels, dtype=float).reshape(-1)
-    if s.shape != y.shape:
-        raise ValueError(f"scores and labels differ in length: {s.shape} vs {y.shape}")
-    keep = ~(np.isnan(s) | np.isnan(y))
-    s, y = np.clip(s[keep], 0.0, 1.0), y[keep].astype(int)
+    s, y = _paired(scores, labels, "scores and labels")
+    s, y = np.clip(s, 0.0, 1.0), y.astype(int)
     n = int(len(s))
     if n < max(min_samples, 1):
         return ThresholdResult(None, n, 0, None, False)
@@ -230,21 +238,24 @@ def calibrate_threshold(scores, labels, risk_level: float, delta: float, min_sam
     return ThresholdResult(float(thr), n, n_acc, emp, True)
 
 
-def calibrate_cascade(task_ids, start, scores, labels, n_tasks: int, risk_level: float, delta: float,
-                      min_samples: int, max_escalations: int, tier_up=None, grid=None, *, grids=None,
-                      fwer: str = "holm", n_starts: int = 1, train=None,
-                      skip_uncertified: bool = True,
-                      risk_measure: str = ACCEPTED_ANSWERS) -> list[list[ThresholdResult]]:
+def calibrate_cascade(task_ids, start, scores, labels, n_tasks: int, risk_level, delta, min_samples: int,
+                      max_escalations: int, tier_up=None, grid=None, *, grids=None, fwer: str = "holm",
+                      n_starts: int = 1, train=None, skip_uncertified: bool = True,
+                      risk_measure: str = ACCEPTED_ANSWERS, chains=None) -> list[list[ThresholdResult]]:
     """Sequential calibration over the cascade: result[task][tier].
 
     Arrays over calibration queries: task_ids (n,), start (n,) start tier from the router's start rule,
     scores (n, K) confidence of each tier's answer, labels (n, K) 1 = acceptable (NaN = unknown).
     Tier k of a task is calibrated only on the queries that would reach it at run time: their plan (start tier,
-    tiers that are down or, with skip_uncertified, have no certified threshold for the task, escalation limit:
-    `cascade.attempt_plan`, as `cascade.simulate_cascade` and the server use it) contains k, and the already-fixed
-    thresholds of the tiers tried before k reject them. While k itself is calibrated it is taken as usable (if it
-    ends uncertified it is skipped, and the queries reaching it do not matter). The last (reference) tier is never
-    thresholded: it always answers.
+    the task's chain, tiers that are down or, with skip_uncertified, have no certified threshold for the task,
+    escalation limit: `cascade.attempt_plan`, as `cascade.simulate_cascade` and the server use it) contains k, and
+    the already-fixed thresholds of the tiers tried before k reject them. While k itself is calibrated it is taken
+    as usable (if it ends uncertified it is skipped, and the queries reaching it do not matter). A chain's end (the
+    reference when `chains` is None) is never thresholded: it always answers; tiers off a task's chain stay
+    uncertified for it.
+    risk_level, delta: scalars, or (n_tasks, K) arrays per (task, tier) (e.g. from `floor_risk_levels`); a risk
+    level <= 0 certifies nothing for that (task, tier).
+    chains: optional (n_tasks, K) bool chain membership per task (`chains.learn_chains`); None = every tier.
     grid: one candidate grid for every (task, tier); grids: per-(task, tier) grids, grids[t][k] (array or None =
     `grid`), e.g. `training_grid` of training-split scores. fwer, n_starts: see `calibrate_threshold`.
     train: optional (task_ids, scores (m, K), labels (m, K)) of router-TRAINING queries (disjoint from these); with
@@ -254,36 +265,172 @@ def calibrate_cascade(task_ids, start, scores, labels, n_tasks: int, risk_level:
     labels = np.asarray(labels, dtype=float)
     n, K = scores.shape
     start = np.asarray(start, dtype=int)
+    alpha = np.broadcast_to(np.asarray(risk_level, dtype=float), (n_tasks, K))
+    dlt = np.broadcast_to(np.asarray(delta, dtype=float), (n_tasks, K))
+    ch = np.ones((n_tasks, K), dtype=bool) if chains is None else np.asarray(chains, dtype=bool)
+    end = _cascade.chain_ends(ch)
     usable = np.ones((n_tasks, K), dtype=bool)  # tiers not yet calibrated count as usable (see docstring)
     thresholds = np.full((n_tasks, K), np.nan)
     out: list[list[ThresholdResult]] = [[ThresholdResult(None, 0, 0, None, False)] * K for _ in range(n_tasks)]
     rejected_so_far = np.ones(n, dtype=bool)  # not accepted by any earlier tier
     for k in range(K):
         plan = _cascade.attempt_plan(start, K, max_escalations, tier_up,
-                                     usable[task_ids] if skip_uncertified and n else None)
+                                     usable[task_ids] if skip_uncertified and n else None,
+                                     None if chains is None else ch[task_ids])
         reach = plan[:, k] & rejected_so_far
-        if k < K - 1:
-            for t in range(n_tasks):
-                m = reach & (task_ids == t)
-                g = grids[t][k] if grids is not None and grids[t][k] is not None else grid
-                tr = None
-                if train is not None:
-                    mt = np.asarray(train[0], dtype=int) == t
-                    tr = (np.asarray(train[1], dtype=float)[mt, k], np.asarray(train[2], dtype=float)[mt, k])
-                res = calibrate_threshold(scores[m, k], labels[m, k], risk_level, delta, min_samples, g, fwer,
-                                          n_starts, tr, risk_measure)
-                out[t][k] = res
-                if res.threshold is not None:
-                    thresholds[t, k] = res.threshold
-                usable[t, k] = res.threshold is not None
-        else:
-            for t in range(n_tasks):
-                m = reach & (task_ids == t) & ~np.isnan(labels[:, k])
+        for t in range(n_tasks):
+            if not ch[t, k]:
+                usable[t, k] = False
+                continue
+            m = reach & (task_ids == t)
+            if k == end[t]:
+                m &= ~np.isnan(labels[:, k])
                 out[t][k] = ThresholdResult(None, int(m.sum()), int(m.sum()), None, False)
+                continue
+            if not alpha[t, k] > 0:  # the floor left this tier no room: it accepts nothing
+                out[t][k] = ThresholdResult(None, int(m.sum()), 0, None, False)
+                usable[t, k] = False
+                continue
+            g = grids[t][k] if grids is not None and grids[t][k] is not None else grid
+            tr = None
+            if train is not None:
+                mt = np.asarray(train[0], dtype=int) == t
+                tr = (np.asarray(train[1], dtype=float)[mt, k], np.asarray(train[2], dtype=float)[mt, k])
+            res = calibrate_threshold(scores[m, k], labels[m, k], float(alpha[t, k]), float(dlt[t, k]), min_samples,
+                                      g, fwer, n_starts, tr, risk_measure)
+            out[t][k] = res
+            if res.threshold is not None:
+                thresholds[t, k] = res.threshold
+            usable[t, k] = res.threshold is not None
         thr = thresholds[task_ids, k]
         accepted = reach & ~np.isnan(thr) & (np.nan_to_num(scores[:, k], nan=-1.0) >= np.nan_to_num(thr, nan=2.0))
         rejected_so_far &= ~accepted
     return out
+
+
+# ------------------------------------------------------------------------------------------- the quality floor
+
+
+def clopper_pearson_lower(successes: int, n: int, delta: float) -> float:
+    """One-sided exact (Clopper-Pearson) lower confidence bound at level 1 - delta on a Bernoulli mean; 0 if n == 0."""
+    from scipy.stats import beta
+
+    if n <= 0 or successes <= 0:
+        return 0.0
+    return float(beta.ppf(delta, successes, n - successes + 1))
+
+
+def betting_lower(x, delta: float, grid: int = 2000, seed: int = 0) -> float:
+    """One-sided lower confidence bound at level 1 - delta on the mean of i.i.d. x in [0, 1]: the hedged-capital
+    betting bound of Waudby-Smith & Ramdas (2023, JRSS-B, "Estimating means of bounded random variables by
+    betting"), one-sided. For each candidate mean m the capital prod_i (1 + lam_i (x_i - m)) is a non-negative
+    supermartingale when the mean is <= m (lam_i >= 0 predictable, <= 1/(2m)), so by Ville's inequality it ever
+    reaches 1/delta with probability <= delta; the bound is the smallest m never rejected. lam_i is their
+    predictable plug-in sqrt(2 log(1/delta) / (n sigma_{i-1}^2)). Adapts to the variance (much tighter than
+    Hoeffding for paired differences that are mostly 0). The bets are sequential, so the data are first put in a
+    fixed pseudo-random order (seed `seed`, independent of their values): a sorted input (e.g. rows grouped by
+    source) would otherwise break the i.i.d. order the bound needs."""
+    x = np.clip(np.asarray(x, dtype=float).reshape(-1), 0.0, 1.0)
+    n = len(x)
+    if n == 0:
+        return 0.0
+    x = x[np.random.default_rng(seed).permutation(n)]
+    i = np.arange(1, n + 1)
+    mu = (0.5 + np.cumsum(x)) / (i + 1)
+    var = (0.25 + np.cumsum((x - mu) ** 2)) / (i + 1)
+    var_prev = np.concatenate([[0.25], var[:-1]])
+    lam = np.sqrt(2 * np.log(1 / delta) / (n * var_prev))
+    m = np.linspace(0.0, 1.0, grid + 1)[1:]  # candidate means (m = 0 is never rejected)
+    lam_m = np.minimum(lam[None, :], 0.5 / m[:, None])
+    log_cap = np.cumsum(np.log1p(lam_m * (x[None, :] - m[:, None])), axis=1)
+    rejected = log_cap.max(axis=1) >= np.log(1 / delta)
+    # rejection is monotone in m up to the truncation; the bound is the largest m below which every m is rejected
+    if not rejected[0]:
+        return 0.0
+    return float(m[np.argmin(rejected) - 1]) if not rejected.all() else float(m[-1])
+
+
+@dataclass(frozen=True)
+class FloorRiskLevels:
+    """Per-tier (alpha_k, delta_k) that make a task's quality floor binding (`floor_risk_levels`)."""
+
+    alphas: np.ndarray  # (n_cheaper,) allRequests risk level of each cheaper chain tier (0 = it may accept nothing)
+    deltas: np.ndarray  # (n_cheaper,) LTT delta of each cheaper chain tier
+    lower_bound: float  # L: lower confidence bound on Q_end - floor x Q_ref (0 when there are no labels)
+    bound_delta: float  # the delta L was computed at
+    end_certified: bool  # L >= 0: the chain end's own quality holds the floor (else route the task to the reference)
+    n: int  # paired calibration labels used
+
+    def to_json(self) -> dict:
+        return {"alphas": self.alphas.tolist(), "deltas": self.deltas.tolist(), "lower_bound": self.lower_bound,
+                "bound_delta": self.bound_delta, "end_certified": self.end_certified, "n": self.n}
+
+
+def floor_lower_bound(floor: float, end_labels, ref_labels, delta: float, end_is_reference: bool) -> float:
+    """Lower confidence bound (level 1 - delta) on D = Q_end - floor x Q_ref from paired calibration labels (1 =
+    acceptable) of the chain end and of the reference on the same requests of one task.
+
+    end is the reference: D = (1 - floor) Q_ref, bounded exactly with Clopper-Pearson on Q_ref.
+    otherwise: d_i = y_end,i - floor y_ref,i in [-floor, 1]; `betting_lower` on (d_i + floor) / (1 + floor)."""
+    if not 0 < floor <= 1 or not 0 < delta < 1:
+        raise ValueError(f"floor must be in (0, 1] and delta in (0, 1); got {floor}, {delta}")
+    ye, yr = _paired(end_labels, ref_labels, "end and reference labels")
+    ye, yr = ye >= 0.5, yr >= 0.5
+    if end_is_reference:
+        return (1.0 - floor) * clopper_pearson_lower(int(yr.sum()), len(yr), delta)
+    if not len(ye):
+        return -floor  # nothing known: the end cannot be certified
+    d = ye.astype(float) - floor * yr.astype(float)
+    return (1.0 + floor) * betting_lower((d + floor) / (1.0 + floor), delta) - floor
+
+
+def floor_risk_levels(floor: float, delta: float, end_labels, ref_labels, n_cheaper: int,
+                      end_is_reference: bool, n_bounds: int = 1) -> FloorRiskLevels:
+    """Risk levels that make "the task's quality ratio vs always-reference >= floor" hold with probability
+    >= 1 - delta (docs/guarantee.md, "The quality floor"), under riskMeasure allRequests.
+
+    The task's cascade loses at most sum_k P(reach k) alpha_k <= sum_k alpha_k of quality against its chain end
+    (each request is answered once; fallbacks aside). So if L is a lower confidence bound on Q_end - floor x Q_ref,
+    alphas summing to L hold the floor. delta is split by a union bound into n_bounds + n_cheaper equal parts: the
+    lower bound(s) and one LTT test per cheaper chain tier (n_bounds = 2 when the caller may fall back from a
+    non-reference end to the reference, see `certify_floor`); L is split equally over the n_cheaper tiers.
+    Plain arrays in, so the router can call it for online recalibration: end_labels, ref_labels are paired labels
+    (1 = acceptable, NaN = unknown) of the chain end and the reference on the same random-sample requests."""
+    parts = n_bounds + max(n_cheaper, 0)
+    d = delta / parts
+    lb = floor_lower_bound(floor, end_labels, ref_labels, d, end_is_reference)
+    n = len(_paired(end_labels, ref_labels, "end and reference labels")[0])
+    share = max(lb, 0.0) / n_cheaper if n_cheaper > 0 else 0.0
+    return FloorRiskLevels(np.full(max(n_cheaper, 0), share), np.full(max(n_cheaper, 0), d), float(lb), d,
+                           bool(lb >= 0), n)
+
+
+def certify_floor(floor: float, delta: float, labels, chain, reference: int | None = None):
+    """One task: (chain used, (K,) alphas, (K,) deltas, FloorRiskLevels) for a quality floor.
+
+    labels: (n, K) calibration labels of the task's random-sample requests (the end's and the reference's columns
+    are read); chain: (K,) bool; reference: the reference tier's index (default the last). If the chain's end is
+    not the reference and its own quality cannot be certified to hold the floor (L < 0), the reference is added as
+    the new end (the old end becomes a cheaper tier). delta is pre-split over every bound this may compute (two
+    lower bounds when the end is not the reference, then one test per cheaper tier of the widest chain), so the
+    union bound holds whichever branch the data take. alphas/deltas are 0 off the cheaper tiers."""
+    lab = np.asarray(labels, dtype=float)
+    K = lab.shape[1]
+    ref = K - 1 if reference is None else int(reference)
+    ch = np.asarray(chain, dtype=bool).copy()
+    end = int(_cascade.chain_ends(ch))
+    n_bounds = 1 if end == ref else 2
+    widest = int((ch | (np.arange(K) == ref)).sum()) - 1  # cheaper tiers if the reference becomes the end
+    res = floor_risk_levels(floor, delta, lab[:, end], lab[:, ref], int(ch.sum()) - 1, end == ref,
+                            n_bounds=n_bounds + widest - (int(ch.sum()) - 1))
+    if not res.end_certified and end != ref:
+        ch[ref] = True
+        end = ref
+        res = floor_risk_levels(floor, delta, lab[:, ref], lab[:, ref], int(ch.sum()) - 1, True, n_bounds=n_bounds)
+    alphas, deltas = np.zeros(K), np.zeros(K)
+    cheaper = np.flatnonzero(ch)[:-1]
+    alphas[cheaper], deltas[cheaper] = res.alphas, res.deltas
+    return ch, alphas, deltas, res
 
 
 def thresholds_table(results: list[list[ThresholdResult]]) -> np.ndarray:

@@ -71,3 +71,21 @@ def test_convert_cli_on_the_real_data(shared_data, tmp_path, capsys):
 def test_convert_cli_bad_mode(shared_data, tmp_path, capsys):
     assert D.main(["convert", "financebench", "--out", str(tmp_path / "x.jsonl"), "--mode", "nope"]) == 2
     assert "--mode 'nope'" in capsys.readouterr().err
+
+
+def test_mmlu_entries_that_are_not_records_are_skipped_and_counted():
+    per_model = {"gemini-1.5-pro-002": [_rec("1", "B"), "a stray string", _rec("2", "A")]}
+    skipped: dict = {}
+    rows = D.convert_mmlu_records(per_model, PRICES, skipped=skipped)
+    assert {r["query_id"] for r in rows} == {"1", "2"} and skipped == {"gemini-1.5-pro-002": 1}
+
+
+def test_convert_cli_adds_the_extra_models(shared_data, tmp_path, capsys):
+    out = tmp_path / "mmlu13.jsonl"
+    assert D.main(["convert", "mmlu-pro-model-outputs", "--out", str(out), "--limit", "200",
+                   "--extra", str(shared_data / "mmlu-pro-more-models")]) == 0
+    assert "DeepSeek-Coder-V2: skipped 43 list entries that are not records" in capsys.readouterr().err
+    o = load_outcomes(out, frontier="gemini-1.5-pro-002")
+    assert len(o.models) == 13 and {"mathstral-7B", "DeepSeek-Coder-V2"} <= set(o.models)
+    assert D.main(["convert", "mmlu-pro-model-outputs", "--out", str(out), "--extra", str(tmp_path)]) == 2
+    assert "no model_outputs_*.zip" in capsys.readouterr().err

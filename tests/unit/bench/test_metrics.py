@@ -69,3 +69,19 @@ def test_simulated_cascade_records_which_tiers_were_called():
     r = simulate_cascade(np.array([0, 0, 1]), scores, np.ones((3, 2)), np.ones((3, 2)), np.array([0.5, np.nan]),
                          max_escalations=1)
     assert r.called.tolist() == [[True, False], [True, True], [False, True]]
+
+
+def test_violations_leave_out_the_chain_end_answers():
+    """A chain that ends below the reference: its end always answers (never thresholded), so its answers are outside
+    the guarantee like the reference's; counting them would report violations the thresholds never allowed."""
+    tier = np.array([1, 1, 0, 0])
+    accepted = np.array([True, True, True, True])
+    quality = np.array([0.0, 0.0, 1.0, 0.0])
+    tasks = np.array([0, 0, 1, 1])
+    called = np.array([[True, True, False], [True, True, False], [True, False, False], [True, False, False]])
+    ends = np.array([1, 1, 2, 2])  # task 0 ends at tier 1; task 1 at the reference
+    v = M.violations(tier, accepted, quality, tasks, 3, 0.1, called=called, risk_measure="allRequests", ends=ends)
+    assert v["violation_rate"] == pytest.approx(1 / 4)  # task 1's one bad accepted answer / 4 requests reaching tier 0
+    assert {(c["task"], c["tier"]) for c in v["cells"]} == {(0, 0), (1, 0)}
+    old = M.violations(tier, accepted, quality, tasks, 3, 0.1, called=called, risk_measure="allRequests")
+    assert old["violation_rate"] > v["violation_rate"]  # the end's two wrong answers counted as violations

@@ -78,3 +78,33 @@ def test_pareto_tiers_drop_dominated_models():
 
 def test_chars_to_tokens():
     assert chars_to_tokens("") == 0 and chars_to_tokens("abcd") == 1 and chars_to_tokens("abcde") == 2
+
+
+def test_self_hosted_prices_from_params_and_list_prices_for_api_models(tmp_path):
+    from routenlp.bench.outcomes import load_self_hosted_prices, self_hosted_price
+
+    prices = tmp_path / "prices.yaml"
+    prices.write_text("unit: per_million_tokens\nmodels:\n  small: {input: 0.2, output: 0.2, params_b: 8}\n"
+                      "  api: {input: 1.0, output: 4.0}\n")
+    p = load_self_hosted_prices(prices)
+    assert p["api"] == Price(1.0, 4.0)
+    # 2 x 8e9 FLOPs per token on a 989 TFLOP/s GPU at 2.50 USD/h: 50 % utilisation in prefill, 15 % in decode
+    assert p["small"].input == pytest.approx(2 * 8e9 / (989e12 * 0.5) * 2.5 / 3600 * 1e6)
+    assert p["small"].output == pytest.approx(p["small"].input * 0.5 / 0.15)
+    assert self_hosted_price(70).output == pytest.approx(self_hosted_price(7).output * 10)
+    rows = [{"query_id": "a", "task": "t", "query": "x", "model": m, "quality": 1, "cost_usd": 99.0,
+             "input_tokens": 1000, "output_tokens": 100} for m in ("small", "api")]
+    t = tmp_path / "t.jsonl"
+    t.write_text("\n".join(json.dumps(r) for r in rows))
+    o = load_outcomes(t, prices, self_hosted=True)  # cost_usd (list prices) replaced by the token cost
+    assert o.cost[0, o.models.index("api")] == pytest.approx((1000 * 1.0 + 100 * 4.0) / 1e6)
+    assert o.cost[0, o.models.index("small")] == pytest.approx(p["small"].cost(1000, 100))
+    with pytest.raises(OutcomeError, match="price table"):
+        load_outcomes(t, None, self_hosted=True)
+
+
+def test_portfolio_keeps_every_model_no_dearer_than_the_reference():
+    from routenlp.bench.outcomes import portfolio_tiers
+
+    c = np.array([[3.0, 1.0, 9.0, 5.0]])
+    assert portfolio_tiers(c, reference=3) == [1, 0, 3]

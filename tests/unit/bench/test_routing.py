@@ -35,7 +35,7 @@ def bench_result(tmp_path_factory, make_rows, fake_encoder_cls):
     out = d / "out"
     rc = routing.main([str(table), "--seeds", "2", "--cache-dir", str(d / "cache"), "--out", str(out), "--json",
                        "--no-progress", "--epochs", "5", "--cal-sizes", "50,200", "--risk", "0.2", "--quality-target", "0",
-                       "--alphas", "0.1,0.2", "--shift-window", "60"])
+                       "--alphas", "0.1,0.2", "--shift-window", "60", "--floor", "0.9"])
     assert rc == 0
     return json.loads((out / "results.json").read_text()), out
 

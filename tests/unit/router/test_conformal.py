@@ -7,10 +7,19 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from routenlp.router import cascade
-from routenlp.router.conformal import (calibrate_cascade, calibrate_threshold, ordered_grid, thresholds_table,
-                                       training_grid)
+from routenlp.router.conformal import (
+    betting_lower,
+    calibrate_cascade,
+    calibrate_threshold,
+    certify_floor,
+    clopper_pearson_lower,
+    floor_lower_bound,
+    floor_risk_levels,
+    ordered_grid,
+    thresholds_table,
+    training_grid,
+)
 
 
 def _true_risk(lam: float, gamma: float, measure: str = "acceptedAnswers") -> float:
@@ -247,3 +256,117 @@ def test_online_all_requests_path_holds_the_guarantee(alpha, gamma):
     true_frac, held_frac, slack = _check_guarantee(PROCEDURES["fixed_sequence_fixed_grid"], alpha, 0.1, gamma, 500,
                                                    np.random.default_rng(7), measure="allRequests")
     assert true_frac <= 0.1 + slack and held_frac <= 0.1 + slack
+
+
+# ------------------------------------------------------------------------------------------- the quality floor
+
+
+def test_betting_lower_bound_covers_and_adapts_to_variance():
+    rng = np.random.default_rng(0)
+    delta, misses = 0.1, 0
+    for _ in range(300):
+        x = np.where(rng.random(150) < 0.9, 0.5, rng.integers(0, 2, 150))  # mean 0.5, small variance
+        misses += betting_lower(x, delta) > 0.5
+    assert misses / 300 <= delta + 0.03
+    x = np.where(rng.random(400) < 0.95, 0.5, rng.integers(0, 2, 400))
+    hoeffding = x.mean() - np.sqrt(np.log(1 / delta) / (2 * len(x)))
+    assert hoeffding < betting_lower(x, delta) <= x.mean()  # tighter than Hoeffding when the spread is small
+    assert betting_lower([], delta) == 0.0
+    assert clopper_pearson_lower(0, 10, 0.1) == 0.0 and 0.5 < clopper_pearson_lower(90, 100, 0.1) < 0.9
+
+
+def test_floor_risk_levels_split_alpha_and_delta_over_the_cheaper_tiers():
+    y = np.r_[np.ones(700), np.zeros(300)]
+    r = floor_risk_levels(0.97, 0.1, y, y, n_cheaper=2, end_is_reference=True)
+    lb = 0.03 * clopper_pearson_lower(700, 1000, 0.1 / 3)
+    assert r.lower_bound == pytest.approx(lb) and r.end_certified
+    np.testing.assert_allclose(r.alphas, [lb / 2, lb / 2])
+    np.testing.assert_allclose(r.deltas, [0.1 / 3, 0.1 / 3])
+    assert r.bound_delta == pytest.approx(0.1 / 3)
+    # an end that is clearly worse than the floor x the reference is not certified, and gives nothing to spend
+    worse = floor_risk_levels(0.97, 0.1, np.r_[np.ones(500), np.zeros(500)], y, 1, end_is_reference=False)
+    assert not worse.end_certified and worse.alphas[0] == 0.0
+    with pytest.raises(ValueError):
+        floor_lower_bound(1.5, y, y, 0.1, True)
+
+
+def test_certify_floor_falls_back_to_the_reference_when_the_learnt_end_cannot_hold_the_floor():
+    rng = np.random.default_rng(3)
+    n = 800
+    ref = (rng.random(n) < 0.7).astype(float)
+    good = np.maximum(ref, rng.random(n) < 0.5)  # clearly better than the reference
+    bad = ref * (rng.random(n) < 0.9)  # 10 % worse
+    chain = np.array([True, True, False])
+    ch, alphas, deltas, res = certify_floor(0.97, 0.1, np.column_stack([rng.random(n) < 0.4, good, ref]), chain)
+    np.testing.assert_array_equal(ch, chain)
+    assert res.end_certified and alphas[0] > 0 and alphas[1] == alphas[2] == 0
+    ch, alphas, deltas, res = certify_floor(0.97, 0.1, np.column_stack([rng.random(n) < 0.4, bad, ref]), chain)
+    np.testing.assert_array_equal(ch, [True, True, True])  # the reference became the end
+    assert alphas[0] == alphas[1] > 0 and alphas[2] == 0
+    assert deltas[0] == pytest.approx(0.1 / 4)  # two bounds + two cheaper tiers, fixed before looking at the data
+
+
+def _floor_population(rng, n, end_gain):
+    """Three tiers of one task: tier k right with probability rising in k; tier 1 is `end_gain` better or worse
+    than the reference. Scores carry the tier's correctness with noise (AUC ~0.8)."""
+    u = rng.random(n)
+    ref = (u < 0.7).astype(float)
+    flip = rng.random(n)
+    mid = np.where(flip < abs(end_gain), float(end_gain > 0), ref) if end_gain else (u < 0.6).astype(float)
+    cheap = (rng.random(n) < np.where(ref == 1, 0.75, 0.2)).astype(float)
+    y = np.column_stack([cheap, mid, ref])
+    s = np.clip(0.35 * y + 0.65 * rng.random((n, 3)), 0, 1)
+    return s, y
+
+
+def _floor_run(s, y, cal, floor, delta, chain):
+    ch, alphas, deltas, _ = certify_floor(floor, delta, y[cal], chain)
+    grid = np.round(np.linspace(0.99, 0.0, 100), 4)
+    res = calibrate_cascade(np.zeros(len(cal), int), np.zeros(len(cal), int), s[cal], y[cal], 1, alphas[None, :],
+                            deltas[None, :], 10, 2, grid=grid, fwer="fixed_sequence", risk_measure="allRequests",
+                            chains=ch[None, :])
+    return ch, thresholds_table(res)
+
+
+@pytest.mark.parametrize("end_gain,chain", [(0.0, [True, True, True]), (0.12, [True, True, False]),
+                                            (-0.02, [True, True, False])])
+def test_quality_floor_holds_on_the_population_in_1_minus_delta_of_draws(end_gain, chain):
+    """The promise: quality of the task's cascade >= floor x always-reference, on the whole population, in at least
+    1 - delta of calibration draws (plus binomial slack); chains ending below the reference included (a learnt end
+    slightly worse than the reference must be caught)."""
+    rng = np.random.default_rng(7)
+    N, n_cal, floor, delta, R = 30_000, 1000, 0.95, 0.1, 30
+    s, y = _floor_population(rng, N, end_gain)
+    fails, saved = 0, []
+    for _ in range(R):
+        cal = rng.choice(N, n_cal, replace=False)
+        ch, thr = _floor_run(s, y, cal, floor, delta, np.array(chain))
+        r = cascade.simulate_cascade(np.zeros(N, int), s, y, np.tile([1.0, 3.0, 10.0], (N, 1)), thr, 2,
+                                     chains=np.broadcast_to(ch, (N, 3)))
+        fails += r.quality.mean() < floor * y[:, 2].mean()
+        saved.append(1 - r.cost.mean() / 10.0)
+    assert fails / R <= delta + 0.1
+    assert np.mean(saved) > 0.05  # not vacuous: cheaper tiers do answer
+
+
+def test_the_floor_check_rejects_a_tuned_threshold():
+    """The same check fails the usual practice: one threshold tuned so the CALIBRATION quality ratio just meets the
+    floor (no bound) misses it on the population in far more than delta of the draws."""
+    rng = np.random.default_rng(8)
+    N, n_cal, floor, R = 30_000, 1000, 0.95, 30
+    s, y = _floor_population(rng, N, 0.0)
+    costs = np.tile([1.0, 3.0, 10.0], (N, 1))
+    fails = 0
+    for _ in range(R):
+        cal = rng.choice(N, n_cal, replace=False)
+        best = None
+        for lam in np.linspace(0.0, 1.0, 51):
+            thr = np.array([[lam, lam, np.nan]])
+            rc = cascade.simulate_cascade(np.zeros(n_cal, int), s[cal], y[cal], costs[cal], thr, 2)
+            if rc.quality.mean() >= floor * y[cal, 2].mean():
+                best = lam
+                break
+        thr = np.array([[best, best, np.nan]])
+        r = cascade.simulate_cascade(np.zeros(N, int), s, y, costs, thr, 2)
+        fails += r.quality.mean() < floor * y[:, 2].mean()
+    assert fails / R > 0.25

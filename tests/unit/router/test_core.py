@@ -113,8 +113,8 @@ def test_attempt_plan_limits_and_circuits():
 
 
 def test_accept_rule():
-    assert cascade.accept(0.2, None, is_reference=True)
-    assert not cascade.accept(0.99, None, is_reference=False)  # uncalibrated: never accept
+    assert cascade.accept(0.2, None, is_end=True)
+    assert not cascade.accept(0.99, None, is_end=False)  # uncalibrated: never accept
     assert cascade.accept(0.8, 0.8, False) and not cascade.accept(0.79, 0.8, False)
     assert not cascade.accept(None, 0.5, False)
 

@@ -25,8 +25,10 @@ class Split:
     cal: np.ndarray
     test: np.ndarray
     seed: int
-    tiers: list[int]  # model indices of the cascade tiers, cheapest first, last = reference
+    tiers: list[int]  # model indices of the portfolio's tiers, cheapest first, last = reference
     scores: np.ndarray | None = None  # (n, K) answer scorer P(acceptable) per tier; train rows out-of-fold
+    chains: np.ndarray | None = None  # (n_tasks, K) per-task chains over `tiers` (learnt on train); None = all
+    global_chain: np.ndarray | None = None  # (K,) the one cost/quality Pareto chain of all tasks (FrugalGPT's)
 
     @property
     def Q(self) -> np.ndarray:
@@ -237,7 +239,7 @@ class MFRouter(UtilityRouter):
 
 
 class FrugalCascade(Method):
-    """FrugalGPT-style cascade over the cascade tiers: the answer scorer (`features.AnswerScorer`) scores each
+    """FrugalGPT-style cascade over one chain for all tasks (the cost/quality Pareto set of train): the answer scorer (`features.AnswerScorer`) scores each
     tier's recorded answer; a non-reference tier's answer is accepted iff its score >= tau (one tau for all tiers,
     tuned on calibration data; no guarantee). Simulated with the router's `cascade.simulate_cascade`."""
 
@@ -254,7 +256,8 @@ class FrugalCascade(Method):
         K = len(s.tiers)
         thr = np.full(K, float(knob))
         res = simulate_cascade(np.zeros(len(idx), dtype=int), s.scores[idx], s.Q[np.ix_(idx, s.tiers)],
-                               s.C[np.ix_(idx, s.tiers)], thr[None, :], max_escalations=K - 1)
+                               s.C[np.ix_(idx, s.tiers)], thr[None, :], max_escalations=K - 1,
+                               chains=s.global_chain)
         return res.cost, res.quality
 
 

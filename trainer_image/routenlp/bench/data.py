@@ -76,8 +76,13 @@ def read_mmlu_zip(path: Path) -> list[dict]:
         return json.loads(z.read(names[0]))
 
 
-def convert_mmlu_records(per_model: dict[str, list[dict]], prices: dict, limit: int | None = None) -> list[dict]:
-    """Pure part of the MMLU-Pro converter: {model: records} -> outcome rows (see the module docstring)."""
+def convert_mmlu_records(per_model: dict[str, list[dict]], prices: dict, limit: int | None = None,
+                         skipped: dict | None = None) -> list[dict]:
+    """Pure part of the MMLU-Pro converter: {model: records} -> outcome rows (see the module docstring).
+
+    List entries that are not records (DeepSeek-Coder-V2's file holds 43 strings) are skipped and counted per model
+    in `skipped` when given."""
+    per_model = {m: _records(m, recs, skipped) for m, recs in per_model.items()}
     queries: dict[str, dict] = {}
     for recs in per_model.values():
         for r in recs:
@@ -123,6 +128,13 @@ def convert_mmlu_records(per_model: dict[str, list[dict]], prices: dict, limit: 
     return rows
 
 
+def _records(model: str, recs: list, skipped: dict | None) -> list[dict]:
+    keep = [r for r in recs if isinstance(r, dict) and "question_id" in r]
+    if skipped is not None and len(keep) < len(recs):
+        skipped[model] = len(recs) - len(keep)
+    return keep
+
+
 def _response(r: dict) -> str:
     return str(r.get("generated_text") or r.get("model_outputs") or "")
 
@@ -136,17 +148,28 @@ def _price_name(prices: dict, model: str) -> str:
     return model
 
 
-def convert_mmlu(src: Path, prices: dict, limit: int | None = None, progress: bool = True) -> list[dict]:
+def convert_mmlu(src: Path, prices: dict, limit: int | None = None, progress: bool = True,
+                 extra: list[Path] = ()) -> list[dict]:
+    """MMLU-Pro zips of `src/eval_results`, plus those directly in each `extra` folder (mmlu-pro-more-models)."""
     zips = sorted((src / "eval_results").glob("model_outputs_*.zip"))
     if not zips:
         raise OutcomeError(f"{src}/eval_results has no model_outputs_*.zip files")
+    for d in extra:
+        more = sorted(Path(d).glob("model_outputs_*.zip"))
+        if not more:
+            raise OutcomeError(f"--extra {d}: no model_outputs_*.zip files there")
+        zips += more
     it = zips
     if progress:
         from tqdm import tqdm
 
         it = tqdm(zips, desc="read zips", unit="model", file=sys.stderr)
     per_model = {model_name_from_zip(z): read_mmlu_zip(z) for z in it}
-    return convert_mmlu_records(per_model, prices, limit)
+    skipped: dict = {}
+    rows = convert_mmlu_records(per_model, prices, limit, skipped)
+    for model, k in skipped.items():
+        print(f"{model}: skipped {k} list entries that are not records", file=sys.stderr)
+    return rows
 
 
 def convert_financebench_records(questions: list[dict], results: dict[str, list[dict]], prices: dict,
@@ -203,6 +226,9 @@ def main(argv: list[str]) -> int:
     c.add_argument("--data", default=None, help="source folder (default: <shared data>/SOURCE)")
     c.add_argument("--prices", default=None, help="price table (default: <shared data>/prices.yaml)")
     c.add_argument("--limit", type=int, default=None, help="mmlu: only the first N question ids (for quick tests)")
+    c.add_argument("--extra", action="append", default=[],
+                   help="mmlu: another folder of model_outputs_*.zip to add (repeatable; e.g. "
+                   "<shared data>/mmlu-pro-more-models for the 13-model portfolio)")
     c.add_argument("--mode", default="singleStore", help="financebench retrieval mode (default singleStore)")
     c.add_argument("--context-tokens", type=int, default=None,
                    help="financebench: retrieved-context tokens per question (default per mode, see docs)")
@@ -217,7 +243,7 @@ def main(argv: list[str]) -> int:
     try:
         prices = load_prices(args.prices or shared / "prices.yaml")
         if args.source == "mmlu-pro-model-outputs":
-            rows = convert_mmlu(src, prices, args.limit)
+            rows = convert_mmlu(src, prices, args.limit, extra=[Path(d) for d in args.extra])
         else:
             rows = convert_financebench(src, prices, args.mode, args.context_tokens, args.task_field)
         write_rows(rows, args.out)

@@ -90,7 +90,7 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, list[float]]:
 
 def violations(tier: np.ndarray, accepted: np.ndarray, quality: np.ndarray, tasks: np.ndarray, n_tiers: int,
                risk: float, min_accepted: int = 1, called: np.ndarray | None = None,
-               risk_measure: str = ACCEPTED_ANSWERS) -> dict:
+               risk_measure: str = ACCEPTED_ANSWERS, ends: np.ndarray | None = None) -> dict:
     """The quantity RouteNLP's guarantee bounds, measured on test queries.
 
     Guarantee (docs/guarantee.md), for each (task, non-reference tier), with probability >= 1 - delta over the
@@ -104,17 +104,21 @@ def violations(tier: np.ndarray, accepted: np.ndarray, quality: np.ndarray, task
       at least `min_accepted` answers in the denominator) whose test rate exceeds `risk` (finite test samples make
       some noise);
     - `unacceptable_share`: unacceptable accepted answers / all test queries.
-    Answers from the reference tier, and fallbacks (not accepted by a threshold), are outside the guarantee."""
+    Answers from the chain's end (`ends`, (n,) per query; default the reference, the last tier), and fallbacks (not
+    accepted by a threshold), are outside the guarantee: the end is never thresholded."""
     tier, accepted = np.asarray(tier), np.asarray(accepted, dtype=bool)
+    ends = np.full(len(tier), n_tiers - 1) if ends is None else np.asarray(ends, dtype=int)
     bad = np.asarray(quality, dtype=float) < ACCEPTABLE
-    sel = accepted & (tier >= 0) & (tier < n_tiers - 1)
+    sel = accepted & (tier >= 0) & (tier != ends)
     per_request = risk_measure == ALL_REQUESTS
     if per_request and called is None:
         raise ValueError("risk_measure='allRequests' needs `called` (which tiers each request reached)")
     cells = []
     n_den = 0
     for t in np.unique(tasks):
-        for k in range(n_tiers - 1):
+        for k in range(n_tiers):
+            if np.all(ends[tasks == t] == k):  # the task's chain end: not thresholded
+                continue
             m = sel & (tasks == t) & (tier == k)
             na = int(m.sum())
             reached = int((called[:, k] & (tasks == t)).sum()) if called is not None else None

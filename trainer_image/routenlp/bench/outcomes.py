@@ -83,6 +83,41 @@ def load_prices(path: str | Path) -> dict[str, Price]:
     return out
 
 
+# Self-hosted cost model (`routenlp bench routing --prices self-hosted`): a model with `params_b` in the price table
+# is priced by the GPU time its tokens take, not by a vendor. A forward pass costs 2 x params FLOPs per token
+# (Kaplan et al. 2020, active parameters for mixture-of-experts); prefill runs compute-bound, decode is limited by
+# memory bandwidth, so it reaches a smaller share of the peak. Fixed from public figures before any result was
+# seen, not tuned: one H100 SXM (989 TFLOP/s dense BF16, NVIDIA datasheet) at 2.50 USD per GPU-hour (2024 on-demand
+# cloud price class), 50 % model-FLOPs utilisation in prefill, 15 % in batched decode (vLLM serving range). GPU
+# memory (a 236B mixture-of-experts needs several GPUs however few parameters it activates) and idle time are not
+# modelled. Models without `params_b` (API-only: Gemini, GPT-4, Claude) keep their list prices.
+GPU_USD_PER_HOUR = 2.50
+GPU_PEAK_FLOPS = 989e12
+MFU_PREFILL = 0.50
+MFU_DECODE = 0.15
+
+
+def self_hosted_price(params_b: float) -> Price:
+    """USD per million tokens of a self-hosted model with `params_b` billion (active) parameters."""
+    usd_per_flop = GPU_USD_PER_HOUR / 3600.0 / GPU_PEAK_FLOPS
+    flops = 2.0 * params_b * 1e9
+    return Price(input=1e6 * flops * usd_per_flop / MFU_PREFILL, output=1e6 * flops * usd_per_flop / MFU_DECODE)
+
+
+def load_self_hosted_prices(path: str | Path) -> dict[str, Price]:
+    """prices.yaml -> {model: Price}: `self_hosted_price(params_b)` where the model has `params_b`, else its list
+    price."""
+    out = load_prices(path)
+    doc = yaml.safe_load(Path(path).read_text())
+    for name, p in doc["models"].items():
+        if isinstance(p, dict) and p.get("params_b") is not None:
+            try:
+                out[str(name)] = self_hosted_price(float(p["params_b"]))
+            except (TypeError, ValueError):
+                raise OutcomeError(f"price table {path}: models.{name}.params_b must be a number") from None
+    return out
+
+
 def find_price(prices: dict[str, Price], model: str) -> Price | None:
     if model in prices:
         return prices[model]
@@ -199,8 +234,9 @@ class Outcomes:
 
 
 def build_outcomes(rows: list[dict], name: str = "outcomes", prices: dict[str, Price] | None = None,
-                   frontier: str | None = None, where: str = "row") -> Outcomes:
-    """Validate rows, fill missing costs from tokens x prices, pivot to matrices, drop incomplete queries."""
+                   frontier: str | None = None, where: str = "row", recost: bool = False) -> Outcomes:
+    """Validate rows, fill missing costs from tokens x prices, pivot to matrices, drop incomplete queries.
+    recost: every row's cost comes from its tokens x `prices`, `cost_usd` ignored (another price model)."""
     if not rows:
         raise OutcomeError(f"{name}: the outcome table is empty")
     cells: dict[tuple[str, str], tuple[float, float, str | None]] = {}
@@ -217,7 +253,7 @@ def build_outcomes(rows: list[dict], name: str = "outcomes", prices: dict[str, P
         q = _num(r, "quality", at, True)
         if not 0.0 <= q <= 1.0:
             raise OutcomeError(f"{at}: field `quality` must be in [0, 1], got {q}")
-        cost = _num(r, "cost_usd", at, False)
+        cost = None if recost else _num(r, "cost_usd", at, False)
         if cost is None:
             tin, tout = _num(r, "input_tokens", at, False), _num(r, "output_tokens", at, False)
             if tin is None and tout is None:
@@ -262,13 +298,25 @@ def build_outcomes(rows: list[dict], name: str = "outcomes", prices: dict[str, P
                     [meta[q][1] for q in complete], model_list, Q, C, responses, ref, dropped, from_tokens)
 
 
-def load_outcomes(path: str | Path, prices: str | Path | None = None, frontier: str | None = None) -> Outcomes:
-    """Read and pivot an outcome table file (see the module docstring for the format)."""
+def load_outcomes(path: str | Path, prices: str | Path | None = None, frontier: str | None = None,
+                  self_hosted: bool = False) -> Outcomes:
+    """Read and pivot an outcome table file (see the module docstring for the format).
+    self_hosted: recost every row from its tokens with `load_self_hosted_prices(prices)`."""
     p = Path(path)
-    table = load_prices(prices) if prices else None
+    if self_hosted and not prices:
+        raise OutcomeError("self-hosted prices need the price table (prices.yaml with params_b)")
+    table = (load_self_hosted_prices(prices) if self_hosted else load_prices(prices)) if prices else None
     name = p.name.split(".")[0]
     return build_outcomes(read_rows(p), name=name, prices=table, frontier=frontier,
-                          where="line" if ".jsonl" in p.name or ".json" in p.name else "row")
+                          where="line" if ".jsonl" in p.name or ".json" in p.name else "row", recost=self_hosted)
+
+
+def portfolio_tiers(cost: np.ndarray, reference: int) -> list[int]:
+    """Every model no dearer than the reference on mean (train) cost, cheapest first, the reference last: the
+    candidates for per-task chains."""
+    mc = cost.mean(0)
+    rest = [int(j) for j in np.argsort(mc, kind="stable") if j != reference and mc[j] <= mc[reference]]
+    return rest + [int(reference)]
 
 
 def pareto_tiers(quality: np.ndarray, cost: np.ndarray, reference: int) -> list[int]:

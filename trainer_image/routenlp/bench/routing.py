@@ -11,17 +11,21 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 
+from routenlp.router.cascade import chain_ends
+from routenlp.router.chains import chains_to_names, learn_chains
 from routenlp.router.conformal import ACCEPTED_ANSWERS, ALL_REQUESTS, RISK_MEASURES
 
 from . import metrics as M
 from .baselines import (AlwaysModel, BestSingle, FrugalCascade, KNNRouter, MFRouter, Oracle, RandomMix, Split)
 from .features import AnswerScorer, EmbeddingCache, hashed_ngrams, out_of_fold, response_tail, scorer_features
-from .outcomes import OutcomeError, Outcomes, load_outcomes, pareto_tiers
-from .routenlp_method import RouteNLP
+from .data import shared_data_dir
+from .outcomes import OutcomeError, Outcomes, load_outcomes, pareto_tiers, portfolio_tiers
+from .routenlp_method import FLOOR, RouteNLP
 
 METHODS = ("always_reference", "always_cheapest", "best_single", "random", "knn", "mf", "frugalgpt", "routenlp",
            "oracle")
@@ -106,8 +110,61 @@ def answer_scores(s: Split, resp_emb: ResponseEmbeddings, tasks: np.ndarray, n_t
 # ------------------------------------------------------------------------------------------------ one seed
 
 
-def evaluate_method(m, s: Split, ref_c: float, ref_q: float, cal_ref_q: float, c_lo: float) -> dict:
-    """Test points over the knobs, AIQ, operating points chosen on calibration, the headline."""
+def choose_tiers(o: Outcomes, train: np.ndarray, args) -> tuple[list[int], np.ndarray | None, np.ndarray]:
+    """(portfolio model indices cheapest first ending with the reference, per-task chains over them or None, the
+    global Pareto chain over them), all from the TRAINING split. Per-task chains (`--chains per-task`, default) are
+    `chains.learn_chains`, the code the trainer uses; the portfolio is every tier some task's chain or the global
+    Pareto chain uses. `--chains global`: one Pareto chain for every task (the old behaviour)."""
+    ref = o.reference
+    if args.tiers:
+        tiers = [o.models.index(t) for t in args.tiers]
+        glob = tiers
+    else:
+        glob = pareto_tiers(o.quality[train], o.cost[train], ref)
+        tiers = glob if args.chains == "global" else portfolio_tiers(o.cost[train], ref)
+    if args.chains == "global":
+        return tiers, None, np.ones(len(tiers), dtype=bool)
+    try:
+        ch = learn_chains(o.quality[np.ix_(train, tiers)], o.cost[np.ix_(train, tiers)], o.tasks[train],
+                          len(o.task_names), min_gain_se=args.chain_min_gain_se)
+    except ValueError as exc:
+        raise OutcomeError(f"--tiers: {exc}") from None
+    keep = ch.any(0) | np.isin(tiers, glob)
+    keep[-1] = True
+    tiers = [j for j, k in zip(tiers, keep) if k]
+    return tiers, ch[:, keep], np.isin(tiers, glob)
+
+
+def quality_ratio_se(q: np.ndarray, q_ref: np.ndarray) -> tuple[float, float]:
+    """Test quality ratio mean(q) / mean(q_ref) over the same queries, and its standard error (delta method on the
+    paired per-query values: sd(q - r q_ref) / (sqrt(n) mean(q_ref)))."""
+    q, q_ref = np.asarray(q, dtype=float), np.asarray(q_ref, dtype=float)
+    r = M.quality_ratio(float(np.mean(q)), float(np.mean(q_ref)))
+    if len(q) < 2 or not np.mean(q_ref) > 0:
+        return r, float("nan")
+    return r, float(np.std(q - r * q_ref, ddof=1) / np.sqrt(len(q)) / np.mean(q_ref))
+
+
+def floor_point(m, s: Split, floor: float, cal_pts, cal_ref_q: float, ref_c: float) -> dict:
+    """A method at a quality floor, on test: RouteNLP calibrated for the floor (no sweep); every other method at its
+    cheapest setting whose CALIBRATION quality ratio reaches the floor (none: it serves always-reference). Held =
+    test quality ratio >= floor - 2 standard errors of the test estimate."""
+    o, test = s.outcomes, s.test
+    if isinstance(m, RouteNLP):
+        c, q = m.run(test, (FLOOR, floor))
+        reached = True
+    else:
+        i = M.operating_point(cal_pts, cal_ref_q, floor)
+        reached = i is not None
+        c, q = m.run(test, m.knobs[i]) if reached else (o.cost[test, o.reference], o.quality[test, o.reference])
+    r, se = quality_ratio_se(q, o.quality[test, o.reference])
+    return {"cost_reduction": M.cost_reduction(float(np.mean(c)), ref_c), "quality_ratio": r, "se": se,
+            "held": bool(r >= floor - 2 * se) if np.isfinite(se) else bool(r >= floor), "reached": reached}
+
+
+def evaluate_method(m, s: Split, ref_c: float, ref_q: float, cal_ref_q: float, c_lo: float,
+                    floors=()) -> dict:
+    """Test points over the knobs, AIQ, operating points chosen on calibration, the headline, the floors."""
     test_pts, cal_pts = [], []
     for knob in m.knobs:
         c, q = m.run(s.test, knob)
@@ -133,6 +190,7 @@ def evaluate_method(m, s: Split, ref_c: float, ref_q: float, cal_ref_q: float, c
         "cost_reduction_at": at,
         "knob": _jsonable(m.knobs[hi]),
         "curve": [(c / ref_c, q / ref_q) for c, q in test_pts],
+        "floor": {f"{f:.2f}": floor_point(m, s, f, cal_pts, cal_ref_q, ref_c) for f in floors},
     }
 
 
@@ -144,23 +202,28 @@ def _jsonable(x):
     return x
 
 
-def measured_violations(r, tasks: np.ndarray, n_tiers: int, risk: float, args) -> dict:
-    """`metrics.violations` of a simulated cascade (`cascade.CascadeResult`) in the run's risk measure."""
+def measured_violations(r, tasks: np.ndarray, n_tiers: int, risk: float, args, chains=None) -> dict:
+    """`metrics.violations` of a simulated cascade (`cascade.CascadeResult`) in the run's risk measure; `chains`
+    (n_tasks, K): answers of each task's chain end are outside the guarantee (never thresholded)."""
+    ends = None if chains is None else chain_ends(np.asarray(chains)[tasks])
     return M.violations(r.tier, r.accepted, r.quality, tasks, n_tiers, risk, called=r.called,
-                        risk_measure=args.risk_measure)
+                        risk_measure=args.risk_measure, ends=ends)
 
 
-def run_seed(o: Outcomes, X: np.ndarray, resp: ResponseEmbeddings, seed: int, args, bar=None) -> dict:
-    train, cal, test = split_indices(o.tasks, seed, args.train_frac, args.cal_frac)
-    tiers = ([o.models.index(t) for t in args.tiers] if args.tiers
-             else pareto_tiers(o.quality[train], o.cost[train], o.reference))
-    if tiers[-1] != o.reference:
-        raise OutcomeError(f"--tiers must end with the reference model {o.models[o.reference]!r}")
-    s = Split(o, X, train, cal, test, seed, tiers)
+def run_seed(o: Outcomes, X: np.ndarray, resp: ResponseEmbeddings, seed: int, args, bar=None,
+             where: dict | None = None) -> dict:
+    """One seed's results. `where["step"]` names the step in progress (what failed, if it raises)."""
+    where = {} if where is None else where
 
     def step(msg):
+        where["step"] = msg
         if bar is not None:
             bar.set_postfix_str(f"seed {seed}: {msg}")
+
+    step("split and chains")
+    train, cal, test = split_indices(o.tasks, seed, args.train_frac, args.cal_frac)
+    tiers, chains, global_chain = choose_tiers(o, train, args)
+    s = Split(o, X, train, cal, test, seed, tiers, chains=chains, global_chain=global_chain)
 
     step("answer scorer")
     s.scores = answer_scores(s, resp, o.tasks, len(o.task_names), train)
@@ -175,10 +238,14 @@ def run_seed(o: Outcomes, X: np.ndarray, resp: ResponseEmbeddings, seed: int, ar
         "best_single": BestSingle(), "knn": KNNRouter(), "mf": MFRouter(), "frugalgpt": FrugalCascade(),
         "routenlp": RouteNLP(risk=args.risk, delta=args.delta, quality_target=args.quality_target,
                              min_calibration_samples=args.min_calibration_samples, epochs=args.epochs,
-                             fwer=args.fwer, risk_measure=args.risk_measure),
+                             fwer=args.fwer, risk_measure=args.risk_measure,
+                             floor_quality_target=args.floor_quality_target),
         "random": RandomMix(), "oracle": Oracle(),
     }
-    out: dict = {"tiers": [o.models[j] for j in tiers], "methods": {}}
+    names = [o.models[j] for j in tiers]
+    out: dict = {"seed": seed, "tiers": names, "methods": {},
+                 "chains": None if chains is None else chains_to_names(chains, names, o.task_names),
+                 "global_chain": [n for n, g in zip(names, global_chain) if g]}
     for name in ("always_reference", "always_cheapest", "best_single", "knn", "mf", "frugalgpt", "routenlp",
                  "random", "oracle"):
         step(name)
@@ -187,17 +254,23 @@ def run_seed(o: Outcomes, X: np.ndarray, resp: ResponseEmbeddings, seed: int, ar
             rn_cost = (1 - out["methods"]["routenlp"]["cost_reduction"]) * ref_c
             m.default = m.match_cost(test, rn_cost)
             m.knobs = sorted(set(m.knobs) | {m.default})
-        out["methods"][name] = evaluate_method(m, s, ref_c, ref_q, cal_ref_q, c_lo)
+        out["methods"][name] = evaluate_method(m, s, ref_c, ref_q, cal_ref_q, c_lo, args.floor)
     rn: RouteNLP = methods["routenlp"]
     r = rn.simulate(test, rn.default)
-    v = measured_violations(r, rn.tasks[test], len(tiers), args.risk, args)
+    v = measured_violations(r, rn.tasks[test], len(tiers), args.risk, args, rn.chains)
     out["routenlp"] = {
         "violation_rate": v["violation_rate"], "cells_over_risk": v["cells_over_risk"],
         "unacceptable_share": v["unacceptable_share"], "accepted_below_reference": v["accepted_below_reference"],
         "escalation_rate": float((r.escalations > 0).mean()), "calls_per_query": float(1 + r.escalations.mean()),
-        "tier_share": np.bincount(r.tier, minlength=len(tiers)).astype(float).tolist(),
+        # by tier NAME: the portfolio can differ between seeds
+        "tier_share": dict(zip(names, (np.bincount(r.tier[r.tier >= 0], minlength=len(tiers)) / len(test)).tolist())),
     }
-    out["routenlp"]["tier_share"] = [x / len(test) for x in out["routenlp"]["tier_share"]]
+    for f in args.floor:
+        _, ch, info = rn.thresholds((FLOOR, f))
+        out["routenlp"].setdefault("floor", {})[f"{f:.2f}"] = {
+            "chains": chains_to_names(ch, names, rn.task_names),
+            "lower_bounds": {t: i.lower_bound for t, i in zip(rn.task_names, info)},
+            "ends_moved_to_reference": sum(not i.end_certified for i in info)}
     # Violation study: fixed alphas, calibration subsamples of the calibration split.
     step("violation study")
     study = []
@@ -206,7 +279,7 @@ def run_seed(o: Outcomes, X: np.ndarray, resp: ResponseEmbeddings, seed: int, ar
             sub = stratified_subsample(cal, rn.tasks, size, seed + size)
             thr = rn.calibrate(sub, args.study_quality_target, alpha)
             rr = rn.simulate(test, (args.study_quality_target, alpha), thr)
-            vv = measured_violations(rr, rn.tasks[test], len(tiers), alpha, args)
+            vv = measured_violations(rr, rn.tasks[test], len(tiers), alpha, args, rn.chains)
             study.append({"alpha": alpha, "cal_size": int(len(sub)), "requested_size": size,
                           "violation_rate": vv["violation_rate"], "cells_over_risk": vv["cells_over_risk"],
                           "accepted_below_reference": vv["accepted_below_reference"],
@@ -271,11 +344,20 @@ def _or0(x):
 
 
 def aggregate(o: Outcomes, per_seed: list[dict], args, wall_s: float) -> dict:
+    """Means and CIs over the seeds that finished. Tiers and chains can differ between seeds (learnt on each
+    seed's train split): everything per tier is aggregated by tier NAME."""
+    used = {t for p in per_seed for t in p["tiers"]}
+    tiers = [m for m in o.models if m in used]
     res: dict = {"dataset": o.name, "n_queries": o.n, "dropped_queries": o.dropped, "models": o.models,
-                 "reference": o.models[o.reference], "seeds": len(per_seed),
-                 "tiers": per_seed[0]["tiers"], "split": {"train": args.train_frac, "calibration": args.cal_frac,
-                                                          "test": round(1 - args.train_frac - args.cal_frac, 4)},
-                 "methods": {}, "wall_s": round(wall_s, 1), "study_quality_target": args.study_quality_target}
+                 "reference": o.models[o.reference], "seeds": len(per_seed), "seed_ids": [p["seed"] for p in per_seed],
+                 "prices": args.prices_label, "chains_mode": args.chains,
+                 "tiers": tiers, "tiers_per_seed": [p["tiers"] for p in per_seed],
+                 "chains_per_seed": [p.get("chains") for p in per_seed],
+                 "global_chain_per_seed": [p.get("global_chain") for p in per_seed],
+                 "split": {"train": args.train_frac, "calibration": args.cal_frac,
+                           "test": round(1 - args.train_frac - args.cal_frac, 4)},
+                 "methods": {}, "wall_s": round(wall_s, 1), "study_quality_target": args.study_quality_target,
+                 "floors": list(args.floor), "delta": args.delta}
     for name in METHODS:
         runs = [p["methods"][name] for p in per_seed]
         cr, cr_ci = M.mean_ci([r["cost_reduction"] for r in runs])
@@ -291,7 +373,15 @@ def aggregate(o: Outcomes, per_seed: list[dict], args, wall_s: float) -> dict:
                                 "quality_ratio_ci": qr_ci, "aiq": aiq, "aiq_ci": aiq_ci, "cost_reduction_at": at,
                                 "cost_reduction_at_ci": at_ci, "quality_ratio_at": at_q,
                                 "target_reached_seeds": reached,
-                                "curve": runs[0]["curve"]}
+                                "curve": runs[0]["curve"], "floor": {}}
+        for key in runs[0].get("floor", {}):
+            pts = [r["floor"][key] for r in runs]
+            cr_f, ci_f = M.mean_ci([x["cost_reduction"] for x in pts])
+            res["methods"][name]["floor"][key] = {
+                "cost_reduction": cr_f, "cost_reduction_ci": ci_f,
+                "quality_ratio": M.mean_ci([x["quality_ratio"] for x in pts])[0],
+                "held_seeds": sum(x["held"] for x in pts), "reached_seeds": sum(x["reached"] for x in pts),
+                "min_quality_ratio": min(x["quality_ratio"] for x in pts)}
     rn = [p["routenlp"] for p in per_seed]
     vr, vr_ci = M.mean_ci([r["violation_rate"] for r in rn])
     vr_ci = [max(0.0, vr_ci[0]), min(1.0, vr_ci[1])] if np.isfinite(vr) else vr_ci
@@ -302,7 +392,10 @@ def aggregate(o: Outcomes, per_seed: list[dict], args, wall_s: float) -> dict:
                        "calls_per_query": M.mean_ci([r["calls_per_query"] for r in rn])[0],
                        "accepted_below_reference": M.mean_ci([r["accepted_below_reference"] for r in rn])[0],
                        "cells_over_risk": M.mean_ci([r["cells_over_risk"] for r in rn])[0],
-                       "tier_share": np.mean([r["tier_share"] for r in rn], axis=0).tolist()}
+                       "tier_share": {t: float(np.mean([r["tier_share"].get(t, 0.0) for r in rn])) for t in tiers},
+                       "floor_ends_moved_to_reference": {
+                           k: float(np.mean([r["floor"][k]["ends_moved_to_reference"] for r in rn]))
+                           for k in rn[0].get("floor", {})}}
     res["oracle"] = res["methods"]["oracle"]
     # Margins of RouteNLP over each non-oracle baseline at quality ratio 0.97 (per-seed differences).
     margins = {}
@@ -366,8 +459,12 @@ def markdown(res: dict) -> str:
     L = [f"### {res['dataset']}: {res['n_queries']} queries, {len(res['models'])} models, reference "
          f"`{res['reference']}`, {res['seeds']} seeds",
          "",
-         f"Cascade tiers (chosen on train): {', '.join('`' + t + '`' for t in res['tiers'])}. "
-         f"Dropped queries: {res['dropped_queries']}. Wall time: {res['wall_s']} s.",
+         f"Prices: {res['prices']}. Portfolio tiers (chosen on each seed's train split, union over seeds): "
+         f"{', '.join('`' + t + '`' for t in res['tiers'])}; chains: {res['chains_mode']}. "
+         f"Dropped queries: {res['dropped_queries']}. Wall time: {res['wall_s']} s."
+         + ("" if not res.get("failed_seeds") else
+            f" **Failed seeds: {', '.join(str(f['seed']) for f in res['failed_seeds'])}** (see results.json).")]
+    L += chains_markdown(res) + [
          "",
          "| method | cost reduction [95% CI] | quality ratio | AIQ | cost red. @Q>=0.95 | @0.97 [95% CI] | @0.99 | "
          "test quality ratio @0.97 |",
@@ -392,11 +489,13 @@ def markdown(res: dict) -> str:
           f"{r['quality_target']}): "
           f"violation rate {_pct(r['violation_rate'])} {_ci(r['violation_rate_ci'])}, escalation rate "
           f"{_pct(r['escalation_rate'])}, calls/query {_num3(r['calls_per_query'])}, answers accepted below the "
-          f"reference {_pct(r['accepted_below_reference'])}, tier share {[round(x, 3) for x in r['tier_share']]}.",
+          f"reference {_pct(r['accepted_below_reference'])}, tier share "
+          f"{', '.join(f'{t} {x:.3f}' for t, x in r['tier_share'].items())}.",
           "", "Operating points are chosen on calibration data; `test quality ratio @0.97` is what the 0.97 point "
           "delivered on the test split (mean over the seeds that reached it), so a point below 0.970 there missed the "
           "target out of sample.",
-          "", "Margin of RouteNLP's cost reduction at quality ratio >= 0.97 over each baseline (per-seed differences):",
+          ""] + floor_markdown(res) + [
+          "Margin of RouteNLP's cost reduction at quality ratio >= 0.97 over each baseline (per-seed differences):",
           "", "| baseline | margin [95% CI] |", "| --- | --- |"]
     for name, mg in r["margin_at_0.97"].items():
         L.append(f"| {name} | {_pct(mg['margin'])} {_ci(mg['ci'])} |")
@@ -426,10 +525,66 @@ def markdown(res: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def chains_markdown(res: dict) -> list[str]:
+    """The per-task chains of the first seed, and how many seeds learnt the same ones."""
+    chains = res.get("chains_per_seed") or []
+    if not chains or chains[0] is None:
+        return []
+    same = sum(c == chains[0] for c in chains)
+    rows = [f"| {task} | {' -> '.join(tiers)} |" for task, tiers in chains[0].items()]
+    return ["", f"Per-task chains learnt on train (seed {res['seed_ids'][0]}; {same}/{len(chains)} seeds learnt the "
+            "same chains for every task):", "", "| task | chain (cheapest first; the last tier always answers) |",
+            "| --- | --- |"] + rows
+
+
+def floor_markdown(res: dict) -> list[str]:
+    """Certified-floor table: per method and floor, test cost reduction and the share of seeds that held it."""
+    if not res.get("floors"):
+        return []
+    n = res["seeds"]
+    keys = [f"{f:.2f}" for f in res["floors"]]
+    L = [f"Quality floor (certified mode; delta = {res['delta']}): RouteNLP is calibrated for the floor "
+         "(`conformal.certify_floor`, no sweep); every other method uses its cheapest setting whose calibration "
+         "quality ratio reaches the floor (always-reference when none does). *Held* = test quality ratio >= floor - 2 "
+         "standard errors of the test estimate.", "",
+         "| method | " + " | ".join(f"floor {k}: cost reduction [95% CI] | test quality ratio (min) | held" for k in keys)
+         + " |", "| --- |" + " --- | --- | --- |" * len(keys)]
+    for name in METHODS:
+        f = res["methods"][name]["floor"]
+        cells = []
+        for k in keys:
+            x = f[k]
+            cells.append(f"{_pct(x['cost_reduction'])} {_ci(x['cost_reduction_ci'])} | {_num3(x['quality_ratio'])} "
+                         f"({_num3(x['min_quality_ratio'])}) | {x['held_seeds']}/{n}")
+        L.append(f"| {name} | " + " | ".join(cells) + " |")
+    moved = res["routenlp"].get("floor_ends_moved_to_reference") or {}
+    if moved:
+        L += ["", "RouteNLP's floor: tasks per seed whose learnt chain end could not be certified and got the reference "
+              "as end: " + ", ".join(f"floor {k}: {v:.1f}" for k, v in moved.items()) + "."]
+    return L + [""]
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="routenlp bench routing", description=__doc__.splitlines()[0])
     ap.add_argument("table", help="outcome table (.jsonl/.csv/.parquet; see docs/bench-routing.md)")
-    ap.add_argument("--prices", default=None, help="price table for rows without cost_usd")
+    ap.add_argument("--prices", default=None,
+                    help="price table for rows without cost_usd, or `self-hosted`: every row's cost from its tokens, "
+                    "models with params_b in the price table (--price-table) priced by GPU time (outcomes.py), the "
+                    "others at list price")
+    ap.add_argument("--price-table", default=None,
+                    help="prices.yaml for --prices self-hosted (default <shared data>/prices.yaml)")
+    ap.add_argument("--chains", choices=("per-task", "global"), default="per-task",
+                    help="RouteNLP's tier chains: each task's cost/quality Pareto set on train (default) or one "
+                    "Pareto chain for all tasks")
+    ap.add_argument("--chain-min-gain-se", type=float, default=1.0,
+                    help="a tier joins a task's chain only if it beats the previous member on that task's training "
+                    "queries by more than this many standard errors (chains.learn_chains; 0 = plain Pareto set)")
+    ap.add_argument("--floor", default="",
+                    help="certified quality floors, comma-separated (e.g. 0.97): RouteNLP calibrated for each floor "
+                    "(no sweep) and 'target held' reported per method")
+    ap.add_argument("--floor-quality-target", type=float, default=0.0,
+                    help="RouteNLP's start rule under --floor (default 0: every request starts at its chain's "
+                    "cheapest certified tier)")
     ap.add_argument("--frontier", default=None, help="reference model (default: highest mean cost)")
     ap.add_argument("--tiers", default=None, help="comma-separated cascade tiers, cheapest first, ending with the "
                     "reference (default: the cost/quality Pareto set on train)")
@@ -462,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-dir", default=None, help="embedding cache (default ~/.cache/routenlp/bench)")
     ap.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     ap.add_argument("--out", default=None, help="write results.json, report.md and PNG plots here")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the per-seed results an earlier run of the same command left in --out/seeds (a run "
+                    "that was stopped keeps every seed it finished)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     return ap
 
@@ -482,6 +640,14 @@ def main(argv: list[str]) -> int:
         print("routenlp bench routing: --seeds must be >= 1", file=sys.stderr)
         return 2
     args.tiers = [t.strip() for t in args.tiers.split(",")] if args.tiers else None
+    try:
+        args.floor = [float(x) for x in str(args.floor).split(",") if x.strip()]
+    except ValueError:
+        print("routenlp bench routing: --floor takes comma-separated numbers", file=sys.stderr)
+        return 2
+    if any(not 0 < f <= 1 for f in args.floor):
+        print("routenlp bench routing: --floor values must be in (0, 1]", file=sys.stderr)
+        return 2
     t0 = time.time()
     # The models here are small: one thread each is ~10x faster than two threads on a busy 2-core machine.
     import torch
@@ -493,29 +659,61 @@ def main(argv: list[str]) -> int:
 
 
 def _run(args, t0) -> int:
+    self_hosted = args.prices == "self-hosted"
+    args.prices_label = "self-hosted (GPU time per token from params_b; list prices for API models)" if self_hosted \
+        else "list prices"
     try:
-        o = load_outcomes(args.table, args.prices, args.frontier)
+        prices = (args.price_table or shared_data_dir() / "prices.yaml") if self_hosted else args.prices
+        o = load_outcomes(args.table, prices, args.frontier, self_hosted=self_hosted)
         if args.tiers:
             unknown = [t for t in args.tiers if t not in o.models]
             if unknown:
                 raise OutcomeError(f"--tiers: unknown models {unknown} (models: {', '.join(o.models)})")
+            if args.tiers[-1] != o.models[o.reference]:
+                raise OutcomeError(f"--tiers must end with the reference model {o.models[o.reference]!r}")
         print(f"{o.name}: {o.n} queries x {len(o.models)} models ({o.dropped['missing_some_model']} queries dropped: "
               f"missing some model; {o.cost_from_tokens} costs from tokens x prices); reference "
               f"{o.models[o.reference]}", file=sys.stderr)
         cache = EmbeddingCache(args.cache_dir)
         X = cache.embed(o.queries, progress=args.progress)
         resp = ResponseEmbeddings(o, cache, args.progress, args.response_features)
-        from tqdm import tqdm
-
-        bar = tqdm(range(args.seeds), desc="seeds", unit="seed", file=sys.stderr, disable=not args.progress)
-        per_seed = [run_seed(o, X, resp, seed, args, bar) for seed in bar]
     except OutcomeError as exc:
         print(f"routenlp bench routing: {exc}", file=sys.stderr)
         return 2
+    from tqdm import tqdm
+
+    out = Path(args.out) if args.out else None
+    if out:
+        (out / "seeds").mkdir(parents=True, exist_ok=True)
+    per_seed, failed = [], []
+    bar = tqdm(range(args.seeds), desc="seeds", unit="seed", file=sys.stderr, disable=not args.progress)
+    for seed in bar:
+        done = out / "seeds" / f"seed-{seed}.json" if out else None
+        if args.resume and done is not None and done.is_file():  # finished by an earlier run of the same command
+            per_seed.append(json.loads(done.read_text()))
+            continue
+        where: dict = {}
+        try:
+            p = run_seed(o, X, resp, seed, args, bar, where)
+        except Exception as exc:  # noqa: BLE001 - one seed's failure must not lose the others' work
+            what = {"seed": seed, "step": where.get("step", "?"), "error": f"{type(exc).__name__}: {exc}"}
+            failed.append(what)
+            print(f"routenlp bench routing: seed {seed} failed in step {what['step']!r}: {what['error']}",
+                  file=sys.stderr)
+            if out:
+                (out / "seeds" / f"seed-{seed}.error.txt").write_text(traceback.format_exc())
+            continue
+        per_seed.append(p)
+        if out:  # written as each seed finishes: a later crash keeps it
+            (out / "seeds" / f"seed-{seed}.json").write_text(json.dumps(_finite(p), allow_nan=False))
+    if not per_seed:
+        print(f"routenlp bench routing: every seed failed ({len(failed)}); nothing to aggregate", file=sys.stderr)
+        if out:
+            (out / "results.json").write_text(json.dumps({"failed_seeds": failed}, indent=2))
+        return 1
     res = _finite(aggregate(o, per_seed, args, time.time() - t0))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    res["failed_seeds"] = failed
+    if out:
         (out / "results.json").write_text(json.dumps(res, indent=2, allow_nan=False))
         from .plots import plot_all
 
@@ -526,4 +724,4 @@ def _run(args, t0) -> int:
         print(json.dumps(res, allow_nan=False))
     else:
         print(markdown(res))
-    return 0
+    return 1 if failed else 0

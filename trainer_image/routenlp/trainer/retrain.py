@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from routenlp.router.conformal import ACCEPTED_ANSWERS, RISK_MEASURES
+from routenlp.router.conformal import ACCEPTED_ANSWERS, ALL_REQUESTS, RISK_MEASURES
+from routenlp.router.encoder import DEFAULT_VARIANT, VARIANTS, EncoderSpec, default_variant
 
 from .evaluate import matches
 from .manifest import Stage, StageError, local_path, print_summary, read_jsonl, write_jsonl
@@ -110,15 +111,21 @@ def quality_matrix(rows: list[dict[str, Any]], signals: list[dict[str, Any]], ti
 def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, Any]], q: np.ndarray,
               x: np.ndarray, tiers: list[str], cal_fraction: float, quality_target: float, risk_level: float,
               delta: float, max_escalations: int, min_samples: int, generation_tasks: frozenset[str] = frozenset(),
-              risk_measure: str = ACCEPTED_ANSWERS) -> tuple[Any, Any, dict[str, Any]]:
+              risk_measure: str = ACCEPTED_ANSWERS, pinned_chains: dict[str, list[str]] | None = None,
+              quality_floors: dict[str, float] | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """(ConfidenceSet fitted on the fit split, Calibration from the cal split, metrics).
 
     Thresholds: fixed-sequence Learn-then-Test along an order learnt on the fit split's scores and labels (disjoint
-    from the calibration split, as fixed-sequence validity needs; docs/guarantee.md)."""
+    from the calibration split, as fixed-sequence validity needs; docs/guarantee.md), along each task's chain: the
+    policy's pinned chain, else the task's cost/quality Pareto set on the fit split (`chains.learn_chains`; tiers are
+    given cheapest first). A task with a quality floor gets per-tier risk levels derived from it on the calibration
+    split (`conformal.certify_floor`; riskMeasure allRequests). metrics["chains"] and metrics["floor_risk_levels"]
+    are what the router reads from the artifact's metadata (`routing_metadata`)."""
     from routenlp.router.artifacts import Calibration
     from routenlp.router.cascade import start_tiers
     from routenlp.router.confidence import FEATURES, ConfidenceSet, answer_features, fit_confidence
-    from routenlp.router.conformal import calibrate_cascade
+    from routenlp.router.chains import chains_from_names, chains_to_names, learn_chains
+    from routenlp.router.conformal import calibrate_cascade, certify_floor
 
     tasks = sorted({r["task"] for r in rows})
     task_ids = np.array([tasks.index(r["task"]) for r in rows])
@@ -151,10 +158,37 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
             scores[m, k] = conf.score_many(task, tier, {n: feats[n][m, k] for n in FEATURES})
     scores[:, -1] = 1.0
     pred = router.predict_proba(x, np.array([router.task_index(r["task"]) or 0 for r in rows]))
-    start = start_tiers(pred, quality_target)
-    results = calibrate_cascade(task_ids[cal], start[cal], scores[cal], q[cal], len(tasks), risk_level, delta,
+    # Tiers come cheapest first: their order stands in for cost when learning each task's Pareto chain.
+    order = np.tile(np.arange(len(tiers), dtype=float), (int(fit.sum()), 1))
+    chains = learn_chains(q[fit], order, task_ids[fit], len(tasks))
+    pinned = {t: c for t, c in (pinned_chains or {}).items() if t in tasks}
+    if pinned:  # the policy's pinned chains win; the other tasks keep their learnt one
+        try:
+            mask = chains_from_names(pinned, tiers, tasks)
+        except ValueError as exc:
+            raise StageError(f"--chains: {exc}") from None
+        for t, task in enumerate(tasks):
+            if task in pinned:
+                chains[t] = mask[t]
+    alphas = np.full((len(tasks), len(tiers)), float(risk_level))
+    deltas = np.full((len(tasks), len(tiers)), float(delta))
+    floor_levels: dict[str, Any] = {}
+    for t, task in enumerate(tasks):
+        floor = (quality_floors or {}).get(task)
+        if floor is None:
+            continue
+        if risk_measure != ALL_REQUESTS:
+            raise StageError(f"--quality-floors: task {task!r} has a quality floor, which needs riskMeasure "
+                             f"{ALL_REQUESTS} (docs/guarantee.md)")
+        m_cal = cal & (task_ids == t)
+        chains[t], alphas[t], deltas[t], res = certify_floor(floor, delta, q[m_cal], chains[t])
+        floor_levels[task] = {"floor": floor, "tiers": {tiers[k]: float(alphas[t, k]) for k in range(len(tiers))
+                                                        if alphas[t, k] > 0}, "bound": res.to_json()}
+    start = start_tiers(pred, quality_target, chain=chains[task_ids])
+    results = calibrate_cascade(task_ids[cal], start[cal], scores[cal], q[cal], len(tasks), alphas, deltas,
                                 min_samples, max_escalations, fwer="fixed_sequence",
-                                train=(task_ids[fit], scores[fit], q[fit]), risk_measure=risk_measure)
+                                train=(task_ids[fit], scores[fit], q[fit]), risk_measure=risk_measure,
+                                chains=chains)
     calibration = Calibration(risk_level, delta, risk_measure=risk_measure,
                               tasks={task: dict(zip(tiers, results[t])) for t, task in enumerate(tasks)})
     metrics = {
@@ -165,8 +199,16 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
         "empirical_risk": {task: {tier: r.empirical_risk for tier, r in zip(tiers, results[t][:-1])}
                            for t, task in enumerate(tasks)},
         "student_quality": {tier: _mean(q[:, k]) for k, tier in enumerate(tiers[:-1])},
+        "chains": chains_to_names(chains, tiers, tasks),
+        "floor_risk_levels": floor_levels,
     }
     return conf, calibration, metrics
+
+
+def routing_metadata(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What the router reads from a version's metadata besides its weights: the chains the thresholds were fitted
+    on and the risk levels derived from quality floors (server.RouterState.chain_names / floor_risk)."""
+    return {"chains": metrics["chains"], "floor_risk_levels": metrics["floor_risk_levels"]}
 
 
 def _mean(col: np.ndarray) -> float | None:
@@ -201,7 +243,8 @@ def _policy_params(args: argparse.Namespace) -> dict[str, Any]:
     return {"tiers": args.tiers, "teacher_tier": args.teacher_tier, "quality_target": args.quality_target,
             "risk_level": args.risk_level, "risk_measure": args.risk_measure, "delta": args.delta,
             "max_escalations": args.max_escalations,
-            "min_samples": args.min_samples, "cal_fraction": args.cal_fraction, "system_prompt": args.system_prompt}
+            "min_samples": args.min_samples, "cal_fraction": args.cal_fraction, "system_prompt": args.system_prompt,
+            "chains": args.chains, "quality_floors": args.quality_floors}
 
 
 def run_retrain(args: argparse.Namespace) -> dict[str, Any]:
@@ -213,7 +256,9 @@ def run_retrain(args: argparse.Namespace) -> dict[str, Any]:
     if tiers[-1] != args.teacher_tier or args.student_tier not in tiers:
         raise StageError(f"--tiers: {tiers} must end with --teacher-tier {args.teacher_tier!r} and contain "
                          f"--student-tier {args.student_tier!r}")
-    params = {**_policy_params(args), "student_tier": args.student_tier, "student_model": args.student_model,
+    spec = EncoderSpec(getattr(args, "encoder_variant", None) or default_variant())
+    params = {**_policy_params(args), "encoder": spec.to_json(), "student_tier": args.student_tier,
+              "student_model": args.student_model,
               "student_url": args.student_url, "probe": args.probe, "epochs": args.epochs, "seed": args.seed,
               "version": args.version}
     inputs = {"events": args.events}
@@ -244,7 +289,7 @@ def run_retrain(args: argparse.Namespace) -> dict[str, Any]:
     st.out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(st.output("signals", "signals.jsonl"), signals)
     with st.timed("embed"):
-        x = embed([r["query"] for r in rows], args.encoder)
+        x = embed([r["query"] for r in rows], args.encoder, spec)
     q = quality_matrix(rows, signals, tiers, args.teacher_tier)
     tasks = sorted({r["task"] for r in rows})
     task_ids = np.array([tasks.index(r["task"]) for r in rows])
@@ -255,10 +300,12 @@ def run_retrain(args: argparse.Namespace) -> dict[str, Any]:
     with st.timed("calibrate"):
         conf, calibration, m = calibrate(router, rows, signals, q, x, tiers, args.cal_fraction, args.quality_target,
                                          args.risk_level, args.delta, args.max_escalations, args.min_samples,
-                                         frozenset(args.generation_tasks), args.risk_measure)
+                                         frozenset(args.generation_tasks), args.risk_measure, args.chains,
+                                         args.quality_floors)
     version = args.version or f"r-{st.key[:12]}"
     meta = {"trained_by": "routenlp train retrain", "student_tier": args.student_tier,
-            "student_model": args.student_model, "requests": len(rows), "metrics": m}
+            "student_model": args.student_model, "requests": len(rows), "metrics": m, **routing_metadata(m),
+            "encoder": spec.to_json()}  # what the heads and thresholds were fitted on: the router embeds with it
     path = _save_version(local_path(args.artifact_dir, "--artifact-dir"), version, st.key, router, conf, calibration,
                          meta)
     st.metrics.update(version=version, artifact=str(path), requests=len(rows), signals=len(signals),
@@ -281,23 +328,42 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     base = load_artifact(artifact_dir, args.base_version)
     if base.router is None:
         raise StageError(f"--base-version: router version {base.version!r} has no router weights to calibrate")
+    # The base version's heads were fitted on its encoder variant: thresholds are fitted on scores of that variant only.
+    spec = base.encoder
+    asked = getattr(args, "encoder_variant", None)
+    if asked and not EncoderSpec(asked, spec.max_tokens).compatible(spec):
+        raise StageError(f"--encoder-variant: {asked} gives other embeddings than {spec.variant}, which router version "
+                         f"{base.version!r} was fitted on; retrain for a new variant")
     _, rows = _read(args)
     signals = read_jsonl(local_path(args.signals, "--signals"))
     keep = {s["request_id"] for s in signals}
     rows = [r for r in rows if r["request_id"] in keep]
-    x = embed([r["query"] for r in rows], args.encoder)
+    x = embed([r["query"] for r in rows], args.encoder, spec)
     tiers = base.router.tier_names
     q = quality_matrix(rows, signals, tiers, args.teacher_tier)
     conf, calibration, m = calibrate(base.router, rows, signals, q, x, tiers, args.cal_fraction, args.quality_target,
                                      args.risk_level, args.delta, args.max_escalations, args.min_samples,
-                                     frozenset(args.generation_tasks), args.risk_measure)
+                                     frozenset(args.generation_tasks), args.risk_measure, args.chains,
+                                     args.quality_floors)
     version = args.version or f"c-{st.key[:12]}"
     path = _save_version(artifact_dir, version, st.key, base.router, conf, calibration,
-                         {"trained_by": "routenlp train calibrate", "base_version": base.version, "metrics": m})
+                         {"trained_by": "routenlp train calibrate", "base_version": base.version, "metrics": m,
+                          **routing_metadata(m),
+                          "encoder": spec.to_json()})
     st.out_dir.mkdir(parents=True, exist_ok=True)
     st.output("calibration", "calibration.json").write_text(json.dumps(calibration.to_json(), indent=1))
     st.metrics.update(version=version, artifact=str(path), **m)
     return st.finish()
+
+
+def _json_arg(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -313,12 +379,20 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="RoutingPolicy riskMeasure: what riskLevel bounds")
     p.add_argument("--delta", type=float, default=0.1, help="1 - confidence of the conformal guarantee")
     p.add_argument("--max-escalations", type=int, default=2)
+    p.add_argument("--chains", type=_json_arg, default=None,
+                   help='pinned chains as JSON {"task": ["tier", ...]} (RoutingPolicy tasks[].chain); other tasks get '
+                        "their Pareto chain learnt on the fit split")
+    p.add_argument("--quality-floors", type=_json_arg, default=None,
+                   help='quality floors as JSON {"task": 0.97} (RoutingPolicy tasks[].qualityFloor)')
     p.add_argument("--generation-tasks", nargs="*", default=[],
                    help="tasks of kind generation (free text); all others are scored as structured, as the router does")
     p.add_argument("--min-samples", type=int, default=30, help="labelled answers needed to calibrate a tier")
     p.add_argument("--cal-fraction", type=float, default=0.4, help="share of requests kept for conformal calibration")
     p.add_argument("--system-prompt", default="Answer the customer's request.", help="system message the student is sent")
     p.add_argument("--encoder", help="all-MiniLM-L6-v2 folder (default: the router's)")
+    p.add_argument("--encoder-variant", choices=sorted(VARIANTS),
+                   help="encoder variant the heads and thresholds are fitted on and the router embeds with (retrain "
+                        f"default: $ROUTENLP_ENCODER_VARIANT or {DEFAULT_VARIANT}; calibrate: the base version's)")
 
 
 def main_retrain(argv: list[str]) -> int:
