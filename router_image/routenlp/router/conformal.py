@@ -231,6 +231,7 @@ def calibrate_threshold(scores, labels, risk_level: float, delta: float, min_sam
         return ThresholdResult(None, n, 0, None, False)
     acc = s >= thr
     n_acc = int(acc.sum())
+    emp: float | None
     if risk_measure == ALL_REQUESTS:
         emp = float((acc & (y == 0)).mean())
     else:
