@@ -125,7 +125,7 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
     from routenlp.router.cascade import start_tiers
     from routenlp.router.confidence import FEATURES, ConfidenceSet, answer_features, fit_confidence
     from routenlp.router.chains import chains_from_names, chains_to_names, learn_chains
-    from routenlp.router.conformal import calibrate_cascade, certify_floor
+    from routenlp.router.conformal import calibrate_cascade, certify_floor, training_grid
 
     tasks = sorted({r["task"] for r in rows})
     task_ids = np.array([tasks.index(r["task"]) for r in rows])
@@ -185,8 +185,13 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
         floor_levels[task] = {"floor": floor, "tiers": {tiers[k]: float(alphas[t, k]) for k in range(len(tiers))
                                                         if alphas[t, k] > 0}, "bound": res.to_json()}
     start = start_tiers(pred, quality_target, chain=chains[task_ids])
+    # A floor's alphas come from the calibration labels, which is valid only along candidate sequences that do not
+    # depend on alpha (docs/guarantee.md, "Using L from the same calibration data"): fit-split score quantiles for
+    # floor tasks, instead of the alpha-dependent `ordered_grid` the other tasks use.
+    grids = [[training_grid(scores[fit & (task_ids == t), k]) if task in floor_levels else None
+              for k in range(len(tiers))] for t, task in enumerate(tasks)]
     results = calibrate_cascade(task_ids[cal], start[cal], scores[cal], q[cal], len(tasks), alphas, deltas,
-                                min_samples, max_escalations, fwer="fixed_sequence",
+                                min_samples, max_escalations, grids=grids, fwer="fixed_sequence",
                                 train=(task_ids[fit], scores[fit], q[fit]), risk_measure=risk_measure,
                                 chains=chains)
     calibration = Calibration(risk_level, delta, risk_measure=risk_measure,
