@@ -9,7 +9,6 @@ BENCHES = {
     "routing": ("routenlp.bench.routing", "cost/quality of RouteNLP vs baselines on a labelled outcome table"),
     "router": ("routenlp.bench.router", "router hot path: decision latency, proxy overhead, requests/s"),
     "campaign": ("routenlp.bench.campaign", "a distillation campaign end to end on BANKING77 (targeted vs untargeted)"),
-    "operator": ("routenlp.bench.operator", "operator convergence time and memory for N ModelTiers/RoutingPolicies"),
 }
 
 

@@ -1,8 +1,9 @@
-"""`routenlp bench operator`: how fast the operator converges N ModelTiers and N/5 RoutingPolicies, and its memory.
+"""The operator benchmark (`python tests/kube_emulator/bench_operator.py`): how fast the operator converges N
+ModelTiers and N/5 RoutingPolicies, and its memory.
 
 It runs the real operator (`routenlp operator`, a separate process, so its peak RSS is its own) against the
-Kubernetes API emulator that lives in the repository's tests/ folder (tests/kube_emulator, built on kmock): run it
-from a checkout. A small fake Deployment controller (a watch in this process) marks each Deployment's pods ready, as
+Kubernetes API emulator beside this file (built on kmock): a developer's tool that lives with the test code it
+drives, run from a checkout (the shipped `routenlp` distribution never imports tests/). A small fake Deployment controller (a watch in this process) marks each Deployment's pods ready, as
 a cluster would. Converged = every ModelTier and RoutingPolicy has Ready=True. Reconciles/s comes from the
 operator's own routenlp_operator_reconciles_total; peak RSS from /proc/<pid>/status (VmHWM).
 """
@@ -22,18 +23,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[3]
-TESTS = REPO / "tests"
+if __package__ in (None, ""):  # run as a script: import the emulator package from tests/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kube_emulator.emulator import Client, EmulatorThread  # noqa: E402
+from routenlp.api.crdgen import crds  # noqa: E402
 
-
-def _emulator():
-    if not (TESTS / "kube_emulator" / "emulator.py").is_file():
-        raise SystemExit(f"routenlp bench operator: needs the Kubernetes API emulator from a source checkout "
-                         f"({TESTS / 'kube_emulator'} is missing); run it from the repository")
-    sys.path.insert(0, str(TESTS))
-    from kube_emulator.emulator import Client, EmulatorThread
-
-    return Client, EmulatorThread
+COMMAND = "python tests/kube_emulator/bench_operator.py"
 
 
 def _free_port() -> int:
@@ -120,9 +115,6 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def run_size(n: int, timeout: float, progress: bool) -> dict:
-    Client, EmulatorThread = _emulator()
-    from routenlp.api.crdgen import crds
-
     emu = EmulatorThread().start()
     client = Client(emu.url)
     for crd in crds().values():
@@ -209,7 +201,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="routenlp bench operator", description=__doc__,
+    p = argparse.ArgumentParser(prog=COMMAND, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="100,500,1000", help="comma-separated N (ModelTiers); policies = N/5")
     p.add_argument("--timeout", type=float, default=300, help="give up on a size after this many seconds")
@@ -222,10 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     if not sizes or min(sizes) < 5:
         p.error("--sizes: each N must be >= 5 (one policy per 5 tiers)")
     rows = [run_size(n, args.timeout, progress=not args.json) for n in sizes]
-    result = {"benchmark": "operator", "command": "routenlp bench operator --sizes " + ",".join(map(str, sizes)),
+    result = {"benchmark": "operator", "command": f"{COMMAND} --sizes " + ",".join(map(str, sizes)),
               "cpus": os.cpu_count(), "results": rows}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(table(rows))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
