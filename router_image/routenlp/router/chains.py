@@ -16,6 +16,10 @@ import numpy as np
 from .cascade import chain_ends
 
 
+# The default margin of `learn_chains` for the trainer and the benchmark alike (`--chain-min-gain-se`).
+MIN_GAIN_SE = 1.0
+
+
 def learn_chains(quality, cost, task_ids, n_tasks: int, min_gain: float = 0.0, min_gain_se: float = 0.0) -> np.ndarray:
     """(n_tasks, K) bool chains from training outcomes: per task, the tiers (in portfolio order, cheapest first) whose
     mean quality on that task beats the chain's previous member by more than `min_gain` + `min_gain_se` standard

@@ -80,6 +80,16 @@ class UpstreamResult:
     latency_s: float
     retry_after: float | None = None  # the tier's Retry-After header, in seconds
 
+    @classmethod
+    def read(cls, status: int, text: str, retry_after: str | None, latency_s: float) -> "UpstreamResult":
+        """An HTTP answer as the engine judges it: the body parsed when it is a JSON object."""
+        try:
+            parsed = json.loads(text)
+        except (ValueError, RecursionError):
+            parsed = None
+        return cls(status, parsed if isinstance(parsed, dict) else None, text, latency_s,
+                   parse_retry_after(retry_after))
+
 
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds form; an HTTP date or garbage -> None)."""
@@ -135,7 +145,7 @@ class TierClient:
                 async with self.session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=limit)) as resp:
                     raw = await resp.read()
                     status = resp.status
-                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                    retry_after = resp.headers.get("Retry-After")
                 break
             except self.RETRY_EXCEPTIONS as exc:
                 if attempt < self.retries:
@@ -146,13 +156,7 @@ class TierClient:
             except asyncio.TimeoutError:
                 self.breaker.failure()
                 raise UpstreamError(f"{self.tier.name}: timed out after {limit:.3g}s") from None
-        text = raw.decode("utf-8", errors="replace")
-        try:
-            parsed = json.loads(text)
-        except (ValueError, RecursionError):
-            parsed = None
-        return UpstreamResult(status, parsed if isinstance(parsed, dict) else None, text,
-                              time.perf_counter() - t0, retry_after)
+        return UpstreamResult.read(status, raw.decode("utf-8", errors="replace"), retry_after, time.perf_counter() - t0)
 
     async def open_stream(self, path: str, body: dict, timeout: float | None = None) -> aiohttp.ClientResponse:
         """Start a streaming POST; the caller reads it with `stream_lines` and releases it. The connection and the

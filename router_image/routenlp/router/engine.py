@@ -205,13 +205,13 @@ class CascadeEngine:
     def tiers_up(self) -> list[bool]:
         return [not p.breaker.is_open for p in self.ports]
 
-    def _fallback(self, tried: set[int]) -> list[int]:
+    def fallback_tiers(self, tried: set[int]) -> list[int]:
         """After a failure with nothing left in the plan: the highest untried tier that is up."""
         up = self.tiers_up()
         rest = [k for k in range(len(self.tiers)) if k not in tried and up[k]]
         return rest[-1:]
 
-    def _book_fault(self, k: int, result: UpstreamResult) -> None:
+    def book_fault(self, k: int, result: UpstreamResult) -> None:
         """A tier fault on the breaker (transport errors are booked by the port itself)."""
         breaker = self.ports[k].breaker
         if result.status in HOLD_STATUSES and result.retry_after is not None:
@@ -237,7 +237,7 @@ class CascadeEngine:
                 out.deadline_exceeded = True
                 break
             if not port.breaker.allow():
-                queue = queue or self._fallback(tried)
+                queue = queue or self.fallback_tiers(tried)
                 continue
             p_k = None if plan.prior is None else float(plan.prior[k])
             is_end = k == plan.end or k == len(self.tiers) - 1
@@ -247,7 +247,7 @@ class CascadeEngine:
                 obs.tier_error(tier.name)
                 out.attempts.append(TierAttempt(tier=tier.name, model=tier.served_model_name, error=str(e),
                                                 predicted=p_k))
-                queue = queue or self._fallback(tried)
+                queue = queue or self.fallback_tiers(tried)
                 continue
             obs.tier_latency(tier.name, res.latency_s)
             kind = classify(res, is_end)
@@ -257,14 +257,14 @@ class CascadeEngine:
                 return out
             if kind != "answer":
                 if kind == "tier_fault":
-                    self._book_fault(k, res)
+                    self.book_fault(k, res)
                     obs.tier_error(tier.name)
                 else:
                     port.breaker.success()
                 out.attempts.append(TierAttempt(tier=tier.name, model=tier.served_model_name, predicted=p_k,
                                                 error=f"HTTP {res.status}" if res.status >= 300
                                                 else "malformed response", latency_ms=res.latency_s * 1000))
-                queue = queue or self._fallback(tried)
+                queue = queue or self.fallback_tiers(tried)
                 continue
             port.breaker.success()
             text = answer_text(req.kind, res.body)

@@ -32,13 +32,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from routenlp.api.common import parse_duration
+from routenlp.api.router_config import RouterConfig
 from routenlp.api.routingpolicy import RiskMeasure
 
 from . import cascade
-from .auth import FeedbackGate, KeyDir, auth_middleware, caller_of
 from .artifacts import Calibration, RouterArtifact, latest_version, load_artifact
-from .clients import TierClient, UpstreamError, UpstreamResult, parse_retry_after
-from routenlp.api.router_config import RouterConfig
+from .auth import FeedbackGate, KeyDir, auth_middleware, caller_of
+from .clients import TierClient, UpstreamError, UpstreamResult
 from .conformal import ThresholdResult, calibrate_threshold
 from .confidence import ConfidenceSet
 from .decision_cache import DecisionCache
@@ -48,9 +48,9 @@ from .engine import (CascadeEngine, Observer, Outcome, Plan, certified, classify
 from .eventlog import EventLogWriter, labelled_attempts, read_events
 from .events import (JUDGE, LABELLER, FeedbackEvent, LabelSource, RoutingEvent, RoutingOutcome, TierAttempt,
                      label_acceptable, random_sample_label)
+from .figures import RolloutFigures
 from .figures_store import ADOPT_SECONDS, SAVE_SECONDS, FiguresStore
 from .metrics import RouterMetrics
-from .figures import RolloutFigures
 from .openai_api import (ApiError, ParsedRequest, answer_text, parse_chat, parse_completion, parse_json_body,
                          resolve_task, sse_events, stream_delta_text, structured_agree, usage)
 from .window import AttemptLabels, LabelWindow
@@ -187,10 +187,7 @@ class RouterState:
         """The task's chain: pinned in the RoutingPolicy (`tasks[].chain`), else learnt by the trainer (the
         artifact's `chains`), else every tier."""
         pinned = self.tasks[task].chain
-        if pinned:
-            return list(pinned)
-        learnt = _calibrated_chain(art, task, self.tier_names)
-        return learnt
+        return list(pinned) if pinned else _calibrated_chain(art, task, self.tier_names)
 
     def chain(self, art: RouterArtifact | None, task: str) -> list[bool] | None:
         """The task's chain as a mask over the portfolio (None: every tier)."""
@@ -457,14 +454,6 @@ class ServerObserver(Observer):
         self.s.metrics.escalations.labels(self.s.config.policy, task, from_tier, to_tier).inc()
 
 
-def _json_object(text: str) -> dict | None:
-    try:
-        v = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    return v if isinstance(v, dict) else None
-
-
 def _client_fault(result: UpstreamResult, tier: str) -> web.Response:
     """The chain end said the request is invalid: a 4xx with the provider's message redacted, never its body."""
     msg = redacted_message(result)
@@ -572,8 +561,7 @@ class Handlers:
                 "x-routenlp-router-version": version or "none"}
 
     def _record(self, r: Routing, attempts: list[TierAttempt], final_tier: str | None, outcome: RoutingOutcome,
-                shadow: bool,
-                explored: bool = False) -> RoutingEvent:
+                shadow: bool, explored: bool = False) -> RoutingEvent:
         s = self.s
         latency = time.perf_counter() - r.t_start
         s.metrics.request_seconds.labels(s.config.policy).observe(latency)
@@ -648,18 +636,16 @@ class Handlers:
             observer.tier_error(tier.name)
             attempt.error = str(e)
         if upstream is not None and upstream.status >= 300:
-            text = await upstream.text()
+            res = UpstreamResult.read(upstream.status, await upstream.text(), upstream.headers.get("Retry-After"), 0.0)
             upstream.release()
-            res = UpstreamResult(upstream.status, _json_object(text), text, 0.0,
-                                 parse_retry_after(upstream.headers.get("Retry-After")))
             if classify(res, is_end=k == plan.end) == "client_fault":
                 return _client_fault(res, tier.name)
-            s.engine._book_fault(k, res)
+            s.engine.book_fault(k, res)
             observer.tier_error(tier.name)
             attempt.error, upstream = f"HTTP {res.status}", None
         if upstream is None:  # nothing streamed yet: the rest of the portfolio answers through the engine
-            rest = [j for j in s.engine._fallback({k})]
-            fallback = Plan(plan.prior, plan.start, rest, plan.thresholds, plan.end, plan.explore)
+            fallback = Plan(plan.prior, plan.start, s.engine.fallback_tiers({k}), plan.thresholds, plan.end,
+                            plan.explore)
             out = await s.engine.run(req, r.task, _is_structured(s.tasks[r.task]), fallback, r.confidence, deadline,
                                      observer)
             out.attempts.insert(0, attempt)

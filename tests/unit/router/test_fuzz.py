@@ -79,9 +79,16 @@ def router(tmp_path_factory):
     live.close()
 
 
+# aiohttp's HTTP parser decodes a compressed body itself; when the garbage arrives with the headers it rejects the
+# request before any handler runs, with its own plain-text 400, which the app cannot shape (a known gap,
+# docs/operations.md). Which path a request takes depends on packet timing.
+
+
 def _check(status, body, name="?"):
     SENT[name] += 1
     assert status < 500, body[:300]
+    if status == 400 and not body.lstrip().startswith(b"{"):  # the parser's plain-text rejection (above)
+        return
     if status >= 400:
         err = json.loads(body)["error"]
         assert isinstance(err["message"], str) and err["message"]

@@ -142,6 +142,13 @@ def sample_traffic(examples, n: int, rng: random.Random, skew: float, ranking: l
 # ------------------------------------------------------------------------------------------- routing (pure-ish)
 
 
+def oracle_usage(query: str, label: str) -> tuple[int, int]:
+    """(input, output) tokens the oracle stand-in bills for one query, as a frontier model would."""
+    from routenlp.local import banking77 as b77
+
+    return b77.approx_tokens(SYSTEM_PROMPT) + 4 + b77.approx_tokens(query), b77.approx_tokens(label)
+
+
 class OraclePort:
     """The reference tier of the campaign bench, in process: the oracle stand-in answers each query with its gold
     label (no frontier model runs here), with the token counts a frontier model would bill."""
@@ -152,13 +159,12 @@ class OraclePort:
         self.gold, self.breaker = gold, CircuitBreaker()
 
     async def post(self, path: str, body: dict, timeout: float | None = None):
-        from routenlp.local import banking77 as b77
         from routenlp.router.clients import UpstreamResult
 
         query = body["messages"][-1]["content"]
         label = self.gold[query]
-        usage = {"prompt_tokens": b77.approx_tokens(SYSTEM_PROMPT) + 4 + b77.approx_tokens(query),
-                 "completion_tokens": b77.approx_tokens(label)}
+        prompt_tokens, completion_tokens = oracle_usage(query, label)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
         answer = {"choices": [{"message": {"role": "assistant", "content": label}}], "usage": usage}
         return UpstreamResult(200, answer, "", 0.0)
 
@@ -228,10 +234,7 @@ def route(queries: list[Any], student: Any, student_model: str, artifact: Any, e
     now = time.time()
     for i, (q, out) in enumerate(zip(queries, outcomes)):
         rid = uuid.uuid4().hex
-        ref = out.attempts[-1] if out.attempts and out.attempts[-1].tier == REFERENCE else None
-        ref_tokens = (ref.input_tokens, ref.output_tokens) if ref else (
-            b77_tokens(SYSTEM_PROMPT, q.text), b77_tokens("", q.label))
-        total["reference_cost"] += cost(REFERENCE, *ref_tokens)
+        total["reference_cost"] += cost(REFERENCE, *oracle_usage(q.text, q.label))
         first = out.attempts[0] if out.attempts else None
         if first is not None and first.tier == STUDENT:
             total["student_tried"] += 1
@@ -239,7 +242,7 @@ def route(queries: list[Any], student: Any, student_model: str, artifact: Any, e
                 signals.append({"request_id": rid, "task": TASK, "query": q.text, "tier": STUDENT,
                                 "model": student_model, "answer": first.response or "", "target": q.label,
                                 "acceptable": matches(first.response or "", q.label),
-                                "token_logprobs": token_logprobs_of(out, STUDENT)})
+                                "token_logprobs": list(out.logprobs.get(STUDENT) or [])})
         final = None if out.final is None else tiers[out.final].name
         answer = out.answers.get(final, "") if final else ""
         event_cost = sum(a.cost_usd for a in out.attempts)
@@ -269,17 +272,6 @@ def route(queries: list[Any], student: Any, student_model: str, artifact: Any, e
         "student_model": student_model,
         "_signals": signals,
     }
-
-
-def b77_tokens(system: str, text: str) -> int:
-    from routenlp.local import banking77 as b77
-
-    return (b77.approx_tokens(system) + 4 if system else 0) + b77.approx_tokens(text)
-
-
-def token_logprobs_of(outcome: Any, tier: str) -> list[float]:
-    """The token logprobs the engine scored for `tier`'s answer (kept for the evaluate stage's signals)."""
-    return list(outcome.logprobs.get(tier) or [])
 
 
 # ------------------------------------------------------------------------------------------------ stages (CLI)

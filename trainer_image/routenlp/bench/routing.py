@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from routenlp.router.cascade import chain_ends
-from routenlp.router.chains import chains_to_names, learn_chains
+from routenlp.router.chains import MIN_GAIN_SE, chains_to_names, learn_chains
 from routenlp.router.conformal import ACCEPTED_ANSWERS, ALL_REQUESTS, RISK_MEASURES
 
 from . import metrics as M
@@ -576,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--chains", choices=("per-task", "global"), default="per-task",
                     help="RouteNLP's tier chains: each task's cost/quality Pareto set on train (default) or one "
                     "Pareto chain for all tasks")
-    ap.add_argument("--chain-min-gain-se", type=float, default=1.0,
+    ap.add_argument("--chain-min-gain-se", type=float, default=MIN_GAIN_SE,
                     help="a tier joins a task's chain only if it beats the previous member on that task's training "
                     "queries by more than this many standard errors (chains.learn_chains; 0 = plain Pareto set)")
     ap.add_argument("--floor", default="",

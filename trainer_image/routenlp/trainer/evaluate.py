@@ -17,7 +17,6 @@ import argparse
 import json
 import re
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 from .manifest import Stage, StageError, local_path, print_summary, read_jsonl, write_jsonl

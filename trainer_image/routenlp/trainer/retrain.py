@@ -124,7 +124,7 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
     from routenlp.router.artifacts import Calibration
     from routenlp.router.cascade import start_tiers
     from routenlp.router.confidence import FEATURES, ConfidenceSet, answer_features, fit_confidence
-    from routenlp.router.chains import chains_from_names, chains_to_names, learn_chains
+    from routenlp.router.chains import MIN_GAIN_SE, chains_from_names, chains_to_names, learn_chains
     from routenlp.router.conformal import calibrate_cascade, certify_floor, training_grid
 
     tasks = sorted({r["task"] for r in rows})
@@ -160,7 +160,7 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
     pred = router.predict_proba(x, np.array([router.task_index(r["task"]) or 0 for r in rows]))
     # Tiers come cheapest first: their order stands in for cost when learning each task's Pareto chain.
     order = np.tile(np.arange(len(tiers), dtype=float), (int(fit.sum()), 1))
-    chains = learn_chains(q[fit], order, task_ids[fit], len(tasks))
+    chains = learn_chains(q[fit], order, task_ids[fit], len(tasks), min_gain_se=MIN_GAIN_SE)
     pinned = {t: c for t, c in (pinned_chains or {}).items() if t in tasks}
     if pinned:  # the policy's pinned chains win; the other tasks keep their learnt one
         try:
