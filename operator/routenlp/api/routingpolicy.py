@@ -80,9 +80,10 @@ class Task(ApiModel):
         gt=0,
         lt=1,
         description="A promise: with probability at least 1 - cascade.delta, the task's quality on new traffic is at "
-        "least qualityFloor x the quality of always using the reference tier (docs/guarantee.md). The thresholds "
-        "of the chain's cheaper tiers are then calibrated with risk levels derived from the floor (riskMeasure "
-        "allRequests), not cascade.riskLevel. Unset: only riskLevel is promised, per tier.",
+        "least qualityFloor x the quality of always using the reference tier (docs/guarantee.md). The trainer then "
+        "certifies one confidence level for the chain's cheaper tiers on the task's own calibration requests "
+        "(Learn-then-Test of the quality ratio), instead of cascade.riskLevel; a task no level certifies is served "
+        "by the reference. Unset: cascade.qualityFloor, if set, covers the task; else only riskLevel is promised.",
     )
     chain: list[str] = Field(
         default_factory=list,
@@ -158,6 +159,15 @@ class Cascade(ApiModel):
         gt=0,
         lt=1,
         description="The guarantee holds with probability at least 1 - delta over the calibration sample.",
+    )
+    quality_floor: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="A promise over the traffic mix: with probability at least 1 - delta, the quality of the "
+        "requests of all tasks without their own qualityFloor is at least qualityFloor x that of always using the "
+        "reference tier (docs/guarantee.md). One confidence level for every cheaper tier, certified on their pooled "
+        "calibration requests; a larger sample than any one task's, so it costs less than per-task floors.",
     )
     min_calibration_samples: int = Field(
         default=200, ge=10, description="Labelled events a (task, tier) needs before its threshold is used."

@@ -684,7 +684,7 @@ class StageContext:
     teacher_key: SecretKeyRef | None = None
     student_cache_claim: str | None = None  # student tier's model-cache PVC: where adapters are published
     chains: tuple[tuple[str, tuple[str, ...]], ...] = ()  # pinned tasks[].chain (other tasks' chains are learnt)
-    quality_floors: tuple[tuple[str, float], ...] = ()  # tasks[].qualityFloor
+    quality_floors: tuple[tuple[str, float], ...] = ()  # tasks[].qualityFloor; "*": cascade.qualityFloor
 
 
 ADAPTER_MOUNT = "/var/lib/routenlp-adapters"  # the student's model-cache PVC inside stage Jobs
@@ -834,7 +834,8 @@ def stage_context(campaign: DistillationCampaign, policy: RoutingPolicy, student
         teacher_key=ext.api_key_secret_ref if ext else None,
         student_cache_claim=engine.model_cache.claim_name if engine and engine.model_cache else None,
         chains=tuple((t.name, tuple(t.chain)) for t in policy.spec.tasks if t.chain),
-        quality_floors=tuple((t.name, t.quality_floor) for t in policy.spec.tasks if t.quality_floor is not None),
+        quality_floors=tuple((t.name, t.quality_floor) for t in policy.spec.tasks if t.quality_floor is not None)
+        + ((("*", policy.spec.cascade.quality_floor),) if policy.spec.cascade.quality_floor is not None else ()),
     )
 
 

@@ -1,5 +1,10 @@
 """Answer confidence: a small calibrated model per (task, tier) mapping answer features to P(answer acceptable).
 
+`fit_confidence_set` fits one model per tier over a GROUP of tasks (by default all tasks of one kind: structured or
+generation, whose features mean different things) and serves it for each task of the group: measured on MMLU-Pro
+(docs/bench-routing.md), models pooled over tasks rank answers across tasks better than per-(task, tier) models
+fitted on a few hundred answers each, and one confidence level then means the same in every task.
+
 Features (any subset may be present; absent ones are NaN):
 - mean_logprob, min_logprob: over the answer's tokens (vLLM returns them);
 - label_prob: probability of the whole answer for structured tasks (exp of the summed token logprobs);
@@ -147,3 +152,31 @@ class ConfidenceSet:
     @classmethod
     def from_json(cls, d: dict) -> "ConfidenceSet":
         return cls({task: {tier: ConfidenceModel.from_json(m) for tier, m in tiers.items()} for task, tiers in d.items()})
+
+
+def fit_confidence_set(features: dict[str, np.ndarray], labels: np.ndarray, task_ids: np.ndarray, tasks: list[str],
+                       tiers: list[str], groups: list[list[str]] | None = None, min_samples: int = 30,
+                       rows: np.ndarray | None = None) -> ConfidenceSet:
+    """One `fit_confidence` model per (group of tasks, tier), served for every task of the group.
+
+    features: name -> (n, K) arrays (NaN = absent); labels: (n, K) acceptability (NaN = unknown); task_ids: (n,)
+    indices into tasks; tiers: the K tier names (the last, the reference, is never thresholded: no model);
+    groups: task names pooled together (default: all tasks in one group; a task in no group gets its own model);
+    rows: optional (n,) bool, the rows to fit on (the rest are ignored)."""
+    y = np.asarray(labels, dtype=float)
+    tid = np.asarray(task_ids)
+    fit_rows = np.ones(len(tid), dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
+    grouped = [list(g) for g in (groups if groups is not None else [list(tasks)]) if g]
+    seen = {t for g in grouped for t in g}
+    grouped += [[t] for t in tasks if t not in seen]
+    conf = ConfidenceSet()
+    for group in grouped:
+        member = fit_rows & np.isin(tid, [tasks.index(t) for t in group if t in tasks])
+        for k, tier in enumerate(tiers[:-1]):
+            m = member & ~np.isnan(y[:, k])
+            model = fit_confidence({n: np.asarray(v)[m, k] for n, v in features.items()}, y[m, k],
+                                   min_samples=min_samples)
+            if model is not None:
+                for t in group:
+                    conf.models.setdefault(t, {})[tier] = model
+    return conf

@@ -312,13 +312,21 @@ def calibrate_cascade(task_ids, start, scores, labels, n_tasks: int, risk_level,
 # ------------------------------------------------------------------------------------------- the quality floor
 
 
-def clopper_pearson_lower(successes: int, n: int, delta: float) -> float:
-    """One-sided exact (Clopper-Pearson) lower confidence bound at level 1 - delta on a Bernoulli mean; 0 if n == 0."""
-    from scipy.stats import beta
-
-    if n <= 0 or successes <= 0:
-        return 0.0
-    return float(beta.ppf(delta, successes, n - successes + 1))
+def _betting_log_capital(x, m, delta: float, seed: int = 0) -> np.ndarray:
+    """max_t log K_t(m) for each candidate mean m of the one-sided hedged-capital betting test (below)."""
+    x = np.clip(np.asarray(x, dtype=float).reshape(-1), 0.0, 1.0)
+    m = np.atleast_1d(np.asarray(m, dtype=float))
+    n = len(x)
+    if n == 0:
+        return np.zeros(len(m))
+    x = x[np.random.default_rng(seed).permutation(n)]
+    i = np.arange(1, n + 1)
+    mu = (0.5 + np.cumsum(x)) / (i + 1)
+    var = (0.25 + np.cumsum((x - mu) ** 2)) / (i + 1)
+    var_prev = np.concatenate([[0.25], var[:-1]])
+    lam = np.sqrt(2 * np.log(1 / delta) / (n * var_prev))
+    lam_m = np.minimum(lam[None, :], 0.5 / np.maximum(m[:, None], 1e-12))
+    return np.cumsum(np.log1p(lam_m * (x[None, :] - m[:, None])), axis=1).max(axis=1)
 
 
 def betting_lower(x, delta: float, grid: int = 2000, seed: int = 0) -> float:
@@ -331,107 +339,98 @@ def betting_lower(x, delta: float, grid: int = 2000, seed: int = 0) -> float:
     Hoeffding for paired differences that are mostly 0). The bets are sequential, so the data are first put in a
     fixed pseudo-random order (seed `seed`, independent of their values): a sorted input (e.g. rows grouped by
     source) would otherwise break the i.i.d. order the bound needs."""
-    x = np.clip(np.asarray(x, dtype=float).reshape(-1), 0.0, 1.0)
-    n = len(x)
-    if n == 0:
+    if not len(np.asarray(x).reshape(-1)):
         return 0.0
-    x = x[np.random.default_rng(seed).permutation(n)]
-    i = np.arange(1, n + 1)
-    mu = (0.5 + np.cumsum(x)) / (i + 1)
-    var = (0.25 + np.cumsum((x - mu) ** 2)) / (i + 1)
-    var_prev = np.concatenate([[0.25], var[:-1]])
-    lam = np.sqrt(2 * np.log(1 / delta) / (n * var_prev))
     m = np.linspace(0.0, 1.0, grid + 1)[1:]  # candidate means (m = 0 is never rejected)
-    lam_m = np.minimum(lam[None, :], 0.5 / m[:, None])
-    log_cap = np.cumsum(np.log1p(lam_m * (x[None, :] - m[:, None])), axis=1)
-    rejected = log_cap.max(axis=1) >= np.log(1 / delta)
+    rejected = _betting_log_capital(x, m, delta, seed) >= np.log(1 / delta)
     # rejection is monotone in m up to the truncation; the bound is the largest m below which every m is rejected
     if not rejected[0]:
         return 0.0
     return float(m[np.argmin(rejected) - 1]) if not rejected.all() else float(m[-1])
 
 
-@dataclass(frozen=True)
-class FloorRiskLevels:
-    """Per-tier (alpha_k, delta_k) that make a task's quality floor binding (`floor_risk_levels`)."""
+def floor_p_value(routed, reference, floor: float, delta: float, seed: int = 0) -> float:
+    """p-value of H0 "E[routed] < floor x E[reference]" (the quality ratio against always-reference is below the
+    floor) from paired labels (1 = acceptable) of the same random-sample requests: what the cascade answered under
+    one fixed setting, and what the reference answered. d_i = routed_i - floor x reference_i lies in [-floor, 1];
+    the betting test of `betting_lower` on (d_i + floor) / (1 + floor) against the mean floor / (1 + floor), i.e.
+    E[d] = 0; p = min(1, 1 / max_t K_t) (Ville). delta only tunes the bets (lam_i), as in `betting_lower`."""
+    y, r = _paired(routed, reference, "routed and reference labels")
+    if not len(y):
+        return 1.0
+    x = ((y >= 0.5).astype(float) - floor * (r >= 0.5) + floor) / (1.0 + floor)
+    log_k = float(_betting_log_capital(x, floor / (1.0 + floor), delta, seed)[0])
+    return float(min(1.0, np.exp(-max(log_k, 0.0))))
 
-    alphas: np.ndarray  # (n_cheaper,) allRequests risk level of each cheaper chain tier (0 = it may accept nothing)
-    deltas: np.ndarray  # (n_cheaper,) LTT delta of each cheaper chain tier
-    lower_bound: float  # L: lower confidence bound on Q_end - floor x Q_ref (0 when there are no labels)
-    bound_delta: float  # the delta L was computed at
-    end_certified: bool  # L >= 0: the chain end's own quality holds the floor (else route the task to the reference)
-    n: int  # paired calibration labels used
+
+@dataclass(frozen=True)
+class LevelCertificate:
+    """`certify_level`'s outcome: which setting of a strict-to-loose sequence holds a quality floor."""
+
+    index: int | None  # the loosest setting certified (None: not even the strictest one)
+    p_values: list[float]
+    n: int  # paired calibration labels
+    quality_ratio: float | None  # routed / reference quality on the calibration sample at `index`
 
     def to_json(self) -> dict:
-        return {"alphas": self.alphas.tolist(), "deltas": self.deltas.tolist(), "lower_bound": self.lower_bound,
-                "bound_delta": self.bound_delta, "end_certified": self.end_certified, "n": self.n}
+        return asdict(self)
 
 
-def floor_lower_bound(floor: float, end_labels, ref_labels, delta: float, end_is_reference: bool) -> float:
-    """Lower confidence bound (level 1 - delta) on D = Q_end - floor x Q_ref from paired calibration labels (1 =
-    acceptable) of the chain end and of the reference on the same requests of one task.
-
-    end is the reference: D = (1 - floor) Q_ref, bounded exactly with Clopper-Pearson on Q_ref.
-    otherwise: d_i = y_end,i - floor y_ref,i in [-floor, 1]; `betting_lower` on (d_i + floor) / (1 + floor)."""
+def certify_level(routed, reference, floor: float, delta: float) -> LevelCertificate:
+    """Learn-then-Test for a quality floor over a sequence of cascade settings (docs/guarantee.md, "The quality
+    floor"): routed is (n, T), column j the labels (1 = acceptable, NaN = unknown) of what the cascade answers the
+    n calibration requests under setting j, settings ordered from strict (answers close to the reference's) to
+    loose (cheaper); reference is (n,) the reference's labels. Each setting is tested with `floor_p_value`, walked
+    by MAPIE's fixed-sequence procedure at level delta (it stops at the first setting not certified). With
+    probability >= 1 - delta the setting returned has E[routed] >= floor x E[reference] on new traffic from the
+    same distribution. The sequence must be fixed without the calibration labels (e.g. one confidence level for
+    every cheaper tier, from strict to loose)."""
     if not 0 < floor <= 1 or not 0 < delta < 1:
         raise ValueError(f"floor must be in (0, 1] and delta in (0, 1); got {floor}, {delta}")
-    ye, yr = _paired(end_labels, ref_labels, "end and reference labels")
-    ye, yr = ye >= 0.5, yr >= 0.5
-    if end_is_reference:
-        return (1.0 - floor) * clopper_pearson_lower(int(yr.sum()), len(yr), delta)
-    if not len(ye):
-        return -floor  # nothing known: the end cannot be certified
-    d = ye.astype(float) - floor * yr.astype(float)
-    return (1.0 + floor) * betting_lower((d + floor) / (1.0 + floor), delta) - floor
+    Y = np.asarray(routed, dtype=float)
+    if Y.ndim != 2:
+        raise ValueError(f"routed must be (n, settings); got shape {Y.shape}")
+    r = np.asarray(reference, dtype=float).reshape(-1)
+    if len(r) != len(Y):
+        raise ValueError(f"routed has {len(Y)} rows and reference {len(r)}")
+    p = [floor_p_value(Y[:, j], r, floor, delta) for j in range(Y.shape[1])]
+    ok = _fixed_sequence(1).run(np.asarray(p), delta) if p else np.zeros(0, dtype=int)
+    j = int(ok.max()) if len(ok) else None
+    keep = ~np.isnan(r)
+    ratio = None
+    if j is not None:
+        both = keep & ~np.isnan(Y[:, j])
+        qr = float((r[both] >= 0.5).mean()) if both.any() else 0.0
+        ratio = float((Y[both, j] >= 0.5).mean() / qr) if qr > 0 else None
+    return LevelCertificate(j, p, int(keep.sum()), ratio)
 
 
-def floor_risk_levels(floor: float, delta: float, end_labels, ref_labels, n_cheaper: int,
-                      end_is_reference: bool, n_bounds: int = 1) -> FloorRiskLevels:
-    """Risk levels that make "the task's quality ratio vs always-reference >= floor" hold with probability
-    >= 1 - delta (docs/guarantee.md, "The quality floor"), under riskMeasure allRequests.
-
-    The task's cascade loses at most sum_k P(reach k) alpha_k <= sum_k alpha_k of quality against its chain end
-    (each request is answered once; fallbacks aside). So if L is a lower confidence bound on Q_end - floor x Q_ref,
-    alphas summing to L hold the floor. delta is split by a union bound into n_bounds + n_cheaper equal parts: the
-    lower bound(s) and one LTT test per cheaper chain tier (n_bounds = 2 when the caller may fall back from a
-    non-reference end to the reference, see `certify_floor`); L is split equally over the n_cheaper tiers.
-    Plain arrays in, so the router can call it for online recalibration: end_labels, ref_labels are paired labels
-    (1 = acceptable, NaN = unknown) of the chain end and the reference on the same random-sample requests."""
-    parts = n_bounds + max(n_cheaper, 0)
-    d = delta / parts
-    lb = floor_lower_bound(floor, end_labels, ref_labels, d, end_is_reference)
-    n = len(_paired(end_labels, ref_labels, "end and reference labels")[0])
-    share = max(lb, 0.0) / n_cheaper if n_cheaper > 0 else 0.0
-    return FloorRiskLevels(np.full(max(n_cheaper, 0), share), np.full(max(n_cheaper, 0), d), float(lb), d,
-                           bool(lb >= 0), n)
+# The level family's settings, strict to loose: one confidence level for every cheaper tier of a task's chain. Fixed
+# before any data is seen, as `certify_level`'s sequence must be.
+LEVELS = np.round(np.linspace(1.0, 0.0, 51), 3)
 
 
-def certify_floor(floor: float, delta: float, labels, chain, reference: int | None = None):
-    """One task: (chain used, (K,) alphas, (K,) deltas, FloorRiskLevels) for a quality floor.
+def certify_floor_levels(start, scores, labels, chains, floor: float, delta: float, max_escalations: int,
+                         levels=LEVELS) -> tuple[float | None, LevelCertificate]:
+    """A quality floor for a group of requests (one task, or a policy's traffic mix): the loosest confidence level
+    (one threshold for every cheaper tier of each request's chain) certified by `certify_level` to keep the group's
+    quality ratio against always-reference >= floor, with probability >= 1 - delta.
 
-    labels: (n, K) calibration labels of the task's random-sample requests (the end's and the reference's columns
-    are read); chain: (K,) bool; reference: the reference tier's index (default the last). If the chain's end is
-    not the reference and its own quality cannot be certified to hold the floor (L < 0), the reference is added as
-    the new end (the old end becomes a cheaper tier). delta is pre-split over every bound this may compute (two
-    lower bounds when the end is not the reference, then one test per cheaper tier of the widest chain), so the
-    union bound holds whichever branch the data take. alphas/deltas are 0 off the cheaper tiers."""
+    start (n,), scores (n, K), labels (n, K) (1 = acceptable, NaN = unknown; the last column is the reference's),
+    chains (n, K) bool: the calibration requests of the group, as the cascade would route them. The sequence tested
+    is always-reference first, then `levels` (strict to loose). Returns (level, certificate); level None = not even
+    the strictest level holds the floor: serve the group from the reference (the certificate's index is 0 when
+    always-reference itself was certified, None when nothing was)."""
     lab = np.asarray(labels, dtype=float)
-    K = lab.shape[1]
-    ref = K - 1 if reference is None else int(reference)
-    ch = np.asarray(chain, dtype=bool).copy()
-    end = int(_cascade.chain_ends(ch))
-    n_bounds = 1 if end == ref else 2
-    widest = int((ch | (np.arange(K) == ref)).sum()) - 1  # cheaper tiers if the reference becomes the end
-    res = floor_risk_levels(floor, delta, lab[:, end], lab[:, ref], int(ch.sum()) - 1, end == ref,
-                            n_bounds=n_bounds + widest - (int(ch.sum()) - 1))
-    if not res.end_certified and end != ref:
-        ch[ref] = True
-        end = ref
-        res = floor_risk_levels(floor, delta, lab[:, ref], lab[:, ref], int(ch.sum()) - 1, True, n_bounds=n_bounds)
-    alphas, deltas = np.zeros(K), np.zeros(K)
-    cheaper = np.flatnonzero(ch)[:-1]
-    alphas[cheaper], deltas[cheaper] = res.alphas, res.deltas
-    return ch, alphas, deltas, res
+    n, K = lab.shape
+    cols = [lab[:, -1]]
+    for v in levels:
+        r = _cascade.simulate_cascade(start, scores, lab, np.zeros((n, K)), np.full((n, K), float(v)),
+                                      max_escalations, chains=chains)
+        cols.append(r.quality)
+    cert = certify_level(np.column_stack(cols) if n else np.zeros((0, len(cols))), lab[:, -1], floor, delta)
+    level = None if cert.index in (None, 0) else float(np.asarray(levels)[cert.index - 1])
+    return level, cert
 
 
 def thresholds_table(results: list[list[ThresholdResult]]) -> np.ndarray:

@@ -158,8 +158,8 @@ class RouterState:
     def threshold(self, art: RouterArtifact | None, task: str, tier: str) -> ThresholdResult | None:
         """Threshold in force: online recalibration (stable version) wins over the artifact's calibration, which is
         used only if calibrated for the policy's risk measure at a risk level no higher than the policy's, on the
-        chain in force for the task (thresholds fitted on another chain saw other requests) and, for a task with a
-        qualityFloor, at risk levels derived from that floor."""
+        chain in force for the task (thresholds fitted on another chain saw other requests) and, for a task under a
+        quality floor, certified for that floor."""
         if art is not None and art is self.stable and (task, tier) in self.online:
             return self.online[(task, tier)]
         cal: Calibration | None = art.calibration if art is not None else None
@@ -169,19 +169,23 @@ class RouterState:
             return None
         if self.chain_names(art, task) != _calibrated_chain(art, task, self.tier_names):
             return None
-        if self.tasks[task].quality_floor is not None and self.floor_risk(art, task, tier) is None:
+        if self.floor(task) is not None and not self.floor_certified(art, task):
             return None
         return cal.get(task, tier)
 
-    def floor_risk(self, art: RouterArtifact | None, task: str, tier: str) -> float | None:
-        """The risk level the trainer derived from the task's qualityFloor for this tier (artifact metadata
-        `floor_risk_levels`, written only when it calibrated for the same floor), or None."""
+    def floor(self, task: str) -> tuple[str, float] | None:
+        """The quality floor a task is under: ("task", its qualityFloor), else ("policy", cascade.qualityFloor)."""
+        own, policy = self.tasks[task].quality_floor, self.config.cascade.quality_floor
+        if own is not None:
+            return "task", own
+        return ("policy", policy) if policy is not None else None
+
+    def floor_certified(self, art: RouterArtifact | None, task: str) -> bool:
+        """The artifact's thresholds for the task were certified for the floor in force, at the same scope (metadata
+        `floor_certificates`, written by the trainer's certify_floor_levels)."""
         meta = art.metadata if art is not None else {}
-        floors = meta.get("floor_risk_levels", {}).get(task) or {}
-        if floors.get("floor") != self.tasks[task].quality_floor:
-            return None
-        value = floors.get("tiers", {}).get(tier)
-        return float(value) if isinstance(value, (int, float)) and value > 0 else None
+        cert = meta.get("floor_certificates", {}).get(task) or {}
+        return (cert.get("scope"), cert.get("floor")) == self.floor(task)
 
     def chain_names(self, art: RouterArtifact | None, task: str) -> list[str]:
         """The task's chain: pinned in the RoutingPolicy (`tasks[].chain`), else learnt by the trainer (the
@@ -262,14 +266,11 @@ class RouterState:
             # allRequests' risk only grows as the threshold falls, so the fixed grid walked from strict to loose is a
             # valid fixed sequence with no training data; acceptedAnswers' is not monotone there: Holm over the grid.
             fwer = "fixed_sequence" if measure == RiskMeasure.ALL_REQUESTS.value else "holm"
-            alpha: float | None = c.risk_level
-            if self.tasks[task].quality_floor is not None:
-                # The floor's risk levels need the reference's quality, which only the trainer's labelled data
-                # bounds: recalibrate at the levels it derived, or not at all.
-                alpha = self.floor_risk(self.stable, task, tier)
-            if alpha is None:
+            if self.floor(task) is not None:
+                # A floor certifies the task's whole cascade against the reference (one level for every cheaper
+                # tier, on requests labelled at every tier): per-tier windows cannot recertify it; the trainer does.
                 continue
-            self.online[(task, tier)] = calibrate_threshold(s, y, alpha, c.delta, c.min_calibration_samples,
+            self.online[(task, tier)] = calibrate_threshold(s, y, c.risk_level, c.delta, c.min_calibration_samples,
                                                             fwer=fwer, risk_measure=measure)
         self.publish_thresholds()
         self.metrics.recalibrations.labels(self.config.policy).inc()

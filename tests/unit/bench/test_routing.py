@@ -53,6 +53,10 @@ def test_json_has_the_documented_shape(bench_result):
     assert (out / "report.md").is_file() and (out / "synth-cost-quality.png").stat().st_size > 1000
     assert (out / "synth-violation.png").is_file()
     assert len(res["violation_study"]) == 4 and {"static", "recalibrated"} <= set(res["shift"])
+    plan = res["routenlp"]["floor_plans"]["0.90"]
+    assert len(plan["chain_sets"]) == len(plan["start_rules"]) == 2 and 0 <= plan["reference_only_seeds"] <= 2
+    held = res["methods"]["routenlp"]["floor"]["0.90"]
+    assert {"cost_reduction", "quality_ratio", "held_seeds"} <= set(held)
 
 
 def test_sanity_of_the_measured_numbers(bench_result):
@@ -86,3 +90,13 @@ def test_violation_study_respects_alpha_on_synthetic_data(bench_result):
         else:  # nothing certified: uncertified tiers are skipped, so RouteNLP costs exactly always-reference
             assert v["cost_reduction"] == pytest.approx(0.0, abs=1e-9) and v["quality_ratio"] == pytest.approx(1.0)
     assert rows[(0.2, 200)]["accepted_below_reference"] >= rows[(0.2, 50)]["accepted_below_reference"]
+
+
+def test_cut_chains_end_each_task_at_its_cheapest_good_enough_tier():
+    from routenlp.bench.routenlp_method import cut_chains
+
+    chains = np.array([[True, True, True], [True, False, True]])
+    q = np.array([[0.5, 0.9, 1.0], [0.5, 0.9, 1.0], [0.95, 0.2, 1.0], [0.95, 0.2, 1.0]])
+    tasks = np.array([0, 0, 1, 1])
+    np.testing.assert_array_equal(cut_chains(chains, q, tasks, 0.9), [[True, True, False], [True, False, False]])
+    np.testing.assert_array_equal(cut_chains(chains, q, tasks, 1.0), chains)

@@ -250,6 +250,12 @@ def test_retrain_jobs_get_the_policys_pinned_chains_and_quality_floors():
     plain = builders.stage_context(dc(), rp(), student, teacher, NS)
     job = builders.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "RetrainingRouter", 1, 1, "ev", plain)
     assert "--chains" not in job["spec"]["template"]["spec"]["initContainers"][0]["args"]
+    # the policy's floor (cascade.qualityFloor) travels as "*": the tasks without their own floor, pooled
+    mixed = builders.stage_context(dc(), rp(tiers=("small", "large"), tasks=tasks, defaultTask="intent",
+                                            cascade={"qualityFloor": 0.97}), student, teacher, NS)
+    job = builders.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "RetrainingRouter", 1, 1, "ev", mixed)
+    args = job["spec"]["template"]["spec"]["initContainers"][0]["args"]
+    assert json.loads(args[args.index("--quality-floors") + 1]) == {"intent": 0.95, "*": 0.97}
 
 
 # ---------------------------------------------------------------- issue 14: auth, admin port, read-only root

@@ -12,10 +12,9 @@ from routenlp.router.conformal import (
     betting_lower,
     calibrate_cascade,
     calibrate_threshold,
-    certify_floor,
-    clopper_pearson_lower,
-    floor_lower_bound,
-    floor_risk_levels,
+    certify_floor_levels,
+    certify_level,
+    floor_p_value,
     ordered_grid,
     thresholds_table,
     training_grid,
@@ -272,38 +271,50 @@ def test_betting_lower_bound_covers_and_adapts_to_variance():
     hoeffding = x.mean() - np.sqrt(np.log(1 / delta) / (2 * len(x)))
     assert hoeffding < betting_lower(x, delta) <= x.mean()  # tighter than Hoeffding when the spread is small
     assert betting_lower([], delta) == 0.0
-    assert clopper_pearson_lower(0, 10, 0.1) == 0.0 and 0.5 < clopper_pearson_lower(90, 100, 0.1) < 0.9
 
 
-def test_floor_risk_levels_split_alpha_and_delta_over_the_cheaper_tiers():
-    y = np.r_[np.ones(700), np.zeros(300)]
-    r = floor_risk_levels(0.97, 0.1, y, y, n_cheaper=2, end_is_reference=True)
-    lb = 0.03 * clopper_pearson_lower(700, 1000, 0.1 / 3)
-    assert r.lower_bound == pytest.approx(lb) and r.end_certified
-    np.testing.assert_allclose(r.alphas, [lb / 2, lb / 2])
-    np.testing.assert_allclose(r.deltas, [0.1 / 3, 0.1 / 3])
-    assert r.bound_delta == pytest.approx(0.1 / 3)
-    # an end that is clearly worse than the floor x the reference is not certified, and gives nothing to spend
-    worse = floor_risk_levels(0.97, 0.1, np.r_[np.ones(500), np.zeros(500)], y, 1, end_is_reference=False)
-    assert not worse.end_certified and worse.alphas[0] == 0.0
-    with pytest.raises(ValueError):
-        floor_lower_bound(1.5, y, y, 0.1, True)
+def test_floor_p_value_separates_a_ratio_above_the_floor_from_one_below():
+    rng = np.random.default_rng(1)
+    ref = (rng.random(2000) < 0.7).astype(float)
+    same = ref.copy()  # ratio 1 >= 0.95
+    worse = ref * (rng.random(2000) < 0.9)  # ratio ~0.9 < 0.95
+    assert floor_p_value(same, ref, 0.95, 0.1) < 0.01
+    assert floor_p_value(worse, ref, 0.95, 0.1) > 0.5  # never rejected
+    assert floor_p_value([], [], 0.95, 0.1) == 1.0
+    nan = same.copy()
+    nan[:10] = np.nan  # unknown labels are left out, not read as wrong
+    assert floor_p_value(nan, ref, 0.95, 0.1) < 0.01
 
 
-def test_certify_floor_falls_back_to_the_reference_when_the_learnt_end_cannot_hold_the_floor():
-    rng = np.random.default_rng(3)
-    n = 800
+def test_certify_level_stops_at_the_first_setting_that_fails():
+    rng = np.random.default_rng(2)
+    n = 3000
     ref = (rng.random(n) < 0.7).astype(float)
-    good = np.maximum(ref, rng.random(n) < 0.5)  # clearly better than the reference
-    bad = ref * (rng.random(n) < 0.9)  # 10 % worse
-    chain = np.array([True, True, False])
-    ch, alphas, deltas, res = certify_floor(0.97, 0.1, np.column_stack([rng.random(n) < 0.4, good, ref]), chain)
-    np.testing.assert_array_equal(ch, chain)
-    assert res.end_certified and alphas[0] > 0 and alphas[1] == alphas[2] == 0
-    ch, alphas, deltas, res = certify_floor(0.97, 0.1, np.column_stack([rng.random(n) < 0.4, bad, ref]), chain)
-    np.testing.assert_array_equal(ch, [True, True, True])  # the reference became the end
-    assert alphas[0] == alphas[1] > 0 and alphas[2] == 0
-    assert deltas[0] == pytest.approx(0.1 / 4)  # two bounds + two cheaper tiers, fixed before looking at the data
+    cols = [ref * (rng.random(n) < keep) for keep in (1.0, 0.995, 0.99, 0.9, 1.0)]  # the last is never reached
+    c = certify_level(np.column_stack(cols), ref, 0.95, 0.1)
+    assert c.index == 2 and len(c.p_values) == 5 and c.n == n and 0.98 < c.quality_ratio <= 1.0
+    assert certify_level(np.column_stack(cols[3:4]), ref, 0.95, 0.1).index is None
+    with pytest.raises(ValueError):
+        certify_level(np.column_stack(cols), ref, 1.5, 0.1)
+    with pytest.raises(ValueError):
+        certify_level(ref, ref, 0.95, 0.1)
+
+
+def test_certify_floor_levels_falls_back_to_the_reference_when_the_chain_end_is_too_weak():
+    rng = np.random.default_rng(3)
+    n = 2000
+    ref = (rng.random(n) < 0.7).astype(float)
+    cheap = (rng.random(n) < 0.4).astype(float)
+    good = np.maximum(ref, rng.random(n) < 0.3)  # a chain end better than the reference
+    bad = ref * (rng.random(n) < 0.85)  # 15 % worse than the reference
+    scores = np.clip(0.4 * np.column_stack([cheap, good, ref]) + 0.6 * rng.random((n, 3)), 0, 1)
+    chains = np.tile([True, True, False], (n, 1))
+    level, cert = certify_floor_levels(np.zeros(n, int), scores, np.column_stack([cheap, good, ref]), chains,
+                                       0.95, 0.1, 2)
+    assert level is not None and 0 < level < 1 and cert.index > 1
+    level, cert = certify_floor_levels(np.zeros(n, int), scores, np.column_stack([cheap, bad, ref]), chains,
+                                       0.95, 0.1, 2)
+    assert level is None and cert.index == 0  # always-reference holds; no level of this chain does
 
 
 def _floor_population(rng, n, end_gain):
@@ -320,12 +331,14 @@ def _floor_population(rng, n, end_gain):
 
 
 def _floor_run(s, y, cal, floor, delta, chain):
-    ch, alphas, deltas, _ = certify_floor(floor, delta, y[cal], chain)
-    grid = np.round(np.linspace(0.99, 0.0, 100), 4)
-    res = calibrate_cascade(np.zeros(len(cal), int), np.zeros(len(cal), int), s[cal], y[cal], 1, alphas[None, :],
-                            deltas[None, :], 10, 2, grid=grid, fwer="fixed_sequence", risk_measure="allRequests",
-                            chains=ch[None, :])
-    return ch, thresholds_table(res)
+    """(chain, threshold table) the floor certifies on the calibration draw: one level for the cheaper tiers, or
+    the reference alone."""
+    n = len(cal)
+    ch = np.broadcast_to(np.asarray(chain, bool), (n, 3))
+    level, _ = certify_floor_levels(np.zeros(n, int), s[cal], y[cal], ch, floor, delta, 2)
+    if level is None:
+        return np.array([False, False, True]), np.full((1, 3), np.nan)
+    return np.asarray(chain, bool), np.full((1, 3), level)
 
 
 @pytest.mark.parametrize("end_gain,chain", [(0.0, [True, True, True]), (0.12, [True, True, False]),

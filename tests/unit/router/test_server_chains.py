@@ -49,12 +49,17 @@ def test_thresholds_fitted_on_another_chain_are_not_used(stack_factory):
 def test_a_quality_floor_needs_thresholds_calibrated_for_it(stack_factory):
     s = stack_factory(tasks=intent(qualityFloor=0.95), artifacts=[("v1", {"router": None, "calibration": CAL})])
     _, h, _ = s.chat("refund, easy")
-    assert h["x-routenlp-tier"] == "big"  # no floor-derived risk levels in the artifact: nothing certified
-    floor = {"floor_risk_levels": {"intent": {"floor": 0.95, "tiers": {"small": 0.01, "medium": 0.01}}}}
+    assert h["x-routenlp-tier"] == "big"  # no floor certificate in the artifact: nothing certified
+    floor = {"floor_certificates": {"intent": {"floor": 0.95, "scope": "task", "level": 0.5}}}
     s2 = stack_factory(tasks=intent(qualityFloor=0.95),
                        artifacts=[("v1", {"router": None, "calibration": CAL, "metadata": floor})])
     _, h, _ = s2.chat("refund, easy")
     assert h["x-routenlp-tier"] == "small"
+    # certified for the task's own floor: not valid for a policy-wide floor (another scope, another sample)
+    s3 = stack_factory(tasks=intent(), cascade={"qualityFloor": 0.95},
+                       artifacts=[("v1", {"router": None, "calibration": CAL, "metadata": floor})])
+    _, h, _ = s3.chat("refund, easy")
+    assert h["x-routenlp-tier"] == "big"
 
 
 def test_the_exploration_sample_tries_tiers_off_the_chain(stack_factory):

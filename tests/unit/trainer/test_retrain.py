@@ -76,32 +76,37 @@ def test_retrain_writes_a_router_version_the_router_loads(tmp_path, topic_embed,
     assert list_versions(tmp_path / "artifacts") == ["v2"]
 
 
-def test_retrain_learns_chains_and_floor_risk_levels_the_router_reads(tmp_path, topic_embed, helpers):
+def test_retrain_learns_chains_and_certifies_floors_the_router_reads(tmp_path, topic_embed, helpers):
     """Chains and quality floors go through the trainer into the artifact's metadata, in the names the router reads
-    (server.RouterState.chain_names / floor_risk)."""
+    (server.RouterState.chain_names / floor_certified): one certified level for the chain's cheaper tiers."""
     from routenlp.router.artifacts import load_artifact
     from routenlp.trainer.manifest import write_jsonl
 
     rows = helpers.write_log(tmp_path / "events", n_per=80)
     write_jsonl(tmp_path / "signals.jsonl", synthetic_signals(rows))
-    args = _args(tmp_path, signals=str(tmp_path / "signals.jsonl"), version="v2", risk_measure="allRequests",
-                 quality_floors={"intent": 0.8})
+    args = _args(tmp_path, signals=str(tmp_path / "signals.jsonl"), version="v2", quality_floors={"intent": 0.8})
     retrain.run_retrain(args)
     art = load_artifact(tmp_path / "artifacts", "v2")
     assert art.metadata["chains"] == {"intent": ["student", "reference"]}  # the student is cheaper, worse: Pareto
-    floor = art.metadata["floor_risk_levels"]["intent"]
-    assert floor["floor"] == 0.8 and 0 < floor["tiers"]["student"] < 0.2  # (1 - 0.8) x a lower bound on Q_ref = 1
+    floor = art.metadata["floor_certificates"]["intent"]
+    assert floor["floor"] == 0.8 and floor["scope"] == "task" and 0 <= floor["level"] < 1
+    assert floor["certificate"]["index"] >= 1 and floor["certificate"]["n"] > 0
     res = art.calibration.get("intent", "student")
-    assert res.certified and res.empirical_risk <= floor["tiers"]["student"]
+    assert res.certified and res.threshold == floor["level"]
+    # the policy's floor ("*") covers the tasks without their own, pooled; an unreachable one leaves the reference
+    args = _args(tmp_path, signals=str(tmp_path / "signals.jsonl"), version="v4", out=str(tmp_path / "o4"),
+                 quality_floors={"*": 0.999})
+    retrain.run_retrain(args)
+    v4 = load_artifact(tmp_path / "artifacts", "v4")
+    assert v4.metadata["floor_certificates"]["intent"]["scope"] == "policy"
+    assert v4.metadata["floor_certificates"]["intent"]["level"] is None
+    assert v4.metadata["chains"] == {"intent": ["reference"]} and not v4.calibration.get("intent", "student").certified
     # a pinned chain of the reference alone: nothing cheaper is calibrated
     args = _args(tmp_path, signals=str(tmp_path / "signals.jsonl"), version="v3", out=str(tmp_path / "o3"),
                  chains={"intent": ["reference"]})
     retrain.run_retrain(args)
     v3 = load_artifact(tmp_path / "artifacts", "v3")
     assert v3.metadata["chains"] == {"intent": ["reference"]} and not v3.calibration.get("intent", "student").certified
-    with pytest.raises(retrain.StageError, match="--quality-floors"):
-        retrain.run_retrain(_args(tmp_path, signals=str(tmp_path / "signals.jsonl"), version="v4",
-                                  out=str(tmp_path / "o4"), quality_floors={"intent": 0.9}))
 
 
 def test_calibrate_recalibrates_an_existing_version(tmp_path, topic_embed, helpers):

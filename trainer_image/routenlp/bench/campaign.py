@@ -87,7 +87,7 @@ class Settings:
     # as production customer-service traffic is concentrated on few intents (`sample_traffic`)
     traffic_skew: float = 0.0
     # matched quality: every router version (before, after, control) is recalibrated for this quality ratio, the
-    # policy's binding quality floor (RoutingPolicy tasks[].qualityFloor, certified under allRequests), so the arms'
+    # policy's binding quality floor (RoutingPolicy tasks[].qualityFloor, one certified confidence level), so the arms'
     # cost reductions are compared at one quality level; the policy's risk_level figures stay as a secondary column
     quality_floor: float = 0.95
     rounds: int = 1
@@ -325,7 +325,7 @@ class Bench:
 
     def at_floor(self, base_version: str, signals: Path, name: str) -> tuple[str, dict[str, Any]]:
         """The same router weights recalibrated for the bench's quality floor (RoutingPolicy tasks[].qualityFloor:
-        the binding floor, certified under allRequests): every arm is judged at this one quality level."""
+        the binding floor, one certified confidence level): every arm is judged at this one quality level."""
         version = f"{base_version}-floor"
         m = self.stage(["calibrate", *self.policy(self.s.risk_level), "--risk-measure", ALL_REQUESTS,
                         "--quality-floors", json.dumps({TASK: self.s.quality_floor}), "--signals", str(signals),

@@ -27,21 +27,34 @@ from __future__ import annotations
 import numpy as np
 
 from routenlp.router.cascade import simulate_cascade, start_tiers
-from routenlp.router.conformal import (ACCEPTED_ANSWERS, ALL_REQUESTS, calibrate_cascade, certify_floor,
-                                       thresholds_table, training_grid)
+from routenlp.router.conformal import ALL_REQUESTS, LEVELS, calibrate_cascade, certify_floor_levels, thresholds_table
 
 from .baselines import Method, Split
 from .features import out_of_fold
 
-QUALITY_TARGETS = [0.0, 0.97, 1.0]
-FLOOR = "floor"  # knob (FLOOR, f): calibrated for the quality floor f (no sweep)
-# Risk levels swept for the operating points, per risk measure. Under `allRequests` alpha is a share of all
-# requests reaching the tier, up to the tier's own error rate (accepting everything); the steps are fine where the
-# 0.95-0.99 operating points sit (alpha of a few points) and coarse above. 3 x 20 settings: each is one
-# `calibrate_cascade` per seed, the bulk of the benchmark's time once chains have several tiers.
-RISKS = {ACCEPTED_ANSWERS: [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5],
-         ALL_REQUESTS: [0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.12, 0.14, 0.17, 0.2,
-                        0.25, 0.3, 0.35, 0.4, 0.5]}
+LEVEL = "level"  # knob (LEVEL, chain set, start rule, level): one confidence level for every cheaper chain tier
+FLOOR = "floor"  # knob (FLOOR, f): the certified quality floor f (no sweep; `floor_plan`)
+# Chain sets of the level family: the per-task chains learnt on train ("learnt"); the same chains cut at the cheapest
+# portfolio tier whose train quality on the task is at least f x the task's best ("learnt@f": the quality target
+# decides how far up each task's chain may go; with the start rule END_START it is the per-task lookup of the
+# cheapest good-enough model); the one global Pareto chain ("global").
+CUT_FACTORS = (0.99, 0.97, 0.95, 0.9)
+CHAIN_SETS = ("learnt",) + tuple(f"learnt@{f}" for f in CUT_FACTORS) + ("global",)
+END_START = 1e9  # a start rule no cheaper tier meets: every request starts at its chain's end
+QUALITY_TARGETS = [0.0, 0.9, 0.97, 1.0, END_START]  # start rules swept (0: start at the chain's cheapest tier)
+
+
+def cut_chains(chains: np.ndarray, quality: np.ndarray, task_ids: np.ndarray, factor: float) -> np.ndarray:
+    """Each task's chain cut at the cheapest tier (of the portfolio, cheapest first) whose mean training quality on
+    the task is at least factor x the task's best: that tier becomes the end, the chain's cheaper members stay."""
+    out = np.zeros_like(chains)
+    for t in range(len(chains)):
+        m = task_ids == t
+        q = quality[m].mean(0) if m.any() else quality.mean(0)
+        end = int(np.flatnonzero(q >= factor * q.max() - 1e-12)[0])
+        out[t, :end] = chains[t, :end]
+        out[t, end] = True
+    return out
 
 
 def preference_pairs(quality: np.ndarray) -> np.ndarray:
@@ -62,20 +75,19 @@ class RouteNLP(Method):
 
     def __init__(self, risk: float = 0.05, delta: float = 0.1, quality_target: float = 0.97,
                  min_calibration_samples: int = 10, epochs: int = 30, folds: int = 3,
-                 quality_targets=None, risks=None, task_of=None, fwer: str = "fixed_sequence",
-                 risk_measure: str = ALL_REQUESTS, floor_quality_target: float = 0.0):
+                 quality_targets=None, levels=None, task_of=None, fwer: str = "fixed_sequence",
+                 risk_measure: str = ALL_REQUESTS, floor_scope: str = "policy", confidence_scope: str = "tier"):
         self.risk, self.delta, self.quality_target = risk, delta, quality_target
-        # Start rule under a floor: 0 = every request tries its chain's cheapest certified tier first, so the
-        # cheaper tiers see (and spend their alpha on) all the task's traffic.
-        self.floor_quality_target = floor_quality_target
         self.fwer, self.risk_measure = fwer, risk_measure
+        self.floor_scope, self.confidence_scope = floor_scope, confidence_scope
         self.min_samples, self.epochs, self.folds = min_calibration_samples, epochs, folds
-        qts = QUALITY_TARGETS if quality_targets is None else quality_targets
-        rs = RISKS[risk_measure] if risks is None else risks
-        self.knobs = [(qt, r) for qt in qts for r in rs]
-        if (quality_target, risk) not in self.knobs:
-            self.knobs.append((quality_target, risk))
+        self.quality_targets = QUALITY_TARGETS if quality_targets is None else list(quality_targets)
+        self.levels = LEVELS if levels is None else np.asarray(levels, dtype=float)  # strict to loose
+        # The operating points sweep the level family; the headline is the configured policy (per-tier alpha).
+        self.knobs = [(LEVEL, cs, qt, float(v)) for cs in CHAIN_SETS for qt in self.quality_targets
+                      for v in self.levels]
         self.default = (quality_target, risk)
+        self.knobs.append(self.default)
         # task_of: optional (n,) task ids overriding the outcome table's (the shift study pools tasks).
         self.task_of = task_of
 
@@ -88,7 +100,7 @@ class RouteNLP(Method):
         return s.outcomes.tasks, s.outcomes.task_names
 
     def fit(self, s: Split, progress: bool = False):
-        from routenlp.router.confidence import ConfidenceSet, fit_confidence
+        from routenlp.router.confidence import fit_confidence_set
         from routenlp.router.difficulty import DifficultyRouter
 
         super().fit(s)
@@ -114,23 +126,28 @@ class RouteNLP(Method):
         self.prior[tr] = prior_oof
         rest = np.setdiff1d(np.arange(s.outcomes.n), tr)
         self.prior[rest] = self.router.predict_proba(s.X[rest], tasks[rest])
-        # Confidence per (task, tier) on out-of-fold features of the training split (every non-reference tier: a
-        # chain's end is not thresholded, but becomes a cheaper tier when the floor falls back to the reference).
-        models: dict = {}
-        for t, tname in enumerate(names):
-            m = tasks[tr] == t
-            for k, tier in enumerate(tier_names[:-1]):
-                feats = {"prior": prior_oof[m, k], "answer_score": s.scores[tr[m], k]}
-                cm = fit_confidence(feats, (Qt[m, k] >= 0.5).astype(float))
-                if cm is not None:
-                    models.setdefault(tname, {})[tier] = cm
-        self.confidence = ConfidenceSet(models)
+        # Confidence per tier, pooled over tasks (`fit_confidence_set`, as the trainer fits it; `confidence_scope
+        # ="task"`: one model per (task, tier)), on out-of-fold features of the training split. Every non-reference
+        # tier gets one: a chain's end is not thresholded, but is a cheaper tier of the global chain.
+        Qfull = s.Q[:, s.tiers]
+        feats = {"prior": self.prior, "answer_score": s.scores}
+        groups = [[t] for t in names] if self.confidence_scope == "task" else None
+        rows = np.zeros(s.outcomes.n, dtype=bool)
+        rows[tr] = True
+        self.confidence = fit_confidence_set(feats, (Qfull >= 0.5).astype(float), tasks, names, tier_names,
+                                             groups=groups, rows=rows)
         self.conf = np.ones((s.outcomes.n, len(s.tiers)))  # reference column unused (never thresholded)
         for t, tname in enumerate(names):
             m = np.flatnonzero(tasks == t)
             for k, tier in enumerate(tier_names[:-1]):
                 self.conf[m, k] = self.confidence.score_many(
                     tname, tier, {"prior": self.prior[m, k], "answer_score": s.scores[m, k]})
+        # The chain sets of the level family (CHAIN_SETS).
+        glob = s.global_chain if s.global_chain is not None else np.ones(K, dtype=bool)
+        self.chain_sets = {"learnt": self.chains, "global": np.broadcast_to(np.asarray(glob, bool),
+                                                                            self.chains.shape).copy()}
+        for f in CUT_FACTORS:
+            self.chain_sets[f"learnt@{f}"] = cut_chains(self.chains, Qt, tasks[tr], f)
         self._thr: dict = {}
         return self
 
@@ -154,48 +171,95 @@ class RouteNLP(Method):
                                 risk_measure=self.risk_measure, chains=self.chains)
         return thresholds_table(res)
 
-    def calibrate_floor(self, cal_idx: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray, list]:
-        """The certified floor: per task, `certify_floor` on the calibration labels (the chain may gain the reference
-        as its end), then `calibrate_cascade` at those per-(task, tier) alphas and deltas under allRequests, along
-        fixed sequences that do not depend on alpha (training-score quantiles, strict to loose), so a smaller alpha
-        can only give a stricter threshold (docs/guarantee.md, "The quality floor").
-        Returns (thresholds (n_tasks, K), chains (n_tasks, K), per-task FloorRiskLevels)."""
+    def _level_plan(self, chain_set: str, idx: np.ndarray, qt: float, level: float, per_task=None):
+        """(start, thresholds per row, chains per row) of the level family on rows idx: every cheaper tier of the
+        task's chain accepts an answer whose confidence is at least `level` (per_task: (n_tasks,) levels, NaN =
+        the task is served by the reference alone)."""
+        K = len(self.s.tiers)
+        t = self.tasks[idx]
+        ch = self.chain_sets[chain_set][t].copy()
+        lv = np.full(len(idx), float(level)) if per_task is None else np.asarray(per_task, dtype=float)[t]
+        ref_only = np.isnan(lv)
+        ch[ref_only] = np.eye(K, dtype=bool)[-1]
+        thr = np.repeat(np.nan_to_num(lv, nan=1.0)[:, None], K, axis=1)
+        return start_tiers(self.prior[idx], qt, chain=ch), thr, ch
+
+    def _run_level(self, idx, chain_set: str, qt: float, level: float, per_task=None):
         s = self.s
-        K, nt = len(s.tiers), len(self.task_names)
-        lab = self._labels(cal_idx)
-        tc = self.tasks[cal_idx]
-        chains, alphas, deltas, info = np.zeros((nt, K), bool), np.zeros((nt, K)), np.zeros((nt, K)), []
-        for t in range(nt):
-            chains[t], alphas[t], deltas[t], r = certify_floor(floor, self.delta, lab[tc == t], self.chains[t])
-            info.append(r)
+        start, thr, ch = self._level_plan(chain_set, idx, qt, level, per_task)
+        return simulate_cascade(start, self.conf[idx], s.Q[np.ix_(idx, s.tiers)], s.C[np.ix_(idx, s.tiers)], thr,
+                                max_escalations=len(s.tiers) - 1, chains=ch)
+
+    def _train_curves(self) -> dict:
+        """(chain set, start rule) -> (quality, cost) means over the training split at each level (strict to loose),
+        computed once per seed: every floor reads the same curves."""
+        if not hasattr(self, "_curves"):
+            tr = self.s.train
+            self._curves = {}
+            for cs in CHAIN_SETS:
+                for qt in self.quality_targets:
+                    runs = [self._run_level(tr, cs, qt, v) for v in self.levels]
+                    self._curves[(cs, qt)] = (np.array([(r.quality >= 0.5).mean() for r in runs]),
+                                              np.array([r.cost.mean() for r in runs]))
+        return self._curves
+
+    def floor_plan(self, floor: float, cal_idx: np.ndarray | None = None) -> dict:
+        """The certified quality floor (docs/guarantee.md, "The quality floor"), in two steps:
+
+        1. On the TRAINING split (out-of-fold confidences): the chain set and start rule of the level family that
+           reach the floor most cheaply (walking the levels from strict to loose until the training quality ratio
+           falls below the floor). Nothing here sees calibration data, so the sequence tested next is fixed.
+        2. On the calibration split: `conformal.certify_level` walks that sequence (always-reference first, then
+           the levels from strict to loose) with the betting test of "quality ratio >= floor", at level delta.
+           Scope "policy": one level for the traffic mix (the quality ratio over all requests); scope "task": one
+           per task, each certified on the task's own calibration requests (a task not certified is served by the
+           reference)."""
+        s = self.s
+        cal_idx = s.cal if cal_idx is None else cal_idx
         tr = s.train
-        grids = [[training_grid(self.conf[tr[self.tasks[tr] == t], k]) for k in range(K)] for t in range(nt)]
-        start = start_tiers(self.prior[cal_idx], self.floor_quality_target, chain=chains[tc])
-        res = calibrate_cascade(tc, start, self.conf[cal_idx], lab, nt, alphas, np.where(deltas > 0, deltas, 0.5),
-                                self.min_samples, max_escalations=K - 1, grids=grids, fwer="fixed_sequence",
-                                risk_measure=ALL_REQUESTS, chains=chains)
-        return thresholds_table(res), chains, info
+        q_ref = float((s.Q[tr, s.outcomes.reference] >= 0.5).mean())
+        best = None
+        for (cs, qt), (quality, cost) in self._train_curves().items():
+            ok = quality >= floor * q_ref
+            n_ok = len(ok) if ok.all() else int(np.argmin(ok))  # the walk stops at the first level below the floor
+            c = float(cost[n_ok - 1]) if n_ok else float(s.C[tr, s.outcomes.reference].mean())
+            if best is None or c < best[0]:
+                best = (c, cs, qt)
+        _, cs, qt = best
+        groups = ([np.arange(len(cal_idx))] if self.floor_scope == "policy"
+                  else [np.flatnonzero(self.tasks[cal_idx] == t) for t in range(len(self.task_names))])
+        per_task = np.full(len(self.task_names), np.nan)
+        certs = []
+        for g in groups:
+            rows = cal_idx[g]
+            start, _, ch = self._level_plan(cs, rows, qt, 1.0)
+            level, c = certify_floor_levels(start, self.conf[rows], self._labels(rows), ch, floor, self.delta,
+                                            max_escalations=len(s.tiers) - 1, levels=self.levels)
+            certs.append(c)
+            per_task[np.unique(self.tasks[rows])] = np.nan if level is None else level
+        return {"chain_set": cs, "quality_target": qt, "levels": per_task, "certificates": certs}
 
     def thresholds(self, knob, cal_idx=None):
-        """Threshold table for a knob; for (FLOOR, f): (thresholds, chains, info) of `calibrate_floor`."""
+        """Threshold table for a knob (qt, alpha); for (FLOOR, f): `floor_plan`. Cached per calibration sample."""
         cal_idx = self.s.cal if cal_idx is None else cal_idx
         key = (knob, hash(np.asarray(cal_idx).tobytes()))
         if key not in self._thr:
-            self._thr[key] = (self.calibrate_floor(cal_idx, knob[1]) if knob[0] == FLOOR
+            self._thr[key] = (self.floor_plan(knob[1], cal_idx) if knob[0] == FLOOR
                               else self.calibrate(cal_idx, *knob))
         return self._thr[key]
 
     def simulate(self, idx: np.ndarray, knob, thr: np.ndarray | None = None):
         s = self.s
         K = len(s.tiers)
-        chains, qt = self.chains, knob[0]
+        if knob[0] == LEVEL:
+            return self._run_level(idx, *knob[1:])
+        if knob[0] == FLOOR:
+            plan = self.thresholds(knob)
+            return self._run_level(idx, plan["chain_set"], plan["quality_target"], 1.0, per_task=plan["levels"])
         if thr is None:
             thr = self.thresholds(knob)
-            if knob[0] == FLOOR:
-                thr, chains, _ = thr
-                qt = self.floor_quality_target
-        ch = chains[self.tasks[idx]]
-        start = start_tiers(self.prior[idx], qt, chain=ch)
+        ch = self.chains[self.tasks[idx]]
+        start = start_tiers(self.prior[idx], knob[0], chain=ch)
         return simulate_cascade(start, self.conf[idx], s.Q[np.ix_(idx, s.tiers)], s.C[np.ix_(idx, s.tiers)],
                                 thr[self.tasks[idx]], max_escalations=K - 1, chains=ch)
 

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -238,8 +239,8 @@ def run_seed(o: Outcomes, X: np.ndarray, resp: ResponseEmbeddings, seed: int, ar
         "best_single": BestSingle(), "knn": KNNRouter(), "mf": MFRouter(), "frugalgpt": FrugalCascade(),
         "routenlp": RouteNLP(risk=args.risk, delta=args.delta, quality_target=args.quality_target,
                              min_calibration_samples=args.min_calibration_samples, epochs=args.epochs,
-                             fwer=args.fwer, risk_measure=args.risk_measure,
-                             floor_quality_target=args.floor_quality_target),
+                             fwer=args.fwer, risk_measure=args.risk_measure, floor_scope=args.floor_scope,
+                             confidence_scope=args.confidence_scope),
         "random": RandomMix(), "oracle": Oracle(),
     }
     names = [o.models[j] for j in tiers]
@@ -266,11 +267,12 @@ def run_seed(o: Outcomes, X: np.ndarray, resp: ResponseEmbeddings, seed: int, ar
         "tier_share": dict(zip(names, (np.bincount(r.tier[r.tier >= 0], minlength=len(tiers)) / len(test)).tolist())),
     }
     for f in args.floor:
-        _, ch, info = rn.thresholds((FLOOR, f))
+        plan = rn.thresholds((FLOOR, f))
         out["routenlp"].setdefault("floor", {})[f"{f:.2f}"] = {
-            "chains": chains_to_names(ch, names, rn.task_names),
-            "lower_bounds": {t: i.lower_bound for t, i in zip(rn.task_names, info)},
-            "ends_moved_to_reference": sum(not i.end_certified for i in info)}
+            "chain_set": plan["chain_set"], "quality_target": plan["quality_target"],
+            "levels": {t: (None if np.isnan(v) else float(v)) for t, v in zip(rn.task_names, plan["levels"])},
+            "certificates": [{"index": c.index, "n": c.n, "calibration_quality_ratio": c.quality_ratio}
+                             for c in plan["certificates"]]}
     # Violation study: fixed alphas, calibration subsamples of the calibration split.
     step("violation study")
     study = []
@@ -393,9 +395,11 @@ def aggregate(o: Outcomes, per_seed: list[dict], args, wall_s: float) -> dict:
                        "accepted_below_reference": M.mean_ci([r["accepted_below_reference"] for r in rn])[0],
                        "cells_over_risk": M.mean_ci([r["cells_over_risk"] for r in rn])[0],
                        "tier_share": {t: float(np.mean([r["tier_share"].get(t, 0.0) for r in rn])) for t in tiers},
-                       "floor_ends_moved_to_reference": {
-                           k: float(np.mean([r["floor"][k]["ends_moved_to_reference"] for r in rn]))
-                           for k in rn[0].get("floor", {})}}
+                       "floor_plans": {k: {"chain_sets": [r["floor"][k]["chain_set"] for r in rn],
+                                           "start_rules": [r["floor"][k]["quality_target"] for r in rn],
+                                           "reference_only_seeds": sum(all(v is None for v in r["floor"][k]["levels"]
+                                                                           .values()) for r in rn)}
+                                       for k in rn[0].get("floor", {})}}
     res["oracle"] = res["methods"]["oracle"]
     # Margins of RouteNLP over each non-oracle baseline at quality ratio 0.97 (per-seed differences).
     margins = {}
@@ -544,7 +548,7 @@ def floor_markdown(res: dict) -> list[str]:
     n = res["seeds"]
     keys = [f"{f:.2f}" for f in res["floors"]]
     L = [f"Quality floor (certified mode; delta = {res['delta']}): RouteNLP is calibrated for the floor "
-         "(`conformal.certify_floor`, no sweep); every other method uses its cheapest setting whose calibration "
+         "(`RouteNLP.floor_plan`: the level family's chain set and start rule chosen on the training split, the level certified by `conformal.certify_level` on the calibration split; no sweep); every other method uses its cheapest setting whose calibration "
          "quality ratio reaches the floor (always-reference when none does). *Held* = test quality ratio >= floor - 2 "
          "standard errors of the test estimate.", "",
          "| method | " + " | ".join(f"floor {k}: cost reduction [95% CI] | test quality ratio (min) | held" for k in keys)
@@ -557,10 +561,11 @@ def floor_markdown(res: dict) -> list[str]:
             cells.append(f"{_pct(x['cost_reduction'])} {_ci(x['cost_reduction_ci'])} | {_num3(x['quality_ratio'])} "
                          f"({_num3(x['min_quality_ratio'])}) | {x['held_seeds']}/{n}")
         L.append(f"| {name} | " + " | ".join(cells) + " |")
-    moved = res["routenlp"].get("floor_ends_moved_to_reference") or {}
-    if moved:
-        L += ["", "RouteNLP's floor: tasks per seed whose learnt chain end could not be certified and got the reference "
-              "as end: " + ", ".join(f"floor {k}: {v:.1f}" for k, v in moved.items()) + "."]
+    plans = res["routenlp"].get("floor_plans") or {}
+    if plans:
+        L += ["", "RouteNLP's floor plans (chosen on each seed's training split): " + "; ".join(
+            f"floor {k}: chain sets {dict(Counter(p['chain_sets']))}, start rules {dict(Counter(p['start_rules']))}, "
+            f"{p['reference_only_seeds']} seed(s) served by the reference alone" for k, p in plans.items()) + "."]
     return L + [""]
 
 
@@ -582,9 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--floor", default="",
                     help="certified quality floors, comma-separated (e.g. 0.97): RouteNLP calibrated for each floor "
                     "(no sweep) and 'target held' reported per method")
-    ap.add_argument("--floor-quality-target", type=float, default=0.0,
-                    help="RouteNLP's start rule under --floor (default 0: every request starts at its chain's "
-                    "cheapest certified tier)")
+    ap.add_argument("--floor-scope", choices=("policy", "task"), default="policy",
+                    help="what RouteNLP certifies under --floor: the quality ratio over the traffic mix (policy, "
+                    "RoutingPolicy cascade.qualityFloor; 'target held' is judged on it) or each task's own "
+                    "(task, tasks[].qualityFloor)")
+    ap.add_argument("--confidence-scope", choices=("tier", "task"), default="tier",
+                    help="RouteNLP's answer-confidence models: one per tier pooled over tasks (default, as the "
+                    "trainer fits them) or one per (task, tier)")
     ap.add_argument("--frontier", default=None, help="reference model (default: highest mean cost)")
     ap.add_argument("--tiers", default=None, help="comma-separated cascade tiers, cheapest first, ending with the "
                     "reference (default: the cost/quality Pareto set on train)")

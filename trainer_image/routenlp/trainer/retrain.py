@@ -118,14 +118,14 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
     Thresholds: fixed-sequence Learn-then-Test along an order learnt on the fit split's scores and labels (disjoint
     from the calibration split, as fixed-sequence validity needs; docs/guarantee.md), along each task's chain: the
     policy's pinned chain, else the task's cost/quality Pareto set on the fit split (`chains.learn_chains`; tiers are
-    given cheapest first). A task with a quality floor gets per-tier risk levels derived from it on the calibration
-    split (`conformal.certify_floor`; riskMeasure allRequests). metrics["chains"] and metrics["floor_risk_levels"]
-    are what the router reads from the artifact's metadata (`routing_metadata`)."""
+    given cheapest first). Tasks under a quality floor (their own, or the policy's "*" over the others) get one
+    confidence level certified for it instead (`conformal.certify_floor_levels`). metrics["chains"] and
+    metrics["floor_certificates"] are what the router reads from the artifact's metadata (`routing_metadata`)."""
     from routenlp.router.artifacts import Calibration
     from routenlp.router.cascade import start_tiers
-    from routenlp.router.confidence import FEATURES, ConfidenceSet, answer_features, fit_confidence
+    from routenlp.router.confidence import FEATURES, answer_features, fit_confidence_set
     from routenlp.router.chains import MIN_GAIN_SE, chains_from_names, chains_to_names, learn_chains
-    from routenlp.router.conformal import calibrate_cascade, certify_floor, training_grid
+    from routenlp.router.conformal import ThresholdResult, calibrate_cascade, certify_floor_levels
 
     tasks = sorted({r["task"] for r in rows})
     task_ids = np.array([tasks.index(r["task"]) for r in rows])
@@ -144,13 +144,10 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
         f = answer_features(s.get("token_logprobs"), structured, None)
         for name in FEATURES:
             feats[name][i, tiers.index(s["tier"])] = f[name]
-    conf = ConfidenceSet()
-    for t, task in enumerate(tasks):
-        for k, tier in enumerate(tiers[:-1]):
-            m = fit & (task_ids == t) & ~np.isnan(q[:, k])
-            model = fit_confidence({n: feats[n][m, k] for n in FEATURES}, q[m, k], min_samples=min_samples)
-            if model is not None:
-                conf.models.setdefault(task, {})[tier] = model
+    # One confidence model per tier for the tasks of one kind (their features mean the same): pooled, as measured
+    # better than per-(task, tier) models on a few hundred answers each (confidence.fit_confidence_set).
+    kinds = [[t for t in tasks if t not in generation_tasks], [t for t in tasks if t in generation_tasks]]
+    conf = fit_confidence_set(feats, q, task_ids, tasks, tiers, groups=kinds, min_samples=min_samples, rows=fit)
     scores = np.full((len(rows), len(tiers)), np.nan)
     for t, task in enumerate(tasks):
         for k, tier in enumerate(tiers):
@@ -170,30 +167,34 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
         for t, task in enumerate(tasks):
             if task in pinned:
                 chains[t] = mask[t]
-    alphas = np.full((len(tasks), len(tiers)), float(risk_level))
-    deltas = np.full((len(tasks), len(tiers)), float(delta))
-    floor_levels: dict[str, Any] = {}
-    for t, task in enumerate(tasks):
-        floor = (quality_floors or {}).get(task)
-        if floor is None:
-            continue
-        if risk_measure != ALL_REQUESTS:
-            raise StageError(f"--quality-floors: task {task!r} has a quality floor, which needs riskMeasure "
-                             f"{ALL_REQUESTS} (docs/guarantee.md)")
-        m_cal = cal & (task_ids == t)
-        chains[t], alphas[t], deltas[t], res = certify_floor(floor, delta, q[m_cal], chains[t])
-        floor_levels[task] = {"floor": floor, "tiers": {tiers[k]: float(alphas[t, k]) for k in range(len(tiers))
-                                                        if alphas[t, k] > 0}, "bound": res.to_json()}
     start = start_tiers(pred, quality_target, chain=chains[task_ids])
-    # A floor's alphas come from the calibration labels, which is valid only along candidate sequences that do not
-    # depend on alpha (docs/guarantee.md, "Using L from the same calibration data"): fit-split score quantiles for
-    # floor tasks, instead of the alpha-dependent `ordered_grid` the other tasks use.
-    grids = [[training_grid(scores[fit & (task_ids == t), k]) if task in floor_levels else None
-              for k in range(len(tiers))] for t, task in enumerate(tasks)]
-    results = calibrate_cascade(task_ids[cal], start[cal], scores[cal], q[cal], len(tasks), alphas, deltas,
-                                min_samples, max_escalations, grids=grids, fwer="fixed_sequence",
-                                train=(task_ids[fit], scores[fit], q[fit]), risk_measure=risk_measure,
-                                chains=chains)
+    results = calibrate_cascade(task_ids[cal], start[cal], scores[cal], q[cal], len(tasks), risk_level, delta,
+                                min_samples, max_escalations, fwer="fixed_sequence",
+                                train=(task_ids[fit], scores[fit], q[fit]), risk_measure=risk_measure, chains=chains)
+    # Quality floors (docs/guarantee.md, "The quality floor"): each floor group (a task with its own floor; "*":
+    # the tasks without one, pooled) gets ONE confidence level for the cheaper tiers of its chains, the loosest that
+    # certify_floor_levels certifies on the group's calibration requests; none: the group is served by the reference
+    # (its chains end there; a pinned chain keeps its tiers, with nothing accepted below its end).
+    floors = dict(quality_floors or {})
+    groups = [(t, [t], f) for t, f in floors.items() if t in tasks]
+    if "*" in floors:
+        groups.append(("*", [t for t in tasks if t not in floors], floors["*"]))
+    floor_certificates: dict[str, Any] = {}
+    for name, members, floor in groups:
+        ids = [tasks.index(t) for t in members]
+        m = cal & np.isin(task_ids, ids)
+        level, cert = certify_floor_levels(start[m], scores[m], q[m], chains[task_ids[m]], floor, delta,
+                                           max_escalations)
+        for t in ids:
+            if level is None and tasks[t] not in pinned:
+                chains[t] = np.eye(len(tiers), dtype=bool)[-1]
+            cheaper = np.flatnonzero(chains[t])[:-1]
+            n_t = int((m & (task_ids == t)).sum())
+            results[t] = [ThresholdResult(level, n_t, 0, None, True) if k in cheaper and level is not None
+                          else ThresholdResult(None, n_t, 0, None, False) if k < len(tiers) - 1 else results[t][k]
+                          for k in range(len(tiers))]
+            floor_certificates[tasks[t]] = {"floor": floor, "scope": "task" if name != "*" else "policy",
+                                            "level": level, "certificate": cert.to_json()}
     calibration = Calibration(risk_level, delta, risk_measure=risk_measure,
                               tasks={task: dict(zip(tiers, results[t])) for t, task in enumerate(tasks)})
     metrics = {
@@ -205,15 +206,15 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
                            for t, task in enumerate(tasks)},
         "student_quality": {tier: _mean(q[:, k]) for k, tier in enumerate(tiers[:-1])},
         "chains": chains_to_names(chains, tiers, tasks),
-        "floor_risk_levels": floor_levels,
+        "floor_certificates": floor_certificates,
     }
     return conf, calibration, metrics
 
 
 def routing_metadata(metrics: dict[str, Any]) -> dict[str, Any]:
     """What the router reads from a version's metadata besides its weights: the chains the thresholds were fitted
-    on and the risk levels derived from quality floors (server.RouterState.chain_names / floor_risk)."""
-    return {"chains": metrics["chains"], "floor_risk_levels": metrics["floor_risk_levels"]}
+    on and the quality floors they were certified for (server.RouterState.chain_names / floor_certified)."""
+    return {"chains": metrics["chains"], "floor_certificates": metrics["floor_certificates"]}
 
 
 def _mean(col: np.ndarray) -> float | None:
@@ -388,7 +389,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help='pinned chains as JSON {"task": ["tier", ...]} (RoutingPolicy tasks[].chain); other tasks get '
                         "their Pareto chain learnt on the fit split")
     p.add_argument("--quality-floors", type=_json_arg, default=None,
-                   help='quality floors as JSON {"task": 0.97} (RoutingPolicy tasks[].qualityFloor)')
+                   help='quality floors as JSON {"task": 0.97, "*": 0.95} (RoutingPolicy tasks[].qualityFloor; "*": '
+                   'cascade.qualityFloor, over the tasks without their own)')
     p.add_argument("--generation-tasks", nargs="*", default=[],
                    help="tasks of kind generation (free text); all others are scored as structured, as the router does")
     p.add_argument("--min-samples", type=int, default=30, help="labelled answers needed to calibrate a tier")
