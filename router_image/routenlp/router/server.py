@@ -301,11 +301,12 @@ class RouterState:
             pass  # counted by the writer's on_drop callback
 
     # ---- decision -----------------------------------------------------------------------------------------------
-    async def decide(self, art: RouterArtifact | None, task: str, query: str) -> tuple[np.ndarray | None, int]:
-        """Predicted acceptance per tier (None without a router for this task) and the start tier."""
+    async def decide(self, art: RouterArtifact | None, task: str, query: str) -> np.ndarray | None:
+        """Predicted acceptance per tier (None without a router for this task); the start tier follows from it
+        and the task's chain in `engine.make_plan`."""
         router = art.router if art is not None else None
         if art is None or router is None or router.task_index(task) is None:
-            return None, 0
+            return None
         key = self.decisions.key(art.version, task, query)
         probs = self.decisions.get(key)
         if probs is None:
@@ -315,12 +316,10 @@ class RouterState:
             if router.tier_names != self.tier_names:
                 idx = [router.tier_names.index(t) if t in router.tier_names else -1 for t in self.tier_names]
                 if min(idx) < 0:
-                    return None, 0
+                    return None
                 probs = probs[idx]
             self.decisions.put(key, probs)
-        if self.prefer_cheaper:  # over budget with PreferCheaper: the cheapest tier first, whatever the prior says
-            return probs, 0
-        return probs, cascade.start_tier(probs, self.tasks[task].quality_target)
+        return probs
 
     def load_state(self) -> None:
         """Apply the operator's live switches from `config.state_path` (absent or unreadable: the defaults)."""
@@ -501,7 +500,7 @@ class Handlers:
         deadline = s.engine.clock() + parse_duration(cfg.cascade.request_deadline)
 
         t_dec = time.perf_counter()
-        prior, _ = await s.decide(r.art, task, req.query)
+        prior = await s.decide(r.art, task, req.query)
         thresholds = [s.threshold(r.art, task, t) for t in s.tier_names]
         s.metrics.decision_seconds.labels(cfg.policy).observe(time.perf_counter() - t_dec)
         # The exploration sample is drawn here, by the router, never from a value the client chooses (a chosen

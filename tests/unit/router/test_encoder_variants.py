@@ -157,7 +157,7 @@ async def test_router_embeds_each_version_with_its_own_variant(tmp_path, fake_va
     q = "where is my refund?"
     for art, spec, other in ((state.stable, INT8, ONNX), (state.canary, ONNX, INT8)):
         n_other = len(fake_variants[other].seen)
-        prior, _ = await state.decide(art, "intent", q)
+        prior = await state.decide(art, "intent", q)
         assert fake_variants[spec].seen[-1] == q and len(fake_variants[other].seen) == n_other
         vec = SpaceEncoder(spec)._encode_batch([q])
         want = art.router.predict_proba(vec, np.array([art.router.task_index("intent")]))[0]
