@@ -54,7 +54,7 @@ def test_json_has_the_documented_shape(bench_result):
     assert (out / "synth-violation.png").is_file()
     assert len(res["violation_study"]) == 4 and {"static", "recalibrated"} <= set(res["shift"])
     plan = res["routenlp"]["floor_plans"]["0.90"]
-    assert len(plan["chain_sets"]) == len(plan["start_rules"]) == 2 and 0 <= plan["reference_only_seeds"] <= 2
+    assert isinstance(plan["chain_sets"], dict) and 0 <= plan["reference_only_seeds"] <= 2
     held = res["methods"]["routenlp"]["floor"]["0.90"]
     assert {"cost_reduction", "quality_ratio", "held_seeds"} <= set(held)
 

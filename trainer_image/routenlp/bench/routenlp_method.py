@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from routenlp.router.cascade import simulate_cascade, start_tiers
-from routenlp.router.conformal import ALL_REQUESTS, LEVELS, calibrate_cascade, certify_floor_levels, thresholds_table
+from routenlp.router.conformal import ALL_REQUESTS, LEVELS, calibrate_cascade, certify_level, thresholds_table
 
 from .baselines import Method, Split
 from .features import out_of_fold
@@ -171,73 +171,89 @@ class RouteNLP(Method):
                                 risk_measure=self.risk_measure, chains=self.chains)
         return thresholds_table(res)
 
-    def _level_plan(self, chain_set: str, idx: np.ndarray, qt: float, level: float, per_task=None):
+    def _level_plan(self, chain_set: str, idx: np.ndarray, qt: float, level: float):
         """(start, thresholds per row, chains per row) of the level family on rows idx: every cheaper tier of the
-        task's chain accepts an answer whose confidence is at least `level` (per_task: (n_tasks,) levels, NaN =
-        the task is served by the reference alone)."""
-        K = len(self.s.tiers)
-        t = self.tasks[idx]
-        ch = self.chain_sets[chain_set][t].copy()
-        lv = np.full(len(idx), float(level)) if per_task is None else np.asarray(per_task, dtype=float)[t]
-        ref_only = np.isnan(lv)
-        ch[ref_only] = np.eye(K, dtype=bool)[-1]
-        thr = np.repeat(np.nan_to_num(lv, nan=1.0)[:, None], K, axis=1)
+        task's chain accepts an answer whose confidence is at least `level`."""
+        ch = self.chain_sets[chain_set][self.tasks[idx]]
+        thr = np.full((len(idx), len(self.s.tiers)), float(level))
         return start_tiers(self.prior[idx], qt, chain=ch), thr, ch
 
-    def _run_level(self, idx, chain_set: str, qt: float, level: float, per_task=None):
+    def _run_level(self, idx, chain_set: str, qt: float, level: float):
         s = self.s
-        start, thr, ch = self._level_plan(chain_set, idx, qt, level, per_task)
+        start, thr, ch = self._level_plan(chain_set, idx, qt, level)
         return simulate_cascade(start, self.conf[idx], s.Q[np.ix_(idx, s.tiers)], s.C[np.ix_(idx, s.tiers)], thr,
                                 max_escalations=len(s.tiers) - 1, chains=ch)
 
     def _train_curves(self) -> dict:
-        """(chain set, start rule) -> (quality, cost) means over the training split at each level (strict to loose),
-        computed once per seed: every floor reads the same curves."""
+        """(chain set, start rule) -> (E[y], E[y r], cost) over the training split at each level (strict to loose;
+        y = the routed answer acceptable, r = the reference's), computed once per seed: every floor reads them."""
         if not hasattr(self, "_curves"):
             tr = self.s.train
+            r = (self.s.Q[tr, self.s.outcomes.reference] >= 0.5).astype(float)
             self._curves = {}
             for cs in CHAIN_SETS:
                 for qt in self.quality_targets:
                     runs = [self._run_level(tr, cs, qt, v) for v in self.levels]
-                    self._curves[(cs, qt)] = (np.array([(r.quality >= 0.5).mean() for r in runs]),
-                                              np.array([r.cost.mean() for r in runs]))
+                    y = [(x.quality >= 0.5).astype(float) for x in runs]
+                    self._curves[(cs, qt)] = (np.array([v.mean() for v in y]), np.array([(v * r).mean() for v in y]),
+                                              np.array([x.cost.mean() for x in runs]))
         return self._curves
 
     def floor_plan(self, floor: float, cal_idx: np.ndarray | None = None) -> dict:
-        """The certified quality floor (docs/guarantee.md, "The quality floor"), in two steps:
+        """The certified quality floor (docs/guarantee.md, "The quality floor"): Learn-then-Test over every setting
+        (chain set, start rule, level) of the level family, in an order fixed on the TRAINING split.
 
-        1. On the TRAINING split (out-of-fold confidences): the chain set and start rule of the level family that
-           reach the floor most cheaply (walking the levels from strict to loose until the training quality ratio
-           falls below the floor). Nothing here sees calibration data, so the sequence tested next is fixed.
-        2. On the calibration split: `conformal.certify_level` walks that sequence (always-reference first, then
-           the levels from strict to loose) with the betting test of "quality ratio >= floor", at level delta.
-           Scope "policy": one level for the traffic mix (the quality ratio over all requests); scope "task": one
-           per task, each certified on the task's own calibration requests (a task not certified is served by the
-           reference)."""
+        1. Order (training split, out-of-fold confidences; no calibration label is read): each setting's predicted
+           z = mean(d) / sd(d) x sqrt(n), d = y - floor x r (routed vs reference acceptable), n the calibration
+           sample the test will see: the settings most likely to hold the floor come first. Always-reference
+           leads. Settings predicted far below the floor (z < -1) are left out (they would end the walk).
+        2. Test (calibration split): `conformal.certify_level` walks that sequence with the betting test of
+           "quality ratio >= floor" at level delta, stopping at the first setting not certified. Every setting
+           before it is certified jointly (fixed-sequence testing controls the family-wise error), so the cheapest
+           of them on the calibration requests is used (cost needs no label). None certified: the reference.
+        Scope "policy": one setting for the traffic mix; scope "task": one per task, on the task's own requests."""
         s = self.s
         cal_idx = s.cal if cal_idx is None else cal_idx
-        tr = s.train
-        q_ref = float((s.Q[tr, s.outcomes.reference] >= 0.5).mean())
-        best = None
-        for (cs, qt), (quality, cost) in self._train_curves().items():
-            ok = quality >= floor * q_ref
-            n_ok = len(ok) if ok.all() else int(np.argmin(ok))  # the walk stops at the first level below the floor
-            c = float(cost[n_ok - 1]) if n_ok else float(s.C[tr, s.outcomes.reference].mean())
-            if best is None or c < best[0]:
-                best = (c, cs, qt)
-        _, cs, qt = best
+        er = float((s.Q[s.train, s.outcomes.reference] >= 0.5).mean())
+        n_group = len(cal_idx) / (1 if self.floor_scope == "policy" else max(len(self.task_names), 1))
+        scored = []
+        for (cs, qt), (ey, eyr, cost) in self._train_curves().items():
+            mean = ey - floor * er
+            var = np.maximum(ey - ey ** 2 + floor ** 2 * (er - er ** 2) - 2 * floor * (eyr - ey * er), 1e-6)
+            z = mean / np.sqrt(var / max(n_group, 1.0))
+            scored += [(float(z[j]), -float(cost[j]), cs, qt, float(v)) for j, v in enumerate(self.levels)]
+        seq = [x[2:] for x in sorted(scored, reverse=True) if x[0] >= -1.0]
         groups = ([np.arange(len(cal_idx))] if self.floor_scope == "policy"
                   else [np.flatnonzero(self.tasks[cal_idx] == t) for t in range(len(self.task_names))])
-        per_task = np.full(len(self.task_names), np.nan)
+        plan: list = [None] * len(self.task_names)  # per task: (chain set, start rule, level) or None = reference
         certs = []
         for g in groups:
             rows = cal_idx[g]
-            start, _, ch = self._level_plan(cs, rows, qt, 1.0)
-            level, c = certify_floor_levels(start, self.conf[rows], self._labels(rows), ch, floor, self.delta,
-                                            max_escalations=len(s.tiers) - 1, levels=self.levels)
+            ref = self._labels(rows)[:, -1]
+            runs = [self._run_level(rows, cs, qt, v) for cs, qt, v in seq]
+            c = certify_level(np.column_stack([ref] + [(r.quality >= 0.5).astype(float) for r in runs]), ref,
+                              floor, self.delta)
             certs.append(c)
-            per_task[np.unique(self.tasks[rows])] = np.nan if level is None else level
-        return {"chain_set": cs, "quality_target": qt, "levels": per_task, "certificates": certs}
+            chosen = None
+            if c.index is not None and c.index >= 1:
+                j = min(range(c.index), key=lambda i: runs[i].cost.mean())  # certified settings: 1..c.index
+                chosen = seq[j]
+            for t in np.unique(self.tasks[rows]):
+                plan[t] = chosen
+        return {"plan": plan, "certificates": certs}
+
+    def _run_plan(self, idx: np.ndarray, plan: list):
+        """The cascade on rows idx under a per-task plan ((chain set, start rule, level) or None = reference)."""
+        s = self.s
+        K = len(s.tiers)
+        n = len(idx)
+        start, thr, ch = np.full(n, K - 1), np.ones((n, K)), np.tile(np.eye(K, dtype=bool)[-1], (n, 1))
+        for t, p in enumerate(plan):
+            m = np.flatnonzero(self.tasks[idx] == t)
+            if p is not None and len(m):
+                start[m], thr[m], ch[m] = self._level_plan(p[0], idx[m], p[1], p[2])
+        return simulate_cascade(start, self.conf[idx], s.Q[np.ix_(idx, s.tiers)], s.C[np.ix_(idx, s.tiers)], thr,
+                                max_escalations=K - 1, chains=ch)
 
     def thresholds(self, knob, cal_idx=None):
         """Threshold table for a knob (qt, alpha); for (FLOOR, f): `floor_plan`. Cached per calibration sample."""
@@ -254,8 +270,7 @@ class RouteNLP(Method):
         if knob[0] == LEVEL:
             return self._run_level(idx, *knob[1:])
         if knob[0] == FLOOR:
-            plan = self.thresholds(knob)
-            return self._run_level(idx, plan["chain_set"], plan["quality_target"], 1.0, per_task=plan["levels"])
+            return self._run_plan(idx, self.thresholds(knob)["plan"])
         if thr is None:
             thr = self.thresholds(knob)
         ch = self.chains[self.tasks[idx]]

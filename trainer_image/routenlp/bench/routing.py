@@ -267,12 +267,12 @@ def run_seed(o: Outcomes, X: np.ndarray, resp: ResponseEmbeddings, seed: int, ar
         "tier_share": dict(zip(names, (np.bincount(r.tier[r.tier >= 0], minlength=len(tiers)) / len(test)).tolist())),
     }
     for f in args.floor:
-        plan = rn.thresholds((FLOOR, f))
+        fp = rn.thresholds((FLOOR, f))
         out["routenlp"].setdefault("floor", {})[f"{f:.2f}"] = {
-            "chain_set": plan["chain_set"], "quality_target": plan["quality_target"],
-            "levels": {t: (None if np.isnan(v) else float(v)) for t, v in zip(rn.task_names, plan["levels"])},
+            "plan": {t: (None if p is None else {"chain_set": p[0], "start_rule": p[1], "level": p[2]})
+                     for t, p in zip(rn.task_names, fp["plan"])},
             "certificates": [{"index": c.index, "n": c.n, "calibration_quality_ratio": c.quality_ratio}
-                             for c in plan["certificates"]]}
+                             for c in fp["certificates"]]}
     # Violation study: fixed alphas, calibration subsamples of the calibration split.
     step("violation study")
     study = []
@@ -345,6 +345,15 @@ def _or0(x):
     return 0.0 if x is None else x
 
 
+def _floor_plans(plans: list[dict]) -> dict:
+    """RouteNLP's certified floor plans over seeds: how often each chain set / start rule was used (per task and
+    seed) and how many seeds served every task from the reference."""
+    used = [p for plan in plans for p in plan.values() if p is not None]
+    return {"chain_sets": dict(Counter(p["chain_set"] for p in used)),
+            "start_rules": dict(Counter(str(p["start_rule"]) for p in used)),
+            "reference_only_seeds": sum(all(p is None for p in plan.values()) for plan in plans)}
+
+
 def aggregate(o: Outcomes, per_seed: list[dict], args, wall_s: float) -> dict:
     """Means and CIs over the seeds that finished. Tiers and chains can differ between seeds (learnt on each
     seed's train split): everything per tier is aggregated by tier NAME."""
@@ -395,11 +404,7 @@ def aggregate(o: Outcomes, per_seed: list[dict], args, wall_s: float) -> dict:
                        "accepted_below_reference": M.mean_ci([r["accepted_below_reference"] for r in rn])[0],
                        "cells_over_risk": M.mean_ci([r["cells_over_risk"] for r in rn])[0],
                        "tier_share": {t: float(np.mean([r["tier_share"].get(t, 0.0) for r in rn])) for t in tiers},
-                       "floor_plans": {k: {"chain_sets": [r["floor"][k]["chain_set"] for r in rn],
-                                           "start_rules": [r["floor"][k]["quality_target"] for r in rn],
-                                           "reference_only_seeds": sum(all(v is None for v in r["floor"][k]["levels"]
-                                                                           .values()) for r in rn)}
-                                       for k in rn[0].get("floor", {})}}
+                       "floor_plans": {k: _floor_plans([r["floor"][k]["plan"] for r in rn]) for k in rn[0].get("floor", {})}}
     res["oracle"] = res["methods"]["oracle"]
     # Margins of RouteNLP over each non-oracle baseline at quality ratio 0.97 (per-seed differences).
     margins = {}
@@ -564,7 +569,7 @@ def floor_markdown(res: dict) -> list[str]:
     plans = res["routenlp"].get("floor_plans") or {}
     if plans:
         L += ["", "RouteNLP's floor plans (chosen on each seed's training split): " + "; ".join(
-            f"floor {k}: chain sets {dict(Counter(p['chain_sets']))}, start rules {dict(Counter(p['start_rules']))}, "
+            f"floor {k}: chain sets {p['chain_sets']}, start rules {p['start_rules']} (per task and seed), "
             f"{p['reference_only_seeds']} seed(s) served by the reference alone" for k, p in plans.items()) + "."]
     return L + [""]
 
