@@ -205,8 +205,9 @@ class RouteNLP(Method):
 
         1. Order (training split, out-of-fold confidences; no calibration label is read): each setting's predicted
            z = mean(d) / sd(d) x sqrt(n), d = y - floor x r (routed vs reference acceptable), n the calibration
-           sample the test will see: the settings most likely to hold the floor come first. Always-reference
-           leads. Settings predicted far below the floor (z < -1) are left out (they would end the walk).
+           sample the test will see: the settings most likely to hold the floor come first, and only those cheaper
+           on train than every setting before them stay (the cost/z frontier: every test on the path buys a
+           saving). Always-reference leads. Settings predicted far below the floor (z < -1) are left out.
         2. Test (calibration split): `conformal.certify_level` walks that sequence with the betting test of
            "quality ratio >= floor" at level delta, stopping at the first setting not certified. Every setting
            before it is certified jointly (fixed-sequence testing controls the family-wise error), so the cheapest
@@ -222,7 +223,11 @@ class RouteNLP(Method):
             var = np.maximum(ey - ey ** 2 + floor ** 2 * (er - er ** 2) - 2 * floor * (eyr - ey * er), 1e-6)
             z = mean / np.sqrt(var / max(n_group, 1.0))
             scored += [(float(z[j]), -float(cost[j]), cs, qt, float(v)) for j, v in enumerate(self.levels)]
-        seq = [x[2:] for x in sorted(scored, reverse=True) if x[0] >= -1.0]
+        seq, cheapest = [], np.inf
+        for z, neg_cost, cs, qt, v in sorted(scored, reverse=True):
+            if z >= -1.0 and -neg_cost < cheapest:  # the training frontier: each setting cheaper than all before it
+                seq.append((cs, qt, v))
+                cheapest = -neg_cost
         groups = ([np.arange(len(cal_idx))] if self.floor_scope == "policy"
                   else [np.flatnonzero(self.tasks[cal_idx] == t) for t in range(len(self.task_names))])
         plan: list = [None] * len(self.task_names)  # per task: (chain set, start rule, level) or None = reference
