@@ -40,8 +40,10 @@ def _canary_policy(cluster, ns: str, min_requests: int = 100, **spec) -> None:
         cluster.api.patch(cluster.cr_path("distillationcampaigns", ns, name, "status"), {"status": {
             "phase": "Succeeded", "routerVersion": version, "run": 1,
             "lastRunTime": (now - timedelta(hours=h)).strftime("%Y-%m-%dT%H:%M:%SZ")}})
+        # 60 s: by this point the shared emulator holds every earlier test's objects and the 1 s resync reconciles
+        # them all; under a loaded machine the default 20 s ran out once (a hang guard, not a timing assertion)
         wait_for(lambda v=version: v in (cluster.get_cr("routingpolicies", ns, "p")["status"].get("router") or {})
-                 .values(), what=f"{version} in status.router")
+                 .values(), timeout=60.0, what=f"{version} in status.router")
 
 
 def test_canary_rolled_back_on_violations_reported_by_the_router(cluster):
