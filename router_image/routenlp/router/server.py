@@ -259,17 +259,15 @@ class RouterState:
         """Recompute the stable version's thresholds from the labelled window (enough labels only)."""
         c = self.config.cascade
         for (task, tier), w in (self.label_snapshot() if snapshot is None else snapshot).items():
-            if tier == self.tier_names[-1] or len(w) < c.min_calibration_samples:
+            # A floor certifies the task's whole cascade against the reference (one level for every cheaper tier, on
+            # requests labelled at every tier): per-tier windows cannot recertify it; the trainer does.
+            if tier == self.tier_names[-1] or len(w) < c.min_calibration_samples or self.floor(task) is not None:
                 continue
             s, y = np.array([x[0] for x in w]), np.array([x[1] for x in w], dtype=float)
             measure = RiskMeasure(c.risk_measure).value
             # allRequests' risk only grows as the threshold falls, so the fixed grid walked from strict to loose is a
             # valid fixed sequence with no training data; acceptedAnswers' is not monotone there: Holm over the grid.
             fwer = "fixed_sequence" if measure == RiskMeasure.ALL_REQUESTS.value else "holm"
-            if self.floor(task) is not None:
-                # A floor certifies the task's whole cascade against the reference (one level for every cheaper
-                # tier, on requests labelled at every tier): per-tier windows cannot recertify it; the trainer does.
-                continue
             self.online[(task, tier)] = calibrate_threshold(s, y, c.risk_level, c.delta, c.min_calibration_samples,
                                                             fwer=fwer, risk_measure=measure)
         self.publish_thresholds()

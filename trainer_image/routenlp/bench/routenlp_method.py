@@ -149,6 +149,7 @@ class RouteNLP(Method):
         for f in CUT_FACTORS:
             self.chain_sets[f"learnt@{f}"] = cut_chains(self.chains, Qt, tasks[tr], f)
         self._thr: dict = {}
+        self._curves: dict | None = None  # `_train_curves`, filled on first use
         return self
 
     # -------------------------------------------------------------------------------- calibration and running
@@ -187,7 +188,7 @@ class RouteNLP(Method):
     def _train_curves(self) -> dict:
         """(chain set, start rule) -> (E[y], E[y r], cost) over the training split at each level (strict to loose;
         y = the routed answer acceptable, r = the reference's), computed once per seed: every floor reads them."""
-        if not hasattr(self, "_curves"):
+        if self._curves is None:
             tr = self.s.train
             r = (self.s.Q[tr, self.s.outcomes.reference] >= 0.5).astype(float)
             self._curves = {}

@@ -122,7 +122,7 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
     confidence level certified for it instead (`conformal.certify_floor_levels`). metrics["chains"] and
     metrics["floor_certificates"] are what the router reads from the artifact's metadata (`routing_metadata`)."""
     from routenlp.router.artifacts import Calibration
-    from routenlp.router.cascade import start_tiers
+    from routenlp.router.cascade import chain_ends, start_tiers
     from routenlp.router.confidence import FEATURES, answer_features, fit_confidence_set
     from routenlp.router.chains import MIN_GAIN_SE, chains_from_names, chains_to_names, learn_chains
     from routenlp.router.conformal import ThresholdResult, calibrate_cascade, certify_floor_levels
@@ -188,11 +188,13 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
         for t in ids:
             if level is None and tasks[t] not in pinned:
                 chains[t] = np.eye(len(tiers), dtype=bool)[-1]
-            cheaper = np.flatnonzero(chains[t])[:-1]
-            n_t = int((m & (task_ids == t)).sum())
-            results[t] = [ThresholdResult(level, n_t, 0, None, True) if k in cheaper and level is not None
-                          else ThresholdResult(None, n_t, 0, None, False) if k < len(tiers) - 1 else results[t][k]
-                          for k in range(len(tiers))]
+            m_t, end = m & (task_ids == t), int(chain_ends(chains[t]))
+            n_t = int(m_t.sum())
+            for k in range(len(tiers) - 1):  # the reference's entry stays as calibrate_cascade left it
+                if level is not None and chains[t, k] and k != end:  # a cheaper chain tier: the certified level
+                    results[t][k] = ThresholdResult(level, n_t, int((scores[m_t, k] >= level).sum()), None, True)
+                else:
+                    results[t][k] = ThresholdResult(None, n_t, 0, None, False)
             floor_certificates[tasks[t]] = {"floor": floor, "scope": "task" if name != "*" else "policy",
                                             "level": level, "certificate": cert.to_json()}
     calibration = Calibration(risk_level, delta, risk_measure=risk_measure,
