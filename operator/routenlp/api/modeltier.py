@@ -23,6 +23,17 @@ class TierCost(ApiModel):
     def usd(self, input_tokens: int, output_tokens: int) -> float:
         return (input_tokens * self.input_per_million + output_tokens * self.output_per_million) / 1e6
 
+    def blended_per_million(self) -> float:
+        """One price per million tokens at 3 input tokens per output token (the usual blend for comparing models)."""
+        return 0.75 * self.input_per_million + 0.25 * self.output_per_million
+
+
+def relative_costs(costs: list[TierCost]) -> list[float]:
+    """Each tier's blended price over the last tier's (the portfolio's reference, listed last): what a cost-weighted
+    start rule (RoutingPolicy tasks[].costWeight) weighs. A free reference counts every paid tier as costing 1."""
+    ref = costs[-1].blended_per_million() if costs else 0.0
+    return [c.blended_per_million() / ref if ref > 0 else float(c.blended_per_million() > 0) for c in costs]
+
 
 class Quantization(str, Enum):
     """Weight quantization methods vLLM supports (`--quantization`)."""

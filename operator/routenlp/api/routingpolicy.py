@@ -73,7 +73,18 @@ class Task(ApiModel):
         gt=0,
         le=1,
         description="Start rule (not a promise): a request starts at the cheapest tier of the task's chain whose "
-        "predicted acceptance is at least qualityTarget x that of the chain's last tier. The promise is qualityFloor.",
+        "predicted acceptance is at least qualityTarget x that of the chain's last tier (unless costWeight is set). "
+        "The promise is qualityFloor.",
+    )
+    cost_weight: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Cost-weighted start rule, instead of qualityTarget: a request starts at the tier of the task's "
+        "chain with the highest predicted acceptance minus costWeight x the tier's price relative to the reference "
+        "(blended at 3 input tokens per output token). 0: the tier most likely to answer well; larger: cheaper "
+        "starts. Suits portfolios whose prices lie close together (self-hosted tiers), where a cheapest-adequate "
+        "start pays for many failed attempts. Escalation, thresholds and qualityFloor apply as with qualityTarget.",
     )
     quality_floor: float | None = Field(
         default=None,

@@ -6,8 +6,9 @@ learns it); its **end** (highest-index member) always answers, as the reference 
 `chain=None` means every tier (the chain ends at the reference).
 
 Rules:
-- start tier: the cheapest chain member whose predicted acceptance is at least quality_target x the chain end's
-  predicted acceptance (`start_tiers`); no prediction -> the chain's first member.
+- start tier (`StartRule`, `start_tiers`): by default the cheapest chain member whose predicted acceptance is at
+  least quality_target x the chain end's; with a cost weight, the chain member of highest predicted acceptance minus
+  cost_weight x its cost relative to the reference. No prediction -> the chain's first member.
 - usable tiers: a cheaper tier with no certified threshold for the task can only escalate (it accepts nothing), so
   calling it costs money for nothing; the plan skips it (`usable`), the chain end is always usable. The server
   lets its exploration (shadow) sample try such tiers anyway, to collect labels.
@@ -46,11 +47,41 @@ def chain_ends(chain) -> np.ndarray:
     return c.shape[-1] - 1 - np.argmax(c[..., ::-1], axis=-1)
 
 
-def start_tiers(predicted: np.ndarray, quality_target, usable=None, chain=None) -> np.ndarray:
-    """(n,) start tier for (n, K) predicted acceptance; quality_target scalar or (n,).
+@dataclass(frozen=True)
+class StartRule:
+    """Where a request starts on its task's chain, from the router's predicted acceptance p of each tier.
+
+    cost_weight None (the default): the cheapest chain member with p >= quality_target x p(chain end).
+    cost_weight w: the chain member maximising p - w x relative_cost (ties to the cheaper tier), relative_cost being
+    each tier's expected cost of a request over the reference's ((K,), or (n, K) per request): expected utility, the
+    rule of RouterBench-style routers, which a portfolio whose prices lie close together needs (cheapest-adequate
+    starts there pay for many failed attempts). w = 0 starts at the most likely acceptable tier."""
+
+    quality_target: float = 0.97
+    cost_weight: float | None = None
+    relative_cost: tuple[float, ...] | np.ndarray | None = None
+
+    def starts(self, p: np.ndarray, ch: np.ndarray) -> np.ndarray:
+        """(n,) start tiers for (n, K) predictions p and (n, K) chain rows ch."""
+        n, K = p.shape
+        rows = np.arange(n)
+        end = chain_ends(ch) if n else np.zeros(0, dtype=int)
+        if self.cost_weight is None:
+            need = np.asarray(self.quality_target, dtype=float).reshape(-1) * p[rows, end]
+            ok = (p >= need[:, None]) & ch
+            ok[rows, end] = True  # the chain end always qualifies
+            return ok.argmax(axis=1)
+        if self.relative_cost is None:
+            raise ValueError("a cost-weighted start rule needs each tier's relative cost")
+        cost = np.broadcast_to(np.asarray(self.relative_cost, dtype=float), (n, K))
+        utility = np.where(ch, p - self.cost_weight * cost, -np.inf) - 1e-9 * np.arange(K)  # ties: cheaper
+        return utility.argmax(axis=1)
+
+
+def start_tiers(predicted: np.ndarray, rule, usable=None, chain=None) -> np.ndarray:
+    """(n,) start tier for (n, K) predicted acceptance; rule: a `StartRule`, or a quality target (scalar or (n,)).
 
     chain: optional (K,) or (n, K) bool membership (default: every tier, ending with the reference = last column).
-    The start is the cheapest chain member whose predicted acceptance >= quality_target x that of the chain end.
     usable: optional (K,) or (n, K) bool (see `usable_tiers`); the start then moves up to the first usable chain
     member at or above the rule's start, which is exactly where `plan_for` with the same `usable` would begin (so
     calibration, which skips in the plan, and callers that move the start agree)."""
@@ -59,16 +90,13 @@ def start_tiers(predicted: np.ndarray, quality_target, usable=None, chain=None) 
         p = p[None, :]
     n, K = p.shape
     ch = _chain_rows(chain, n, K)
-    rows = np.arange(n)
-    end = chain_ends(ch) if n else np.zeros(0, dtype=int)
-    need = np.asarray(quality_target, dtype=float).reshape(-1) * p[rows, end]
-    ok = (p >= need[:, None]) & ch
-    ok[rows, end] = True  # the chain end always qualifies
-    start = ok.argmax(axis=1)
+    rule = rule if isinstance(rule, StartRule) else StartRule(quality_target=rule)
+    start = rule.starts(p, ch)
     if usable is None:
         return start
+    rows = np.arange(n)
     u = np.broadcast_to(np.asarray(usable, dtype=bool), p.shape) & ch
-    u[rows, end] = True
+    u[rows, chain_ends(ch) if n else np.zeros(0, dtype=int)] = True
     u &= np.arange(K)[None, :] >= start[:, None]
     return u.argmax(axis=1)
 
@@ -82,11 +110,11 @@ def usable_tiers(thresholds) -> np.ndarray:
     return u
 
 
-def start_tier(predicted: np.ndarray | None, quality_target: float, chain=None) -> int:
+def start_tier(predicted: np.ndarray | None, rule, chain=None) -> int:
     """Start tier of one query (see `start_tiers`); None (no router artifact) -> the chain's first member."""
     if predicted is None:
         return 0 if chain is None else int(np.argmax(np.asarray(chain, dtype=bool)))
-    return int(start_tiers(np.asarray(predicted)[None, :], quality_target, chain=chain)[0])
+    return int(start_tiers(np.asarray(predicted)[None, :], rule, chain=chain)[0])
 
 
 def plan_for(start: int, n_tiers: int, max_escalations: int, tier_up=None, usable=None, chain=None) -> list[int]:

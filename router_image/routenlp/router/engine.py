@@ -141,10 +141,11 @@ def certified(t: ThresholdResult | None) -> float | None:
     return t.threshold if t is not None and t.certified and t.threshold is not None else None
 
 
-def make_plan(prior: np.ndarray | None, quality_target: float, thresholds: Sequence[ThresholdResult | None],
+def make_plan(prior: np.ndarray | None, start_rule: float | cascade.StartRule, thresholds: Sequence[ThresholdResult | None],
               up: Sequence[bool], max_escalations: int, explore: bool = False, chain: Sequence[bool] | None = None,
               cheapest_first: bool = False) -> Plan:
-    """The attempt plan of one request (`cascade` rules). Uncertified cheaper tiers are skipped, except on the
+    """The attempt plan of one request (`cascade` rules; start_rule: a `cascade.StartRule` or a quality target).
+    Uncertified cheaper tiers are skipped, except on the
     exploration sample, which tries every tier of the portfolio from the start up (off the task's chain too), so
     the logs show what each tier could do. cheapest_first: start at the cheapest tier whatever the prior says (the
     budget's PreferCheaper switch)."""
@@ -156,7 +157,7 @@ def make_plan(prior: np.ndarray | None, quality_target: float, thresholds: Seque
     if prior is None or cheapest_first:
         start = 0 if chain_k is None else min(k for k in range(K) if chain_k[k])
     else:
-        start = cascade.start_tier(prior, quality_target, **kw)
+        start = cascade.start_tier(prior, start_rule, **kw)
     usable = [explore or t is not None for t in thr]
     tiers = cascade.plan_for(start, K, max_escalations, list(up), usable, **kw)
     return Plan(prior, start, tiers, thr, end, explore)

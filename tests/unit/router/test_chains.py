@@ -55,6 +55,25 @@ def test_start_rule_over_a_chain():
     np.testing.assert_array_equal(starts, [2, 1])  # row 0: tier 0 unusable -> its end; row 1: tier 1
 
 
+def test_cost_weighted_start_rule_maximises_expected_utility_over_the_chain():
+    p = np.array([0.5, 0.8, 0.85, 0.9])
+    cost = np.array([0.1, 0.3, 0.6, 1.0])  # relative to the reference
+    rule = lambda w: cascade.StartRule(cost_weight=w, relative_cost=cost)  # noqa: E731
+    assert cascade.start_tier(p, rule(0.0)) == 3  # no cost weight: the most likely acceptable tier
+    assert cascade.start_tier(p, rule(0.5)) == 1  # 0.8 - 0.15 beats 0.5 - 0.05, 0.85 - 0.3 and 0.9 - 0.5
+    assert cascade.start_tier(p, rule(5.0)) == 0  # cost dominates: the cheapest
+    assert cascade.start_tier(p, rule(0.5), chain=[True, False, True, False]) == 2  # tier 1 off the chain: 0.55 > 0.45
+    # ties go to the cheaper tier; per-request relative costs
+    assert cascade.start_tier(np.array([0.6, 0.6]), cascade.StartRule(cost_weight=0.0, relative_cost=[0.5, 1.0])) == 0
+    starts = cascade.start_tiers(np.tile(p, (2, 1)), cascade.StartRule(cost_weight=1.0,
+                                                                      relative_cost=[[0.1, 0.5, 0.3, 1.0], cost]))
+    np.testing.assert_array_equal(starts, [2, 1])  # 0.85 - 0.3 > 0.5 - 0.1; 0.8 - 0.3 > 0.5 - 0.1
+    with pytest.raises(ValueError, match="relative cost"):
+        cascade.start_tier(p, cascade.StartRule(cost_weight=1.0))
+    # the default rule is the quality-target rule
+    assert cascade.start_tier(p, cascade.StartRule(quality_target=0.9)) == 2 == cascade.start_tier(p, 0.9)
+
+
 def test_chain_none_is_every_tier():
     rng = np.random.default_rng(0)
     p = rng.random((50, 4))

@@ -43,7 +43,8 @@ def _args(tmp_path, **kw):
               risk_level=0.2, risk_measure="acceptedAnswers", delta=0.2, max_escalations=1, generation_tasks=[],
               min_samples=10, cal_fraction=0.5, system_prompt="c",
               encoder=None, student_tier="student", student_model="adapter", student_url=None, signals=None,
-              exclude=None, probe=100, epochs=30, seed=0, chains=None, quality_floors=None)
+              exclude=None, probe=100, epochs=30, seed=0, chains=None, quality_floors=None, cost_weights=None,
+              relative_costs=None)
     ns.update(kw)
     return argparse.Namespace(**ns)
 
@@ -107,6 +108,27 @@ def test_retrain_learns_chains_and_certifies_floors_the_router_reads(tmp_path, t
     retrain.run_retrain(args)
     v3 = load_artifact(tmp_path / "artifacts", "v3")
     assert v3.metadata["chains"] == {"intent": ["reference"]} and not v3.calibration.get("intent", "student").certified
+
+
+def test_cost_weighted_start_rule_decides_which_requests_calibrate_the_cheaper_tier(tmp_path, topic_embed, helpers):
+    """A task's costWeight reaches calibration: its requests start where the router would start them (a heavy cost
+    weight starts them all at the student, so all of the task's calibration answers reach it; weight 0 starts the
+    ones the reference is likelier to answer well at the reference)."""
+    from routenlp.router.artifacts import load_artifact
+    from routenlp.trainer.manifest import write_jsonl
+
+    rows = helpers.write_log(tmp_path / "events", n_per=80)
+    write_jsonl(tmp_path / "signals.jsonl", synthetic_signals(rows))
+    n = {}
+    for w in (0.0, 50.0):
+        v = f"w{int(w)}"
+        retrain.run_retrain(_args(tmp_path, signals=str(tmp_path / "signals.jsonl"), version=v, out=str(tmp_path / v),
+                                  cost_weights={"intent": w}, relative_costs=[0.1, 1.0]))
+        n[w] = load_artifact(tmp_path / "artifacts", v).calibration.get("intent", "student").n
+    assert 0 < n[0.0] < n[50.0]
+    with pytest.raises(retrain.StageError, match="relative-costs"):
+        retrain.run_retrain(_args(tmp_path, signals=str(tmp_path / "signals.jsonl"), version="bad",
+                                  out=str(tmp_path / "bad"), cost_weights={"intent": 1.0}))
 
 
 def test_calibrate_recalibrates_an_existing_version(tmp_path, topic_embed, helpers):

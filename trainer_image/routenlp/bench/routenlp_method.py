@@ -17,16 +17,17 @@
    `cascade.simulate_cascade` with those thresholds (tiers with no certified threshold for a task are skipped, and
    calibration uses the same plans).
 
-Knob = (quality_target, alpha). The headline is the configured (--quality-target, --risk); the operating points at
-quality ratios 0.95/0.97/0.99 sweep the grid on calibration data. Knob (FLOOR, f) is the certified quality floor:
-no sweep, `calibrate_floor` derives every (task, tier)'s alpha and delta from f (`conformal.certify_floor`).
+Knobs: (quality_target, alpha) is the configured policy (the headline: --quality-target, --risk). (LEVEL, chain set,
+start rule, level) is the level family the operating points at quality ratios 0.95/0.97/0.99 sweep on calibration
+data: one confidence level for every cheaper tier of each task's chain, a start rule being a quality target or a cost
+weight (`cascade.StartRule`). (FLOOR, f) is the certified quality floor f (`floor_plan`; no sweep).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from routenlp.router.cascade import simulate_cascade, start_tiers
+from routenlp.router.cascade import StartRule, simulate_cascade, start_tiers
 from routenlp.router.conformal import ALL_REQUESTS, LEVELS, calibrate_cascade, certify_level, thresholds_table
 
 from .baselines import Method, Split
@@ -42,6 +43,15 @@ CUT_FACTORS = (0.99, 0.97, 0.95, 0.9)
 CHAIN_SETS = ("learnt",) + tuple(f"learnt@{f}" for f in CUT_FACTORS) + ("global",)
 END_START = 1e9  # a start rule no cheaper tier meets: every request starts at its chain's end
 QUALITY_TARGETS = [0.0, 0.9, 0.97, 1.0, END_START]  # start rules swept (0: start at the chain's cheapest tier)
+# Cost-weighted start rules swept (`cascade.StartRule.cost_weight`; tier costs per task relative to the reference's,
+# from the training split): a start rule is a quality target (float) or ("costWeight", w).
+COST_WEIGHTS = [0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0]
+COST_WEIGHT = "costWeight"
+
+
+def rule_label(rule) -> float | str:
+    """A swept start rule as reports show it: the quality target, or "costWeight=w"."""
+    return f"{COST_WEIGHT}={rule[1]:g}" if isinstance(rule, tuple) else rule
 
 
 def cut_chains(chains: np.ndarray, quality: np.ndarray, task_ids: np.ndarray, factor: float) -> np.ndarray:
@@ -76,15 +86,18 @@ class RouteNLP(Method):
     def __init__(self, risk: float = 0.05, delta: float = 0.1, quality_target: float = 0.97,
                  min_calibration_samples: int = 10, epochs: int = 30, folds: int = 3,
                  quality_targets=None, levels=None, task_of=None, fwer: str = "fixed_sequence",
-                 risk_measure: str = ALL_REQUESTS, floor_scope: str = "policy", confidence_scope: str = "tier"):
+                 risk_measure: str = ALL_REQUESTS, floor_scope: str = "policy", confidence_scope: str = "tier",
+                 cost_weights=None):
         self.risk, self.delta, self.quality_target = risk, delta, quality_target
         self.fwer, self.risk_measure = fwer, risk_measure
         self.floor_scope, self.confidence_scope = floor_scope, confidence_scope
         self.min_samples, self.epochs, self.folds = min_calibration_samples, epochs, folds
         self.quality_targets = QUALITY_TARGETS if quality_targets is None else list(quality_targets)
+        weights = COST_WEIGHTS if cost_weights is None else list(cost_weights)
+        self.start_rules = self.quality_targets + [(COST_WEIGHT, float(w)) for w in weights]
         self.levels = LEVELS if levels is None else np.asarray(levels, dtype=float)  # strict to loose
         # The operating points sweep the level family; the headline is the configured policy (per-tier alpha).
-        self.knobs = [(LEVEL, cs, qt, float(v)) for cs in CHAIN_SETS for qt in self.quality_targets
+        self.knobs = [(LEVEL, cs, rule, float(v)) for cs in CHAIN_SETS for rule in self.start_rules
                       for v in self.levels]
         self.default = (quality_target, risk)
         self.knobs.append(self.default)
@@ -148,6 +161,11 @@ class RouteNLP(Method):
                                                                             self.chains.shape).copy()}
         for f in CUT_FACTORS:
             self.chain_sets[f"learnt@{f}"] = cut_chains(self.chains, Qt, tasks[tr], f)
+        # Each tier's mean cost per request of a task over the reference's (the cost-weighted start rules' costs).
+        C = s.C[np.ix_(tr, s.tiers)]
+        ref_cost = max(float(C[:, -1].mean()), 1e-12)
+        self.relative_cost = np.array([C[tasks[tr] == t].mean(0) if (tasks[tr] == t).any() else C.mean(0)
+                                       for t in range(len(names))]) / ref_cost
         self._thr: dict = {}
         self._curves: dict | None = None  # `_train_curves`, filled on first use
         return self
@@ -172,16 +190,22 @@ class RouteNLP(Method):
                                 risk_measure=self.risk_measure, chains=self.chains)
         return thresholds_table(res)
 
-    def _level_plan(self, chain_set: str, idx: np.ndarray, qt: float, level: float):
+    def start_rule(self, idx: np.ndarray, rule) -> StartRule:
+        """The `cascade.StartRule` of a swept start rule (a quality target, or (COST_WEIGHT, w)) on rows idx."""
+        if isinstance(rule, tuple):
+            return StartRule(cost_weight=rule[1], relative_cost=self.relative_cost[self.tasks[idx]])
+        return StartRule(quality_target=rule)
+
+    def _level_plan(self, chain_set: str, idx: np.ndarray, rule, level: float):
         """(start, thresholds per row, chains per row) of the level family on rows idx: every cheaper tier of the
         task's chain accepts an answer whose confidence is at least `level`."""
         ch = self.chain_sets[chain_set][self.tasks[idx]]
         thr = np.full((len(idx), len(self.s.tiers)), float(level))
-        return start_tiers(self.prior[idx], qt, chain=ch), thr, ch
+        return start_tiers(self.prior[idx], self.start_rule(idx, rule), chain=ch), thr, ch
 
-    def _run_level(self, idx, chain_set: str, qt: float, level: float):
+    def _run_level(self, idx, chain_set: str, rule, level: float):
         s = self.s
-        start, thr, ch = self._level_plan(chain_set, idx, qt, level)
+        start, thr, ch = self._level_plan(chain_set, idx, rule, level)
         return simulate_cascade(start, self.conf[idx], s.Q[np.ix_(idx, s.tiers)], s.C[np.ix_(idx, s.tiers)], thr,
                                 max_escalations=len(s.tiers) - 1, chains=ch)
 
@@ -193,10 +217,10 @@ class RouteNLP(Method):
             r = (self.s.Q[tr, self.s.outcomes.reference] >= 0.5).astype(float)
             self._curves = {}
             for cs in CHAIN_SETS:
-                for qt in self.quality_targets:
-                    runs = [self._run_level(tr, cs, qt, v) for v in self.levels]
+                for rule in self.start_rules:
+                    runs = [self._run_level(tr, cs, rule, v) for v in self.levels]
                     y = [(x.quality >= 0.5).astype(float) for x in runs]
-                    self._curves[(cs, qt)] = (np.array([v.mean() for v in y]), np.array([(v * r).mean() for v in y]),
+                    self._curves[(cs, rule)] = (np.array([v.mean() for v in y]), np.array([(v * r).mean() for v in y]),
                                               np.array([x.cost.mean() for x in runs]))
         return self._curves
 
@@ -219,15 +243,15 @@ class RouteNLP(Method):
         er = float((s.Q[s.train, s.outcomes.reference] >= 0.5).mean())
         n_group = len(cal_idx) / (1 if self.floor_scope == "policy" else max(len(self.task_names), 1))
         scored = []
-        for (cs, qt), (ey, eyr, cost) in self._train_curves().items():
+        for (cs, rule), (ey, eyr, cost) in self._train_curves().items():
             mean = ey - floor * er
             var = np.maximum(ey - ey ** 2 + floor ** 2 * (er - er ** 2) - 2 * floor * (eyr - ey * er), 1e-6)
             z = mean / np.sqrt(var / max(n_group, 1.0))
-            scored += [(float(z[j]), -float(cost[j]), cs, qt, float(v)) for j, v in enumerate(self.levels)]
+            scored += [(float(z[j]), -float(cost[j]), cs, rule, float(v)) for j, v in enumerate(self.levels)]
         seq, cheapest = [], np.inf
-        for z, neg_cost, cs, qt, v in sorted(scored, reverse=True):
+        for z, neg_cost, cs, rule, v in sorted(scored, key=lambda x: x[:2], reverse=True):
             if z >= -1.0 and -neg_cost < cheapest:  # the training frontier: each setting cheaper than all before it
-                seq.append((cs, qt, v))
+                seq.append((cs, rule, v))
                 cheapest = -neg_cost
         groups = ([np.arange(len(cal_idx))] if self.floor_scope == "policy"
                   else [np.flatnonzero(self.tasks[cal_idx] == t) for t in range(len(self.task_names))])
@@ -236,7 +260,7 @@ class RouteNLP(Method):
         for g in groups:
             rows = cal_idx[g]
             ref = self._labels(rows)[:, -1]
-            runs = [self._run_level(rows, cs, qt, v) for cs, qt, v in seq]
+            runs = [self._run_level(rows, cs, rule, v) for cs, rule, v in seq]
             c = certify_level(np.column_stack([ref] + [(r.quality >= 0.5).astype(float) for r in runs]), ref,
                               floor, self.delta)
             certs.append(c)

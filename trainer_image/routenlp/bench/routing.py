@@ -26,7 +26,7 @@ from .baselines import (AlwaysModel, BestSingle, FrugalCascade, KNNRouter, MFRou
 from .features import AnswerScorer, EmbeddingCache, hashed_ngrams, out_of_fold, response_tail, scorer_features
 from .data import shared_data_dir
 from .outcomes import OutcomeError, Outcomes, load_outcomes, pareto_tiers, portfolio_tiers
-from .routenlp_method import FLOOR, RouteNLP
+from .routenlp_method import FLOOR, RouteNLP, rule_label
 
 METHODS = ("always_reference", "always_cheapest", "best_single", "random", "knn", "mf", "frugalgpt", "routenlp",
            "oracle")
@@ -269,7 +269,7 @@ def run_seed(o: Outcomes, X: np.ndarray, resp: ResponseEmbeddings, seed: int, ar
     for f in args.floor:
         fp = rn.thresholds((FLOOR, f))
         out["routenlp"].setdefault("floor", {})[f"{f:.2f}"] = {
-            "plan": {t: (None if p is None else {"chain_set": p[0], "start_rule": p[1], "level": p[2]})
+            "plan": {t: (None if p is None else {"chain_set": p[0], "start_rule": rule_label(p[1]), "level": p[2]})
                      for t, p in zip(rn.task_names, fp["plan"])},
             "certificates": [{"index": c.index, "n": c.n, "calibration_quality_ratio": c.quality_ratio}
                              for c in fp["certificates"]]}

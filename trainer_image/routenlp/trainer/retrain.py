@@ -112,7 +112,8 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
               x: np.ndarray, tiers: list[str], cal_fraction: float, quality_target: float, risk_level: float,
               delta: float, max_escalations: int, min_samples: int, generation_tasks: frozenset[str] = frozenset(),
               risk_measure: str = ACCEPTED_ANSWERS, pinned_chains: dict[str, list[str]] | None = None,
-              quality_floors: dict[str, float] | None = None) -> tuple[Any, Any, dict[str, Any]]:
+              quality_floors: dict[str, float] | None = None, cost_weights: dict[str, float] | None = None,
+              relative_costs: list[float] | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """(ConfidenceSet fitted on the fit split, Calibration from the cal split, metrics).
 
     Thresholds: fixed-sequence Learn-then-Test along an order learnt on the fit split's scores and labels (disjoint
@@ -120,9 +121,11 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
     policy's pinned chain, else the task's cost/quality Pareto set on the fit split (`chains.learn_chains`; tiers are
     given cheapest first). Tasks under a quality floor (their own, or the policy's "*" over the others) get one
     confidence level certified for it instead (`conformal.certify_floor_levels`). metrics["chains"] and
-    metrics["floor_certificates"] are what the router reads from the artifact's metadata (`routing_metadata`)."""
+    metrics["floor_certificates"] are what the router reads from the artifact's metadata (`routing_metadata`).
+    Requests start as the router starts them: a task with a cost weight (RoutingPolicy tasks[].costWeight) by the
+    cost-weighted rule over `relative_costs` (one per tier, the reference's 1), the others by quality_target."""
     from routenlp.router.artifacts import Calibration
-    from routenlp.router.cascade import chain_ends, start_tiers
+    from routenlp.router.cascade import StartRule, chain_ends, start_tiers
     from routenlp.router.confidence import FEATURES, answer_features, fit_confidence_set
     from routenlp.router.chains import MIN_GAIN_SE, chains_from_names, chains_to_names, learn_chains
     from routenlp.router.conformal import ThresholdResult, calibrate_cascade, certify_floor_levels
@@ -167,7 +170,16 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
         for t, task in enumerate(tasks):
             if task in pinned:
                 chains[t] = mask[t]
-    start = start_tiers(pred, quality_target, chain=chains[task_ids])
+    start = np.zeros(len(rows), dtype=int)
+    for t, task in enumerate(tasks):
+        w = (cost_weights or {}).get(task)
+        if w is not None and (relative_costs is None or len(relative_costs) != len(tiers)):
+            raise StageError(f"--cost-weights: task {task!r} has a cost weight; --relative-costs must give one "
+                             f"relative cost per tier ({len(tiers)})")
+        rule = (StartRule(quality_target=quality_target) if w is None
+                else StartRule(cost_weight=float(w), relative_cost=np.asarray(relative_costs, dtype=float)))
+        m = task_ids == t
+        start[m] = start_tiers(pred[m], rule, chain=chains[t])
     results = calibrate_cascade(task_ids[cal], start[cal], scores[cal], q[cal], len(tasks), risk_level, delta,
                                 min_samples, max_escalations, fwer="fixed_sequence",
                                 train=(task_ids[fit], scores[fit], q[fit]), risk_measure=risk_measure, chains=chains)
@@ -252,7 +264,8 @@ def _policy_params(args: argparse.Namespace) -> dict[str, Any]:
             "risk_level": args.risk_level, "risk_measure": args.risk_measure, "delta": args.delta,
             "max_escalations": args.max_escalations,
             "min_samples": args.min_samples, "cal_fraction": args.cal_fraction, "system_prompt": args.system_prompt,
-            "chains": args.chains, "quality_floors": args.quality_floors}
+            "chains": args.chains, "quality_floors": args.quality_floors, "cost_weights": args.cost_weights,
+            "relative_costs": args.relative_costs}
 
 
 def run_retrain(args: argparse.Namespace) -> dict[str, Any]:
@@ -309,7 +322,7 @@ def run_retrain(args: argparse.Namespace) -> dict[str, Any]:
         conf, calibration, m = calibrate(router, rows, signals, q, x, tiers, args.cal_fraction, args.quality_target,
                                          args.risk_level, args.delta, args.max_escalations, args.min_samples,
                                          frozenset(args.generation_tasks), args.risk_measure, args.chains,
-                                         args.quality_floors)
+                                         args.quality_floors, args.cost_weights, args.relative_costs)
     version = args.version or f"r-{st.key[:12]}"
     meta = {"trained_by": "routenlp train retrain", "student_tier": args.student_tier,
             "student_model": args.student_model, "requests": len(rows), "metrics": m, **routing_metadata(m),
@@ -352,7 +365,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     conf, calibration, m = calibrate(base.router, rows, signals, q, x, tiers, args.cal_fraction, args.quality_target,
                                      args.risk_level, args.delta, args.max_escalations, args.min_samples,
                                      frozenset(args.generation_tasks), args.risk_measure, args.chains,
-                                     args.quality_floors)
+                                     args.quality_floors, args.cost_weights, args.relative_costs)
     version = args.version or f"c-{st.key[:12]}"
     path = _save_version(artifact_dir, version, st.key, base.router, conf, calibration,
                          {"trained_by": "routenlp train calibrate", "base_version": base.version, "metrics": m,
@@ -374,6 +387,16 @@ def _json_arg(text: str) -> dict:
     return value
 
 
+def _costs_arg(text: str) -> list[float]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and v >= 0 for v in value):
+        raise argparse.ArgumentTypeError("expected a JSON list of non-negative numbers")
+    return [float(v) for v in value]
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events", required=True, help="event log directory (queries and teacher answers)")
     p.add_argument("--out", required=True, help="stage output directory (manifest.json, signals)")
@@ -393,6 +416,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quality-floors", type=_json_arg, default=None,
                    help='quality floors as JSON {"task": 0.97, "*": 0.95} (RoutingPolicy tasks[].qualityFloor; "*": '
                    'cascade.qualityFloor, over the tasks without their own)')
+    p.add_argument("--cost-weights", type=_json_arg, default=None,
+                   help='cost-weighted start rules as JSON {"task": 0.2} (RoutingPolicy tasks[].costWeight); other '
+                        "tasks start by --quality-target")
+    p.add_argument("--relative-costs", type=_costs_arg, default=None,
+                   help="each tier's price over the reference's as a JSON list, in --tiers order (what the router "
+                        "weighs: routenlp.api.modeltier.relative_costs)")
     p.add_argument("--generation-tasks", nargs="*", default=[],
                    help="tasks of kind generation (free text); all others are scored as structured, as the router does")
     p.add_argument("--min-samples", type=int, default=30, help="labelled answers needed to calibrate a tier")
