@@ -14,7 +14,7 @@ from routenlp.router.decision_cache import normalise
 from routenlp.router.difficulty import DifficultyRouter
 from routenlp.router.encoder import (LEGACY_VARIANT, MAX_TOKENS, VARIANTS, Encoder, EncoderPool, EncoderSpec,
                                      OnnxEncoder, encoder_for, onnx_model, serving_spec)
-from routenlp.router.server import RouterState
+from routenlp.router.state import RouterState
 
 from .fakes import FakeEncoder
 from .test_server import make_config

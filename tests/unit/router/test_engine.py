@@ -15,7 +15,7 @@ from routenlp.router.clients import CircuitBreaker, UpstreamError, UpstreamResul
 from routenlp.router.confidence import ConfidenceSet
 from routenlp.router.conformal import ThresholdResult
 from routenlp.router.engine import CascadeEngine, Plan, TierInfo, classify, make_plan, redacted_message
-from routenlp.router.openai_api import parse_chat
+from routenlp.router.protocol import parse_chat
 
 MILLION = 1_000_000
 

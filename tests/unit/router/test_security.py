@@ -13,7 +13,7 @@ from routenlp.router.auth import Caller, FeedbackGate, KeyDir, authenticate
 from routenlp.api.router_config import RouterConfig
 from routenlp.router.eventlog import EventLogWriter
 from routenlp.router.events import JUDGE, LABELLER, FeedbackEvent, RoutingEvent
-from routenlp.router.openai_api import ApiError
+from routenlp.router.protocol import ApiError
 from routenlp.router.server import build_app
 
 from .fakes import FakeEncoder
