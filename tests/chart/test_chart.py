@@ -399,7 +399,7 @@ def test_operator_accepts_the_arguments(rendered, name):
         assert args.webhook_key == mounts["webhook-tls"] + "/tls.key"
     assert bool(args.namespace) != bool(args.all_namespaces)
     # NetworkPolicies let the operator in by the labels of the pods this Deployment makes.
-    from routenlp.operator.builders import NetworkPeers
+    from routenlp.operator.meta import NetworkPeers
     from routenlp.operator.main import handler_env
 
     peers = NetworkPeers.from_env(handler_env(args))
@@ -612,12 +612,13 @@ def test_selectors_match_what_the_operator_builds(rendered):
     """The router ServiceMonitor selects the Services the operator makes for gateway routers (by label and port
     name), and the webhook's exclusion names the operator's managed-by value."""
     from routenlp.api import parse
-    from routenlp.operator import builders
+    from routenlp.operator import routingpolicy
+    from routenlp.operator.webhook import sidecar_patch
 
     policy = parse({"apiVersion": "routenlp.io/v1alpha1", "kind": "RoutingPolicy", "metadata": {"name": "p"},
                     "spec": {"tiers": [{"name": "a"}, {"name": "b"}], "tasks": [{"name": "t"}]}})
     owner = {"apiVersion": "routenlp.io/v1alpha1", "kind": "RoutingPolicy", "metadata": {"name": "p", "uid": "u"}}
-    service = builders.router_service(policy, owner, "team-a")
+    service = routingpolicy.router_service(policy, owner, "team-a")
     monitor = next(o for o in by_kind(rendered["monitoring"], "ServiceMonitor") if o["metadata"]["name"].endswith("-routers"))
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
@@ -630,9 +631,9 @@ def test_selectors_match_what_the_operator_builds(rendered):
 
     sidecar = parse({**policy.to_k8s(), "spec": {**policy.to_k8s()["spec"], "deployment": {"mode": "sidecar"}}})
     app = {"metadata": {"labels": {"routenlp.io/policy": "p"}}, "spec": {"containers": [{"name": "a", "image": "a"}]}}
-    pod = jsonpatch.apply_patch(app, builders.sidecar_patch(app, sidecar, []))
+    pod = jsonpatch.apply_patch(app, sidecar_patch(app, sidecar, []))
     pod_monitor = by_kind(rendered["monitoring"], "PodMonitor")[0]["spec"]
-    gateway = builders.router_deployment(policy, [], owner, "team-a", "h")["spec"]["template"]["metadata"]["labels"]
+    gateway = routingpolicy.router_deployment(policy, [], owner, "team-a", "h")["spec"]["template"]["metadata"]["labels"]
     assert _selects(pod_monitor["selector"], pod["metadata"]["labels"])
     assert not _selects(pod_monitor["selector"], gateway)
     router = next(c for c in pod["spec"]["containers"] if c["name"] == "router")

@@ -12,13 +12,16 @@ OPERATOR = ROOT / "operator" / "routenlp" / "operator"
 
 
 def code_reasons() -> set[str]:
-    """Reasons the operator writes into conditions: literal third arguments of condition(...), literals assigned to
-    a `reason` variable, and the phase -> reason mapping of campaigns (phases themselves are reasons too)."""
+    """Reasons the operator writes into conditions: literal third arguments of condition(...) (its type a literal
+    or an api.common constant), literals assigned to a `reason` variable, (reason, message) pairs returned for a
+    condition, and the phase -> reason mapping of campaigns (phases themselves are reasons too)."""
     from routenlp.api.campaign import STAGES
 
     text = "\n".join(p.read_text() for p in OPERATOR.glob("*.py"))
-    reasons = set(re.findall(r'condition\(\s*"[A-Za-z]+",[^,\n]*,\s*"([A-Z][A-Za-z]+)"', text))
-    for a, b in re.findall(r'condition\(\s*"[A-Za-z]+",[^,\n]*,\s*"([A-Z]\w+)" if [^,\n]* else "([A-Z]\w+)"', text):
+    ctype = r'(?:"[A-Za-z]+"|[A-Z_]+)'
+    reasons = set(re.findall(r'condition\(\s*' + ctype + r',[^,\n]*,\s*"([A-Z][A-Za-z]+)"', text))
+    reasons |= set(re.findall(r'^\s*return "([A-Z][A-Za-z]+)", f?"', text, flags=re.M))
+    for a, b in re.findall(r'condition\(\s*' + ctype + r',[^,\n]*,\s*"([A-Z]\w+)" if [^,\n]* else "([A-Z]\w+)"', text):
         reasons |= {a, b}
     for line in re.findall(r"^\s*reason(?:_word)?\s*=.*$", text, flags=re.M):
         if ".get(" in line:  # {"Failed": "RunFailed", ...}.get(phase, phase): the values, then the phases

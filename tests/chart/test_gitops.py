@@ -76,10 +76,10 @@ def test_overlays_differ_as_documented(built):
 
 
 def test_prod_router_pdb_selects_the_operators_router_pods(built):
-    from routenlp.operator import builders
+    from routenlp.operator import meta
 
     pdb = find(built["prod"], "PodDisruptionBudget", "assistant-router")
-    router_labels = builders.labels("router", "assistant", policy="assistant")
+    router_labels = meta.labels("router", "assistant", policy="assistant")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= router_labels.items()
     replicas = find(built["prod"], "RoutingPolicy", "assistant")["spec"]["deployment"]["replicas"]
     assert pdb["spec"]["minAvailable"] < replicas, "a PDB that allows no disruption blocks node drains"

@@ -47,10 +47,10 @@ def cluster(tmp_path_factory):
                       ROUTENLP_WEBHOOK_CERT=str(cert), ROUTENLP_WEBHOOK_KEY=str(key))
     # The webhook handler registers at startup from the environment above, even when this module was imported
     # earlier without it (pytest collects tests/unit/operator, which imports handlers, before this runs).
-    from routenlp.operator import handlers
+    from routenlp.operator import handlers, runtime  # noqa: F401  (handlers: registers them all)
 
     pods = FakePods()
-    handlers.RT.pod_http = pods
+    runtime.RT.pod_http = pods
     args = ["run", "--standalone", "--all-namespaces", "-m", "routenlp.operator.handlers",
             f"--liveness=http://127.0.0.1:{live_port}/healthz"]
     with KopfRunner(args, timeout=60) as runner:

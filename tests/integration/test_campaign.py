@@ -127,10 +127,10 @@ def _policy_router(cluster, ns: str) -> dict:
 def _rollout_url(cluster, ns: str) -> str:
     """Where the operator asks the policy's router (through its Service) for its figures."""
     from routenlp.api import RoutingPolicy
-    from routenlp.operator import builders
+    from routenlp.operator import routingpolicy
 
     policy = RoutingPolicy.model_validate(cluster.get_cr("routingpolicies", ns, "p"))
-    return f"{builders.router_admin_url(policy, f'p-router.{ns}.svc')}/routenlp/rollout"
+    return f"{routingpolicy.router_admin_url(policy, f'p-router.{ns}.svc')}/routenlp/rollout"
 
 
 def _serving_v1(cluster, ns: str) -> None:
@@ -183,7 +183,7 @@ def test_campaign_runs_rounds_on_the_failures_of_the_previous_rounds_router(clus
     ns = "dc-rounds"
     cache = {"engine": {"model": "Qwen/Qwen2.5-0.5B-Instruct", "modelCache": {"claimName": "weights"}}}
     _setup(cluster, ns, student=cache, rounds=2, trigger={"minFailures": 50})
-    # publish writes adapters onto the student's model-cache PVC, mounted in the Job (builders.ADAPTER_MOUNT)
+    # publish writes adapters onto the student's model-cache PVC, mounted in the Job (campaign.ADAPTER_MOUNT)
     in_job = "file:///var/lib/routenlp-adapters/adapters"
     _finish_run(cluster, ns, 1, "c-r1", adapter_dir=in_job)
     c = _phase(cluster, ns, "Observing")

@@ -85,17 +85,16 @@ def test_auth_secrets_are_mounted_and_reported(cluster):
 def test_secret_get_forbidden_is_reported_not_checked(cluster, monkeypatch):
     """Without Secret `get` in a namespace (the chart's default cluster-wide install), the external tier and the
     policy say the Secret was not checked instead of failing the reconcile."""
-    from routenlp.operator import handlers
-    from routenlp.operator.kube import ApiError
+    from routenlp.operator.kube import ApiError, Kube
 
-    real_get = handlers.Kube.get
+    real_get = Kube.get
 
     async def forbidden(self, kind, namespace, name):
         if kind == "Secret" and namespace == "sec-forbidden":
             raise ApiError(403, 'secrets "x" is forbidden')
         return await real_get(self, kind, namespace, name)
 
-    monkeypatch.setattr(handlers.Kube, "get", forbidden)
+    monkeypatch.setattr(Kube, "get", forbidden)
     ns = "sec-forbidden"
     cluster.api.create(cluster.cr_path("modeltiers", ns), external_tier("big", secret="frontier-key"))
     cluster.api.create(cluster.cr_path("routingpolicies", ns), policy("p", ["big"], auth={"labellersSecret": "l"}))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import kopf
 
-from routenlp.operator import handlers
+from routenlp.operator import webhook
 
 
 def _sidecar_handlers(registry: kopf.OperatorRegistry) -> list:
@@ -19,12 +19,12 @@ def _sidecar_handlers(registry: kopf.OperatorRegistry) -> list:
 def test_registers_only_when_a_port_is_configured_and_only_once(monkeypatch):
     registry = kopf.OperatorRegistry()
     monkeypatch.delenv("ROUTENLP_WEBHOOK_PORT", raising=False)
-    assert handlers.register_sidecar_webhook(registry) is False
+    assert webhook.register_sidecar_webhook(registry) is False
     assert _sidecar_handlers(registry) == []  # kopf would refuse to start: handlers but no server
     monkeypatch.setenv("ROUTENLP_WEBHOOK_PORT", "9443")  # set after the module was imported
-    assert handlers.register_sidecar_webhook(registry) is True
-    assert handlers.register_sidecar_webhook(registry) is True  # startup after import: no duplicate
+    assert webhook.register_sidecar_webhook(registry) is True
+    assert webhook.register_sidecar_webhook(registry) is True  # startup after import: no duplicate
     [handler] = _sidecar_handlers(registry)
-    assert handler.fn is handlers.inject_router
+    assert handler.fn is webhook.inject_router
     assert handler.selector.is_specific and handler.selector.select(
         {kopf.Resource("", "v1", "pods")}) == {kopf.Resource("", "v1", "pods")}

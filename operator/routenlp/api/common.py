@@ -127,6 +127,35 @@ class Condition(ApiModel):
     )
 
 
+# Condition types the operator writes. `Ready` summarises the others (see ReadySet).
+READY = "Ready"
+TIERS_RESOLVED = "TiersResolved"  # RoutingPolicy: every tier it lists exists and is valid
+AUTH_SECRETS_FOUND = "AuthSecretsFound"  # RoutingPolicy: the Secrets spec.auth names exist and hold keys
+ROUTER_READY = "RouterReady"  # RoutingPolicy: its router pods are ready (gateway) or injected (sidecar)
+TIERS_READY = "TiersReady"  # RoutingPolicy: every tier it lists is Ready
+BUDGET_EXCEEDED = "BudgetExceeded"  # RoutingPolicy: the last 24 h spend is over spec.budget (informational)
+ADAPTERS_LOADED = "AdaptersLoaded"  # ModelTier: the adapters it should serve are loaded in every ready pod
+
+
+@dataclass(frozen=True)
+class ReadySet:
+    """The condition types that decide `Ready`, in the order their problems are reported (KServe's
+    `inference_service_status.go` pattern). Ready is True unless one of them is False; then Ready carries the
+    first such condition's reason and message. An absent or Unknown one does not hold Ready back: it is optional
+    (e.g. AuthSecretsFound without spec.auth) or could not be checked."""
+
+    types: tuple[str, ...]
+
+    def blocking(self, conditions: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The first condition of the set that is False, or None when Ready is True."""
+        by_type = {c["type"]: c for c in conditions}
+        return next((by_type[t] for t in self.types
+                     if t in by_type and by_type[t]["status"] == ConditionStatus.FALSE.value), None)
+
+
+ROUTING_POLICY_READY = ReadySet((TIERS_RESOLVED, AUTH_SECRETS_FOUND, ROUTER_READY, TIERS_READY))
+
+
 def now_rfc3339() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .builders import VLLM_PORT
+from .meta import VLLM_PORT
 
 Obj = dict[str, Any]
 

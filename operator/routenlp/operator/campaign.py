@@ -1,472 +1,381 @@
-"""The DistillationCampaign state machine, as a pure function of (spec, status, observed Jobs, policy status, now).
+"""DistillationCampaign: the stage Jobs a campaign runs (pure builders) and its kopf handlers.
 
-Pending -> Clustering -> Distilling -> Evaluating -> RetrainingRouter -> RollingOut -> Succeeded | Failed, with
-Proposed instead of RollingOut when autoApply is false. Each Job stage runs as one Job per attempt; a failed attempt
-is retried up to spec.maxStageRetries times. A stage's result is the one-line JSON summary its container prints last,
-read from the terminated container's message (terminationMessagePolicy FallbackToLogsOnError).
-
-With spec.rounds > 1 a run repeats the loop: RollingOut of round n (< rounds) waits until the canary guard promoted
-the round's router version, then Observing waits until the policy's router reports trigger.minFailures escalations
-under that version, and round n+1 starts at Clustering (its Jobs cluster the failures logged under round n's version
-and continue round n's adapter). A rolled-back round ends the run Failed; the last round ends as a single round does.
+The state machine itself is campaign_flow (pure); this module reads what it needs (the policy, its tiers, the
+run's Jobs and pods), applies the Job of the next stage, and passes results on: the router version to the policy's
+status, the adapter to the student tier.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from typing import Any
 
-from routenlp.api import DistillationCampaign, parse_duration
+import kopf
+from pydantic import ValidationError
 
-from .rollout import parse_time
+from routenlp.api import GROUP, VERSION, DistillationCampaign, ModelTier, RoutingPolicy
+from routenlp.api.common import READY, SecretKeyRef, now_rfc3339
+from routenlp.api.routingpolicy import RiskMeasure
+
+from . import metrics
+from .campaign_flow import advance, campaign_ready, job_result, now_utc, should_start
+from .distributed import distill_workload
+from .meta import (
+    RUN_AS_USER, host_resources, labels, metadata, pod_security_context, restricted_security_context, scratch_env,
+    scratch_volumes, short_name, tier_endpoint,
+)
+from .modeltier import reconcile_tier
+from .routingpolicy import CAMPAIGN_POLICY_LABEL, DATA_DIR, events_claim, reconcile_policy
+from .runtime import RT, doc, emit, invalid, kube, settle, timed, transition_events, write_status
+from .status import condition, merge_conditions
 
 Obj = dict[str, Any]
 
-JOB_STAGES = ("Clustering", "Distilling", "Evaluating", "RetrainingRouter")
-TERMINAL = ("Succeeded", "Failed", "Proposed")
+
+# Stage -> the `routenlp train` commands its Job runs, in order (all but the last as init containers, so the main
+# container's termination message carries the stage's result).
+STAGE_COMMANDS: dict[str, list[str]] = {
+    "Clustering": ["cluster"],
+    "Distilling": ["distill"],
+    "Evaluating": ["evaluate"],
+    "RetrainingRouter": ["retrain", "calibrate", "publish"],
+}
+
+
+def stage_commands(campaign: DistillationCampaign, stage: str) -> list[str]:
+    if stage == "RetrainingRouter" and not campaign.spec.retrain_router:
+        return ["publish"]
+    return STAGE_COMMANDS[stage]
+
+
+def _round(round_: int) -> list[str]:
+    """Name part of a campaign round: none for round 1 (the names a single-round run always had)."""
+    return [f"n{round_}"] if round_ > 1 else []
+
+
+def job_name(campaign: str, run: int, stage: str, attempt: int, round_: int = 1) -> str:
+    return short_name(campaign, f"r{run}", *_round(round_), stage.lower(), f"a{attempt}")
+
+
+def campaign_work_dir(campaign: str, run: int, round_: int = 1) -> str:
+    return f"{DATA_DIR}/campaigns/{campaign}/run-{run}" + (f"/round-{round_}" if round_ > 1 else "")
 
 
 @dataclass(frozen=True)
-class JobResult:
-    """One stage Job as observed: Running, Succeeded or Failed, plus the main container's termination message."""
+class StageContext:
+    """What the stage Jobs need to know beyond the campaign: the tiers and policy they work on."""
 
-    name: str
-    stage: str
-    attempt: int
-    state: str
-    message: str = ""
-    seconds: float | None = None
-    round: int = 1
-
-
-@dataclass
-class Step:
-    """What the handler must do: write `status`, create `create_job` (stage, attempt), emit `events`."""
-
-    status: Obj
-    create_job: tuple[str, int] | None = None
-    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
-    finished: str | None = None  # "Succeeded" / "Failed" when a run ended in this step (metrics)
+    student_model: str  # the student's model (path/hub id), what the trainer loads
+    student_url: str  # the student tier's OpenAI-compatible base URL
+    student_served_name: str
+    teacher_url: str
+    teacher_model: str  # `model` sent to the teacher
+    tiers: tuple[str, ...]  # the policy's tiers, cheapest first
+    risk_level: float
+    delta: float
+    max_escalations: int
+    risk_measure: str = RiskMeasure.ACCEPTED_ANSWERS.value
+    generation_tasks: tuple[str, ...] = ()  # tasks of kind generation: the trainer scores them as the router does
+    teacher_key: SecretKeyRef | None = None
+    student_cache_claim: str | None = None  # student tier's model-cache PVC: where adapters are published
+    chains: tuple[tuple[str, tuple[str, ...]], ...] = ()  # pinned tasks[].chain (other tasks' chains are learnt)
+    quality_floors: tuple[tuple[str, float], ...] = ()  # tasks[].qualityFloor; "*": cascade.qualityFloor
 
 
-def parse_summary(message: str) -> Obj:
-    """The last line of the message that parses as a JSON object (logs may precede it on FallbackToLogsOnError)."""
-    for line in reversed((message or "").strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(value, dict):
-                return value
-    return {}
+ADAPTER_MOUNT = "/var/lib/routenlp-adapters"  # the student's model-cache PVC inside stage Jobs
 
 
-def _get(d: Obj, *names: str) -> Any:
-    for n in names:
-        if n in d:
-            return d[n]
-    return None
+def adapter_name(campaign: str, run: int, round_: int = 1) -> str:
+    """The adapter's name, which is also the router version the round produces."""
+    return short_name(campaign, f"r{run}", *_round(round_))
 
 
-def job_result(job: Obj, pods: list[Obj]) -> JobResult:
-    """Observe a stage Job and (for its result) its pods' terminated main container."""
-    meta, st = job["metadata"], job.get("status") or {}
-    lbls = meta.get("labels", {})
-    state = "Running"
-    for c in st.get("conditions") or []:
-        if c.get("status") == "True" and c.get("type") in ("Complete", "SuccessCriteriaMet"):
-            state = "Succeeded"
-        elif c.get("status") == "True" and c.get("type") in ("Failed", "FailureTarget"):
-            state = "Failed"
-    main = job["spec"]["template"]["spec"]["containers"][0]["name"]
-    message = ""
-    for p in pods:
-        for cs in (p.get("status") or {}).get("containerStatuses") or []:
-            term = (cs.get("state") or {}).get("terminated")
-            if cs.get("name") == main and term and term.get("message"):
-                message = term["message"]
-    if state == "Failed" and not message:
-        message = "; ".join(c.get("message", "") for c in st.get("conditions") or [] if c.get("type") == "Failed")
-    seconds = None
-    if st.get("startTime") and st.get("completionTime"):
-        seconds = (parse_time(st["completionTime"]) - parse_time(st["startTime"])).total_seconds()
-    return JobResult(meta["name"], lbls.get("routenlp.io/stage", ""), int(meta.get("annotations", {}).get(
-        "routenlp.io/attempt", 0)) or _attempt_from_name(meta["name"]), state, message, seconds,
-        int(lbls.get("routenlp.io/round") or 1))
+def stage_args(campaign: DistillationCampaign, ctx: StageContext, cmd: str, run: int, round_: int = 1) -> list[str]:
+    """Arguments of `routenlp train <cmd>` (trainer_image/routenlp/trainer) for this campaign run and round. From
+    round 2 on, cluster reads only the failures logged under the previous round's router version, and distill and
+    evaluate start from the previous round's adapter."""
+    spec = campaign.spec
+    work = campaign_work_dir(campaign.metadata.name, run, round_)
+    events, routers = f"{DATA_DIR}/events", f"{work}/routers"
+    version = adapter_name(campaign.metadata.name, run, round_)
+    previous = [] if round_ == 1 else [adapter_name(campaign.metadata.name, run, round_ - 1),
+                                       campaign_work_dir(campaign.metadata.name, run, round_ - 1)]
+    teacher = ["--teacher-url", ctx.teacher_url, "--teacher-model", ctx.teacher_model]
+    if cmd == "cluster":
+        c = spec.clustering
+        return ["--events", events, "--out", f"{work}/cluster", "--teacher-tier", spec.teacher_tier,
+                "--student-tier", spec.student_tier, "--method", c.method, "--max-clusters", str(c.max_clusters),
+                "--min-cluster-size", str(c.min_cluster_size), "--top-clusters", str(c.top_clusters),
+                *(["--router-version", previous[0]] if previous else [])]
+    if cmd == "distill":
+        lora = spec.lora
+        out = ["--clusters", f"{work}/cluster", "--out", f"{work}/distill", "--base-model", ctx.student_model,
+               "--adapter-name", version, "--r", str(lora.r), "--alpha", str(lora.alpha),
+               "--dropout", str(lora.dropout), "--target-modules", *lora.target_modules, "--steps", str(lora.steps),
+               "--learning-rate", str(lora.learning_rate), "--batch-size", str(lora.batch_size),
+               "--samples-per-cluster", str(lora.samples_per_cluster), "--budget-split", lora.budget_split,
+               "--top-clusters", str(spec.clustering.top_clusters),
+               "--hold-out-fraction", str(spec.evaluation.hold_out_fraction), "--quiet", *teacher,
+               *(["--init-adapter", f"{previous[1]}/distill/adapter"] if previous else [])]
+        return out + (["--teacher-api-key-env", "TEACHER_API_KEY"] if ctx.teacher_key else [])
+    if cmd == "evaluate":
+        return ["--distill", f"{work}/distill", "--out", f"{work}/evaluate", "--base-model", ctx.student_model,
+                "--min-quality-gain", str(spec.evaluation.min_quality_gain),
+                "--max-regression", str(spec.evaluation.max_regression), *teacher,
+                *(["--baseline-adapter", f"{previous[1]}/distill/adapter"] if previous else [])]
+    common = ["--events", events, "--artifact-dir", routers, "--version", version,
+              "--teacher-tier", spec.teacher_tier, "--tiers", *ctx.tiers, "--risk-level", str(ctx.risk_level),
+              "--risk-measure", ctx.risk_measure, "--delta", str(ctx.delta),
+              "--max-escalations", str(ctx.max_escalations), "--generation-tasks", *ctx.generation_tasks]
+    if ctx.chains:
+        common += ["--chains", json.dumps({task: list(chain) for task, chain in ctx.chains})]
+    if ctx.quality_floors:
+        common += ["--quality-floors", json.dumps(dict(ctx.quality_floors))]
+    if cmd == "retrain":
+        return [*common, "--out", f"{work}/retrain", "--student-tier", spec.student_tier,
+                "--student-model", ctx.student_served_name, "--student-url", ctx.student_url,
+                "--exclude", f"{work}/distill/train.jsonl"]
+    if cmd == "calibrate":
+        return [*common, "--out", f"{work}/calibrate", "--signals", f"{work}/retrain/signals.jsonl"]
+    if cmd == "publish":
+        out = ["--out", f"{work}/publish"]
+        if ctx.student_cache_claim:  # the tier loads adapters from its own model-cache PVC
+            out += ["--adapter", f"{work}/distill/adapter", "--adapter-name", version,
+                    "--adapter-to", f"{ADAPTER_MOUNT}/adapters"]
+        if campaign.spec.retrain_router:
+            out += ["--router-version", f"{routers}/{version}", "--router-to", f"{DATA_DIR}/routers"]
+        return out
+    raise ValueError(f"unknown stage command {cmd!r}")
 
 
-def _attempt_from_name(name: str) -> int:
-    tail = name.rsplit("-a", 1)
-    return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else 1
+def stage_job(campaign: DistillationCampaign, owner: Obj, namespace: str, stage: str, run: int, attempt: int,
+              artifact_claim: str, ctx: StageContext, round_: int = 1) -> Obj:
+    name = campaign.metadata.name
+    spec, res = campaign.spec, campaign.spec.resources
+    commands = stage_commands(campaign, stage)
+    gpu = {res.gpu_resource_name: str(res.gpu_count)} if stage == "Distilling" and res.gpu_count else {}
+    env: list[Obj] = [{"name": "HF_HUB_OFFLINE", "value": "1"}, *scratch_env()]
+    if ctx.teacher_key:  # by reference: the kubelet reads the Secret, the operator never does
+        env.append({"name": "TEACHER_API_KEY", "valueFrom": {"secretKeyRef": {
+            "name": ctx.teacher_key.name, "key": ctx.teacher_key.key}}})
+    scratch, scratch_mounts = scratch_volumes()
+    mounts: list[Obj] = [{"name": "routenlp-data", "mountPath": DATA_DIR}, *scratch_mounts]
+    volumes: list[Obj] = [{"name": "routenlp-data", "persistentVolumeClaim": {"claimName": artifact_claim}}, *scratch]
+    if ctx.student_cache_claim:
+        mounts.append({"name": "student-cache", "mountPath": ADAPTER_MOUNT})
+        volumes.append({"name": "student-cache", "persistentVolumeClaim": {"claimName": ctx.student_cache_claim}})
+
+    def container(cmd: str) -> Obj:
+        return {
+            "name": cmd,
+            "image": res.image,
+            "command": ["routenlp", "train", cmd],
+            "args": stage_args(campaign, ctx, cmd, run, round_),
+            "env": env,
+            "resources": host_resources(res.cpu, res.memory, gpu),
+            "volumeMounts": mounts,
+            # The stage prints a one-line JSON summary last; the operator reads it from the termination message.
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+            "securityContext": restricted_security_context() | {"runAsUser": RUN_AS_USER},
+        }
+
+    lbls = labels("campaign-stage", name, campaign=name) | {"routenlp.io/stage": stage, "routenlp.io/run": str(run),
+                                                            "routenlp.io/round": str(round_),
+                                                            CAMPAIGN_POLICY_LABEL: spec.policy_ref}
+    pod_spec: Obj = {
+        "restartPolicy": "Never",
+        "containers": [container(commands[-1])],
+        "volumes": volumes,
+        "securityContext": pod_security_context(),
+        "automountServiceAccountToken": False,
+    }
+    if len(commands) > 1:
+        pod_spec["initContainers"] = [container(c) for c in commands[:-1]]
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod_spec["tolerations"] = [t.to_k8s() for t in res.tolerations]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata(job_name(name, run, stage, attempt, round_), namespace, owner, lbls,
+                             {"routenlp.io/attempt": str(attempt)}),
+        "spec": {
+            # Retries are the operator's (bounded by maxStageRetries, visible in status), not the Job's.
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": res.active_deadline_seconds,
+            "ttlSecondsAfterFinished": 7 * 24 * 3600,
+            "template": {"metadata": {"labels": lbls}, "spec": pod_spec},
+        },
+    }
 
 
-def should_start(campaign: DistillationCampaign, status: Obj, observed_run_id: str | None, now: datetime,
-                 escalation_rate: float | None, failures: int | None) -> str | None:
-    """Why a new run starts now (a reason word), or None. Runs never overlap."""
-    phase = status.get("phase")
-    if phase not in (None, "Pending", *TERMINAL):
+def stage_context(campaign: DistillationCampaign, policy: RoutingPolicy, student: ModelTier, teacher: ModelTier,
+                  namespace: str) -> StageContext:
+    ext = teacher.spec.external
+    engine = student.spec.engine
+    return StageContext(
+        student_model=engine.model if engine else student.spec.served_model_name,
+        student_url=tier_endpoint(student, namespace),
+        student_served_name=student.spec.served_model_name,
+        teacher_url=tier_endpoint(teacher, namespace),
+        teacher_model=ext.model if ext else teacher.spec.served_model_name,
+        tiers=tuple(t.name for t in policy.spec.tiers),
+        risk_level=policy.spec.cascade.risk_level,
+        risk_measure=RiskMeasure(policy.spec.cascade.risk_measure).value,
+        delta=policy.spec.cascade.delta,
+        max_escalations=policy.spec.cascade.max_escalations,
+        generation_tasks=tuple(t.name for t in policy.spec.tasks if t.kind == "generation"),
+        teacher_key=ext.api_key_secret_ref if ext else None,
+        student_cache_claim=engine.model_cache.claim_name if engine and engine.model_cache else None,
+        chains=tuple((t.name, tuple(t.chain)) for t in policy.spec.tasks if t.chain),
+        quality_floors=tuple((t.name, t.quality_floor) for t in policy.spec.tasks if t.quality_floor is not None)
+        + ((("*", policy.spec.cascade.quality_floor),) if policy.spec.cascade.quality_floor is not None else ()),
+    )
+
+
+def tier_adapter_source(reported: str, ctx_claim: str | None) -> str:
+    """publish reports where it wrote the adapter inside the Job; the tier sees the same PVC as pvc://claim/path."""
+    path = reported.removeprefix("file://")
+    if ctx_claim and path.startswith(ADAPTER_MOUNT + "/"):
+        return f"pvc://{ctx_claim}/{path[len(ADAPTER_MOUNT) + 1:]}"
+    return reported
+
+
+# ---------------------------------------------------------------- handlers
+
+
+async def reconcile_campaign(body: Any) -> str | None:
+    """Reconcile a campaign, then the policy and student tier its results go to. Returns the message of an invalid
+    spec (runtime.settle), else None."""
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    if meta.get("deletionTimestamp"):
         return None
-    trig = campaign.spec.trigger
-    last = status.get("lastRunTime")
-    if trig.mode == "Manual":
-        if not status.get("run"):
-            return "Created"
-        if trig.run_id and trig.run_id != observed_run_id:
-            return "RunIdChanged"
-        return None
-    if last and (now - parse_time(last)).total_seconds() < parse_duration(trig.cooldown):
-        return None
-    if trig.mode == "Schedule":
-        from croniter import croniter  # lazy: only schedule-triggered campaigns need it
-
-        created = campaign.metadata.model_extra.get("creationTimestamp")
-        base = parse_time(last or created or last_or_now(now))
-        return "Schedule" if croniter(trig.schedule, base).get_next(datetime) <= now else None
-    if trig.mode == "EscalationRate":
-        if escalation_rate is None or escalation_rate < trig.escalation_rate_threshold:
+    async with RT.locks[("DistillationCampaign", ns, name)], RT.slots():
+        fresh = await kube().get("DistillationCampaign", ns, name)
+        if fresh is None:
             return None
-        if failures is not None and failures < trig.min_failures:
-            return None
-        return "EscalationRate"
-    return None
-
-
-def trigger_waiting(campaign: DistillationCampaign, status: Obj, now: datetime, escalation_rate: float | None,
-                    failures: int | None) -> str:
-    """Why an automatic run has not started (for the Ready condition while waiting); "" when nothing is holding it."""
-    trig = campaign.spec.trigger
-    last = status.get("lastRunTime")
-    if trig.mode == "Manual":
-        return "manual trigger: set spec.trigger.runId to start a run"
-    if last:
-        left = parse_duration(trig.cooldown) - (now - parse_time(last)).total_seconds()
-        if left > 0:
-            return f"cooldown {trig.cooldown} after the last run: {int(left)}s left"
-    if trig.mode == "EscalationRate":
-        policy = campaign.spec.policy_ref
-        if escalation_rate is None:
-            return f"RoutingPolicy {policy} has no escalation rate from its router yet"
-        if escalation_rate < trig.escalation_rate_threshold:
-            return (f"escalation rate {escalation_rate:.3f} of RoutingPolicy {policy} below "
-                    f"escalationRateThreshold {trig.escalation_rate_threshold}")
-        if failures is not None and failures < trig.min_failures:
-            return f"{failures} escalation failures observed, minFailures {trig.min_failures}"
-    if trig.mode == "Schedule":
-        return f"schedule {trig.schedule!r}"
-    return ""
-
-
-def last_or_now(now: datetime) -> str:
-    return now.astimezone(timezone.utc).isoformat()
-
-
-def _stage(status: Obj, stage: str) -> Obj | None:
-    return next((s for s in status.get("stages", []) if s["stage"] == stage), None)
-
-
-def _set_stage(status: Obj, entry: Obj) -> None:
-    entry = {k: v for k, v in entry.items() if v is not None}
-    stages = [s for s in status.get("stages", []) if s["stage"] != entry["stage"]]
-    stages.append(entry)
-    order = {s: i for i, s in enumerate((*JOB_STAGES, "RollingOut"))}
-    status["stages"] = sorted(stages, key=lambda s: order.get(s["stage"], 99))
-
-
-def start_run(status: Obj, now: str, reason: str) -> Step:
-    st = {**status, "phase": "Clustering", "run": int(status.get("run") or 0) + 1, "lastRunTime": now,
-          "stages": [], "clusters": [], "metrics": {}, "adapter": None, "routerVersion": None,
-          "round": 1, "rounds": [{"round": 1, "state": "Running"}]}
-    _set_stage(st, {"stage": "Clustering", "attempts": 1, "state": "Running", "message": ""})
-    return Step(st, ("Clustering", 1), [("Normal", "RunStarted", f"run {st['run']} started ({reason})")])
-
-
-def start_round(status: Obj, spec_rounds: int, why: str) -> Step:
-    """Round n+1 of the run: the previous round's adapter and router version stay in status (they serve) until
-    this round's stages replace them."""
-    n = int(status.get("round") or 1) + 1
-    st = {**status, "phase": "Clustering", "round": n, "stages": [], "clusters": [], "metrics": {},
-          "rounds": [*status.get("rounds", []), {"round": n, "state": "Running"}]}
-    _set_stage(st, {"stage": "Clustering", "attempts": 1, "state": "Running", "message": ""})
-    return Step(st, ("Clustering", 1), [("Normal", "RoundStarted", f"round {n} of {spec_rounds} started: {why}")])
-
-
-def current_round(status: Obj) -> Obj:
-    """The current round's entry in status.rounds (created for a status an older operator wrote)."""
-    n = int(status.get("round") or 1)
-    rounds = status.setdefault("rounds", [])
-    entry = next((r for r in rounds if r.get("round") == n), None)
-    if entry is None:
-        entry = {"round": n, "state": "Running"}
-        rounds.append(entry)
-    return entry
-
-
-def observe_rounds(status: Obj, policy_status: Obj | None) -> None:
-    """Copy the policy router's observed figures onto the round whose version they are of (the stable version)."""
-    figs = policy_status or {}
-    version = figs.get("figuresVersion")
-    for r in status.get("rounds") or []:
-        if version and r.get("routerVersion") == version:
-            for k in ("costReduction", "violationRate"):
-                if isinstance(figs.get(k), (int, float)):
-                    r[k] = figs[k]
-
-
-def _next_stage(stage: str) -> str:
-    return {"Clustering": "Distilling", "Distilling": "Evaluating", "Evaluating": "RetrainingRouter",
-            "RetrainingRouter": "RollingOut"}[stage]
-
-
-def gate(campaign: DistillationCampaign, metrics: Obj, summary: Obj) -> tuple[bool, str]:
-    g = campaign.spec.evaluation
-    gain, regression = metrics.get("qualityGain"), metrics.get("regression")
-    if gain is None:
-        passed = summary.get("passed")
-        return bool(passed), "evaluate reported passed" if passed else "evaluate reported no quality figures"
-    if gain < g.min_quality_gain:
-        return False, f"quality gain {gain:.4f} < minQualityGain {g.min_quality_gain}"
-    if regression is not None and regression > g.max_regression:
-        return False, f"regression {regression:.4f} > maxRegression {g.max_regression}"
-    return True, f"quality gain {gain:.4f} >= {g.min_quality_gain}"
-
-
-def _record(status: Obj, stage: str, summary: Obj, campaign: DistillationCampaign) -> tuple[bool, str]:
-    """Fold a stage's summary into status; (continue?, message)."""
-    if stage == "Clustering":
-        raw = _get(summary, "clusters")
-        clusters = [{"id": int(_get(c, "id") or i), "size": int(_get(c, "size") or 0),
-                     "costUsd": float(_get(c, "costUsd", "cost_usd") or 0.0),
-                     **({"escalationRate": float(_get(c, "escalationRate", "escalation_rate"))}
-                        if _get(c, "escalationRate", "escalation_rate") is not None else {}),
-                     "examples": [str(e)[:200] for e in (_get(c, "examples") or [])[:3]]}
-                    for i, c in enumerate(raw if isinstance(raw, list) else [])]
-        count = len(clusters) if isinstance(raw, list) else int(raw or 0)  # the trainer may report a count only
-        status["clusters"] = clusters[: campaign.spec.clustering.top_clusters]
-        entry = current_round(status)
-        if _get(summary, "failures") is not None:
-            entry["failures"] = int(_get(summary, "failures"))
-        if status["clusters"]:
-            entry["targetedCostUsd"] = round(sum(c["costUsd"] for c in status["clusters"]), 8)
-        if not count:
-            return False, "no clusters of escalation failures to distill"
-        return True, f"{count} clusters"
-    if stage == "Distilling":
-        adapter = _get(summary, "adapter")
-        if isinstance(adapter, dict):
-            adapter = f"{adapter.get('name')}@{adapter.get('source') or adapter.get('uri')}"
-        if adapter:
-            status["adapter"] = current_round(status)["adapter"] = adapter
-        return True, f"adapter {adapter}" if adapter else "distilled"
-    if stage == "Evaluating":
-        before = _get(summary, "qualityBefore", "quality_before")
-        after = _get(summary, "qualityAfter", "quality_after")
-        m = {"qualityBefore": before, "qualityAfter": after,
-             "qualityGain": _get(summary, "qualityGain", "quality_gain"),
-             "regression": _get(summary, "regression"),
-             "teacherQuality": _get(summary, "teacherQuality", "teacher_quality")}
-        if m["qualityGain"] is None and before is not None and after is not None:
-            m["qualityGain"] = round(float(after) - float(before), 6)
-        status["metrics"] = {k: v for k, v in m.items() if v is not None}
-        entry = current_round(status)
-        entry.update({k: status["metrics"][k] for k in ("qualityAfter", "qualityGain") if k in status["metrics"]})
-        return gate(campaign, status["metrics"], summary)
-    if stage == "RetrainingRouter":
-        version = _get(summary, "routerVersion", "router_version", "version")
-        adapter = _get(summary, "adapter")
-        if isinstance(adapter, dict):
-            adapter = f"{adapter.get('name')}@{adapter.get('source') or adapter.get('uri')}"
-        entry = current_round(status)
-        if adapter:
-            status["adapter"] = entry["adapter"] = adapter
-        if version:
-            status["routerVersion"] = entry["routerVersion"] = str(version)
-        return True, f"router version {version}" if version else "published"
-    return True, ""
-
-
-def advance(campaign: DistillationCampaign, status: Obj, jobs: list[JobResult], now: str,
-            policy_router: Obj | None = None, start_reason: str | None = None, policy_status: Obj | None = None) -> Step:
-    """One step of the state machine. `jobs`: this run's stage Jobs; `policy_router`: the policy's status.router;
-    `policy_status`: the policy's status (its router's observed figures, for rounds)."""
-    status = json.loads(json.dumps(status or {}))
-    observe_rounds(status, policy_status)
-    phase = status.get("phase")
-    if phase in (None, "Pending", *TERMINAL):
-        if start_reason:
-            return start_run(status, now, start_reason)
-        if phase is None:
-            status["phase"] = "Pending"
-        return Step(status)
-
-    if phase in JOB_STAGES:
-        entry = _stage(status, phase) or {"stage": phase, "attempts": 1, "state": "Running", "message": ""}
-        attempt = int(entry.get("attempts") or 1)
-        n = int(status.get("round") or 1)
-        job = next((j for j in jobs if j.stage == phase and j.attempt == attempt and j.round == n), None)
-        if job is None:  # not created yet, or deleted under us: (re)create it (apply is idempotent)
-            _set_stage(status, {**entry, "state": "Running"})
-            return Step(status, (phase, attempt))
-        entry = {**entry, "job": job.name}
-        if job.state == "Running":
-            _set_stage(status, {**entry, "state": "Running"})
-            return Step(status)
-        if job.state == "Failed":
-            if attempt <= campaign.spec.max_stage_retries:
-                _set_stage(status, {**entry, "attempts": attempt + 1, "state": "Running",
-                                    "message": f"attempt {attempt} failed: {job.message[:200]}"})
-                return Step(status, (phase, attempt + 1),
-                            [("Warning", "StageRetried", f"{phase} attempt {attempt} failed; retrying")])
-            _set_stage(status, {**entry, "state": "Failed", "message": job.message[:300], "seconds": job.seconds})
-            status["phase"] = "Failed"
-            current_round(status)["state"] = "Failed"
-            return Step(status, None, [("Warning", "StageFailed",
-                                        f"{phase} failed after {attempt} attempts: {job.message[:200]}")], "Failed")
-        summary = parse_summary(job.message)
-        summary = {**summary, **(summary.get("metrics") or {})}  # the trainer nests its figures under "metrics"
-        ok, msg = _record(status, phase, summary, campaign)
-        if not ok:
-            _set_stage(status, {**entry, "state": "Succeeded" if phase == "Clustering" else "Failed",
-                                "message": msg, "seconds": job.seconds})
-            if phase == "Clustering":  # nothing to do is a successful run
-                status["phase"] = "Succeeded"
-                current_round(status)["state"] = "Succeeded"
-                return Step(status, None, [("Normal", "NothingToDistill", msg)], "Succeeded")
-            status["phase"] = "Failed"
-            current_round(status)["state"] = "Failed"
-            return Step(status, None, [("Warning", "EvaluationGateFailed", msg)], "Failed")
-        _set_stage(status, {**entry, "state": "Succeeded", "message": msg, "seconds": job.seconds})
-        nxt = _next_stage(phase)
-        if nxt == "RollingOut":
-            if not campaign.spec.auto_apply:
-                status["phase"] = "Proposed"
-                return Step(status, None, [("Normal", "Proposed",
-                                            f"results ready for review: adapter {status.get('adapter')}, router "
-                                            f"version {status.get('routerVersion')}")], "Succeeded")
-            status["phase"] = "RollingOut"
-            _set_stage(status, {"stage": "RollingOut", "attempts": 1, "state": "Running", "message": ""})
-            return Step(status, None, [("Normal", "RollingOut", f"rolling out router version "
-                                                                f"{status.get('routerVersion')}")])
-        status["phase"] = nxt
-        _set_stage(status, {"stage": nxt, "attempts": 1, "state": "Running", "message": ""})
-        return Step(status, (nxt, 1), [("Normal", "StageSucceeded", f"{phase}: {msg}")])
-
-    if phase == "RollingOut":
-        return _rolling_out(campaign, status, policy_router or {})
-    if phase == "Observing":
-        return _observing(campaign, status, policy_router or {}, policy_status or {})
-    return Step(status)
-
-
-def _rolled_back(router: Obj, version: str | None) -> bool:
-    return any(h.get("version") == version and h.get("action") == "RolledBack" for h in router.get("history") or [])
-
-
-def _rolling_out(campaign: DistillationCampaign, status: Obj, router: Obj) -> Step:
-    """The last round succeeds once its version is live (canary, current or proposed), as a single round does; an
-    earlier round waits for the canary guard to promote its version: the next round learns from its failures."""
-    version = status.get("routerVersion")
-    n, last = int(status.get("round") or 1), int(status.get("round") or 1) >= campaign.spec.rounds
-    entry = _stage(status, "RollingOut") or {"stage": "RollingOut", "attempts": 1}
-    if version is not None and _rolled_back(router, version):
-        _set_stage(status, {**entry, "state": "Failed", "message": f"the canary guard rolled back router version "
-                                                                   f"{version} of round {n}"})
-        status["phase"] = "Failed"
-        current_round(status)["state"] = "Failed"
-        return Step(status, None, [("Warning", "RolledBack", f"round {n}: router version {version} was rolled back; "
-                                                             f"the run stops")], "Failed")
-    live = version is None or version in (router.get("current"), router.get("canary"), router.get("proposed"))
-    if last and live:
-        where = "current" if version == router.get("current") else "canary or proposed"
-        _set_stage(status, {**entry, "state": "Succeeded", "message": f"router version {version} is {where}"})
-        status["phase"] = "Succeeded"
-        current_round(status)["state"] = "Succeeded"
-        return Step(status, None, [("Normal", "RunSucceeded", f"run {status.get('run')} succeeded")], "Succeeded")
-    if last or version != router.get("current"):
-        if not last:
-            why = (f"router version {version} is only proposed (the policy pins spec.router.version): pin it to go on"
-                   if version == router.get("proposed") else
-                   f"waiting for the canary guard to promote router version {version}")
-            _set_stage(status, {**entry, "state": "Running", "message": why})
-        return Step(status)
-    _set_stage(status, {**entry, "state": "Succeeded", "message": f"router version {version} is current"})
-    status["phase"] = "Observing"
-    current_round(status)["state"] = "Succeeded"
-    return Step(status, None, [("Normal", "RoundRolledOut", f"round {n}: router version {version} is current; "
-                                                            f"waiting for failures under it")])
-
-
-def _observing(campaign: DistillationCampaign, status: Obj, router: Obj, figures: Obj) -> Step:
-    """Between rounds: the next round starts once the router reports minFailures escalations under this version."""
-    version, need = status.get("routerVersion"), campaign.spec.trigger.min_failures
-    if router.get("current") != version:
-        if _rolled_back(router, version) or router.get("current"):
-            status["phase"] = "Failed"
-            return Step(status, None, [("Warning", "RouterReplaced", f"router version {version} no longer serves "
-                                        f"(current: {router.get('current')}); the run stops")], "Failed")
-        return Step(status)
-    seen = figures.get("escalations") if figures.get("figuresVersion") == version else None
-    if seen is None or seen < need:
-        _set_stage(status, {**(_stage(status, "RollingOut") or {"stage": "RollingOut", "attempts": 1}),
-                            "message": f"router version {version} is current; {seen or 0} of {need} escalations "
-                                       f"(trigger.minFailures) under it before round {int(status.get('round') or 1) + 1}"})
-        return Step(status)
-    return start_round(status, campaign.spec.rounds, f"{seen} escalations under router version {version}")
+        with timed("DistillationCampaign"):
+            follow_up, invalid_spec = await _reconcile_campaign(fresh, ns, name)
+    if follow_up:
+        # Results flow to the policy's status (router version) and the student tier (adapter), never their spec.
+        policy_name, student = follow_up
+        policy = await kube().get("RoutingPolicy", ns, policy_name)
+        if policy is not None:
+            await reconcile_policy(policy)
+        tier = await kube().get("ModelTier", ns, student)
+        if tier is not None:
+            await reconcile_tier(tier)
+    return invalid_spec
 
 
 @dataclass(frozen=True)
-class RouterOffer:
-    """The newest router version campaigns produced for a policy, and how that campaign wants it rolled out
-    (`spec.rollout`; None: the policy's own setting)."""
+class _References:
+    """What a campaign's stages work on, all found and valid."""
 
-    version: str | None = None
-    propose_only: bool = False  # the campaign has autoApply false: the version is only proposed
-    canary_percent: int | None = None
-    promote_after: float = 0.0  # seconds the canary serves before the guard may promote it
+    policy: Obj  # the policy's body: its status carries the router's figures and versions
+    policy_model: RoutingPolicy
+    ctx: StageContext
 
 
-# Phases in which status.routerVersion is a version the campaign has produced for traffic (in the Job stages of
-# round 2 and later it is the previous round's version, which keeps serving).
-OFFERING = ("RollingOut", "Succeeded", "Proposed", "Observing", *JOB_STAGES)
-
-
-def router_offer(campaigns: list[Obj], policy: str) -> RouterOffer:
-    """What the policy's rollout follows: the router version of the campaign (for `policy`) that started last."""
-    best: tuple[str, Obj] | None = None
-    for c in campaigns:
-        st, spec = c.get("status") or {}, c.get("spec") or {}
-        if spec.get("policyRef") != policy or not st.get("routerVersion") or st.get("phase") not in OFFERING:
-            continue
-        key = st.get("lastRunTime") or ""
-        if best is None or key > best[0]:
-            best = (key, c)
-    if best is None:
-        return RouterOffer()
-    st, rollout = best[1]["status"], (best[1].get("spec") or {}).get("rollout") or {}
+async def _references(campaign: DistillationCampaign, ns: str) -> _References | tuple[str, str]:
+    """The policy and tiers the campaign names, or the (reason, message) of why it waits for them."""
+    api = kube()
+    policy = await api.get("RoutingPolicy", ns, campaign.spec.policy_ref)
+    if policy is None:
+        return "PolicyNotFound", f"RoutingPolicy {campaign.spec.policy_ref!r} does not exist"
+    tiers = {t: await api.get("ModelTier", ns, t) for t in (campaign.spec.student_tier, campaign.spec.teacher_tier)}
+    missing = [t for t, obj in tiers.items() if obj is None]
+    if missing:
+        return "TiersNotFound", f"ModelTiers not found: {', '.join(missing)}"
     try:
-        after = parse_duration(rollout["promoteAfter"]) if rollout.get("promoteAfter") else 0.0
-    except ValueError:  # the CRD schema's pattern keeps this out; a stored oddity must not stop the policy
-        after = 0.0
-    return RouterOffer(st["routerVersion"], st.get("phase") == "Proposed", rollout.get("canaryPercent"), after)
+        policy_model = RoutingPolicy.model_validate(doc(policy))
+        ctx = stage_context(campaign, policy_model, ModelTier.model_validate(doc(tiers[campaign.spec.student_tier])),
+                            ModelTier.model_validate(doc(tiers[campaign.spec.teacher_tier])), ns)
+    except (ValidationError, ValueError) as exc:
+        return "InvalidReference", f"the policy or a tier it names is invalid: {exc}"[:500]
+    return _References(policy, policy_model, ctx)
 
 
-def now_utc() -> datetime:
-    return datetime.now(timezone.utc)
+async def _reconcile_campaign(body: Obj, ns: str, name: str) -> tuple[tuple[str, str] | None, str | None]:
+    """(the policy and student tier to reconcile next, or None; the message of an invalid spec, or None)."""
+    api = kube()
+    try:
+        campaign = DistillationCampaign.model_validate(doc(body))
+    except (ValidationError, ValueError) as exc:
+        return None, await invalid("DistillationCampaign", body, exc)
+    gen = body["metadata"].get("generation")
+    old = body.get("status") or {}
+    refs = await _references(campaign, ns)
+    if isinstance(refs, tuple):  # waiting for them: the campaign timer looks again
+        conds = [condition(READY, False, *refs, gen)]
+        transition_events(body, conds)
+        await write_status("DistillationCampaign", body, {
+            "observedGeneration": gen, "phase": old.get("phase") or "Pending",
+            "conditions": merge_conditions(old.get("conditions"), conds)})
+        return None, None
+    ctx = refs.ctx
+    pol_status = refs.policy.get("status") or {}
+    annotations = body["metadata"].get("annotations") or {}
+    observed_run_id = annotations.get("routenlp.io/observed-run-id")
+    # The policy's figures come from its router (/routenlp/rollout): escalations since its stable version was first
+    # served, so a new version from the previous run starts the failure count afresh.
+    rate, failures = pol_status.get("escalationRate"), pol_status.get("escalations")
+    reason = should_start(campaign, old, observed_run_id, now_utc(), rate, failures)
+    run = int(old.get("run") or 0)
+    jobs = []
+    if run:
+        for j in await api.list("Job", ns, f"routenlp.io/campaign={name},routenlp.io/run={run}"):
+            pods = await api.list("Pod", ns, f"job-name={j['metadata']['name']}")
+            jobs.append(job_result(j, pods))
+    step = advance(campaign, old, jobs, now_rfc3339(), pol_status.get("router"), reason, pol_status)
+    if reason and campaign.spec.trigger.run_id and step.status.get("run", 0) > run:
+        await api.patch_metadata("DistillationCampaign", ns, name,
+                                 {"annotations": {"routenlp.io/observed-run-id": campaign.spec.trigger.run_id}})
+    for holder in (step.status, *step.status.get("rounds", [])):  # where the student tier sees what publish wrote
+        if holder.get("adapter"):
+            adapter, _, source = holder["adapter"].partition("@")
+            holder["adapter"] = f"{adapter}@{tier_adapter_source(source, ctx.student_cache_claim)}"
+    if step.create_job:
+        stage, attempt = step.create_job
+        claim = campaign.spec.resources.artifact_claim_name or events_claim(refs.policy_model)
+        job = stage_job(campaign, body, ns, stage, int(step.status["run"]), attempt, claim, ctx,
+                        int(step.status.get("round") or 1))
+        await api.apply(distill_workload(job, campaign) if stage == "Distilling" else job)
+    emit(body, step.events)
+    if step.finished:
+        metrics.CAMPAIGN_RUNS.labels(ns, name, step.finished).inc()
+    phase = step.status.get("phase")
+    conds = [campaign_ready(campaign, step.status, now_utc(), rate, failures, gen)]
+    step.status["observedGeneration"] = gen
+    step.status["conditions"] = merge_conditions(old.get("conditions"), conds)
+    transition_events(body, conds)
+    await write_status("DistillationCampaign", body, step.status)
+    if phase != old.get("phase") and phase in ("RollingOut", "Proposed", "Succeeded"):
+        return (campaign.spec.policy_ref, campaign.spec.student_tier), None
+    return None, None
 
 
-def campaign_adapters(status: Obj) -> list[Obj]:
-    """{"name","source"} of the adapters the student tier must serve for this campaign (status.adapter is
-    name@uri): the one being rolled out or finished, and those of the last two rounds that reached traffic (the
-    stable router version may still be the previous round's while the newest is a canary)."""
-    names = [r["adapter"] for r in (status.get("rounds") or []) if r.get("state") == "Succeeded" and r.get("adapter")]
-    names = names[-2:]
-    if status.get("adapter") and status.get("phase") in ("RollingOut", "Succeeded"):
-        names.append(status["adapter"])
-    out: list[Obj] = []
-    for a in dict.fromkeys(names):
-        name, _, source = a.partition("@")
-        out.append({"name": name, "source": source or name})
-    return out
+@kopf.on.create(GROUP, VERSION, "distillationcampaigns", backoff=5)
+@kopf.on.update(GROUP, VERSION, "distillationcampaigns", field="spec", backoff=5)
+@kopf.on.resume(GROUP, VERSION, "distillationcampaigns", backoff=5)
+async def campaign_changed(body: kopf.Body, **_: Any) -> None:
+    settle(await reconcile_campaign(body))
+
+
+@kopf.timer(GROUP, VERSION, "distillationcampaigns", interval=RT.campaign_seconds, initial_delay=RT.campaign_seconds,
+            idle=0)
+async def campaign_resync(body: kopf.Body, **_: Any) -> None:
+    await reconcile_campaign(body)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={"routenlp.io/campaign": kopf.PRESENT})
+async def stage_job_changed(body: kopf.Body, **_: Any) -> None:
+    for ref in body["metadata"].get("ownerReferences") or []:
+        if ref.get("kind") == "DistillationCampaign":
+            owner = await kube().get("DistillationCampaign", body["metadata"]["namespace"], ref["name"])
+            if owner is not None:
+                await reconcile_campaign(owner)
+

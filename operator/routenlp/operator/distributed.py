@@ -1,6 +1,6 @@
 """The distill stage on a distributed engine, for students beyond one machine (spec.resources.distillRunner).
 
-The stage Job `builders.stage_job` renders is the single source: its pod (image, arguments, volumes, security
+The stage Job `campaign.stage_job` renders is the single source: its pod (image, arguments, volumes, security
 context, labels) becomes the node template of a JobSet (jobset.x-k8s.io/v1alpha2) or of a Kubeflow Trainer TrainJob
 (trainer.kubeflow.org/v1alpha1), and `routenlp train distill` runs under `torchrun`: `distillNodes` nodes of
 `gpuCount` processes each (data-parallel LoRA, routenlp.trainer.distill). Both engines run the nodes as pods of an

@@ -17,7 +17,7 @@ import aiohttp
 from routenlp.api import API_VERSION
 from routenlp.api.release import RELEASE
 
-from .builders import FIELD_MANAGER
+from .meta import FIELD_MANAGER
 
 Obj = dict[str, Any]
 USER_AGENT = f"routenlp-operator/{RELEASE}"

@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
 
 def handler_env(args: argparse.Namespace) -> dict[str, str]:
     """The environment the handlers read their settings from (they are also run by `kopf run` without this CLI):
-    resync timers at import, the webhook at startup, NetworkPolicy peers (builders.NetworkPeers) on each reconcile."""
+    resync timers at import, the webhook at startup, NetworkPolicy peers (meta.NetworkPeers) on each reconcile."""
     env = {"ROUTENLP_NETWORK_POLICIES": "true" if args.network_policies else "false"}
     if args.resync_seconds is not None:
         env["ROUTENLP_RESYNC_SECONDS"] = str(args.resync_seconds)

@@ -14,6 +14,9 @@ from datetime import datetime
 from typing import Any
 
 from routenlp.api import RoutingPolicy
+from routenlp.api.common import BUDGET_EXCEEDED
+
+from .status import condition
 
 Obj = dict[str, Any]
 HISTORY_LIMIT = 20
@@ -151,20 +154,19 @@ def observed_figures(answer: Obj) -> Obj:
 
 def budget_condition(policy: RoutingPolicy, spent_usd_24h: float | None, generation: int | None) -> Obj | None:
     """The `BudgetExceeded` condition (True = over budget), or None without spec.budget."""
-    from .status import condition
 
     budget = policy.spec.budget
     if budget is None:
         return None
     limit = budget.max_usd_per_day
     if spent_usd_24h is None:
-        return condition("BudgetExceeded", None, "SpendUnknown",
+        return condition(BUDGET_EXCEEDED, None, "SpendUnknown",
                          f"the router has not reported its spend yet (limit ${limit:.2f} per day)", generation)
     figures = f"${spent_usd_24h:.2f} spent over the last 24 h, limit spec.budget.maxUsdPerDay ${limit:.2f}"
     if spent_usd_24h > limit:
         note = "" if budget.action == "Alert" else "; PreferCheaper: every request starts at the cheapest tier"
-        return condition("BudgetExceeded", True, "DailyBudgetExceeded", figures + note, generation)
-    return condition("BudgetExceeded", False, "WithinBudget", figures, generation)
+        return condition(BUDGET_EXCEEDED, True, "DailyBudgetExceeded", figures + note, generation)
+    return condition(BUDGET_EXCEEDED, False, "WithinBudget", figures, generation)
 
 
 def prefer_cheaper(policy: RoutingPolicy, budget: Obj | None) -> bool:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from routenlp.api.common import now_rfc3339
+from routenlp.api.common import (
+    AUTH_SECRETS_FOUND, READY, ROUTER_READY, ROUTING_POLICY_READY, TIERS_READY, TIERS_RESOLVED, now_rfc3339,
+)
 
 Obj = dict[str, Any]
 
@@ -50,19 +52,34 @@ def tier_rollup(obs: TierObservation, gpu_resource: str, generation: int | None)
     """(phase, Ready condition) of an engine tier."""
     gpu_short = [m for m in obs.unschedulable_messages if f"Insufficient {gpu_resource}" in m]
     if obs.desired == 0:
-        return "Ready", condition("Ready", True, "ScaledToZero", "replicas is 0: no pods wanted", generation)
+        return "Ready", condition(READY, True, "ScaledToZero", "replicas is 0: no pods wanted", generation)
     if obs.ready >= obs.desired and obs.updated >= obs.desired and obs.deployment_generation_observed:
-        return "Ready", condition("Ready", True, "PodsReady", f"{obs.ready}/{obs.desired} pods ready", generation)
+        return "Ready", condition(READY, True, "PodsReady", f"{obs.ready}/{obs.desired} pods ready", generation)
     if gpu_short:
         return ("Degraded" if obs.ready else "Pending"), condition(
-            "Ready", False, "InsufficientGPU",
+            READY, False, "InsufficientGPU",
             f"{obs.ready}/{obs.desired} pods ready; pods cannot be scheduled: {gpu_short[0]}", generation)
     if obs.updated < obs.desired or not obs.deployment_generation_observed:
         return "Progressing", condition(
-            "Ready", False, "Progressing", f"rolling out: {obs.updated}/{obs.desired} pods updated, {obs.ready} ready",
+            READY, False, "Progressing", f"rolling out: {obs.updated}/{obs.desired} pods updated, {obs.ready} ready",
             generation)
     return ("Degraded" if obs.ready else "Progressing"), condition(
-        "Ready", False, "PodsNotReady", f"{obs.ready}/{obs.desired} pods pass /health", generation)
+        READY, False, "PodsNotReady", f"{obs.ready}/{obs.desired} pods pass /health", generation)
+
+
+# A RoutingPolicy's phase while a condition of its ready set holds Ready back.
+_POLICY_PHASE = {TIERS_RESOLVED: "Pending", AUTH_SECRETS_FOUND: "Failed", ROUTER_READY: "Progressing",
+                 TIERS_READY: "Degraded"}
+
+
+def policy_rollup(conditions: list[Obj], generation: int | None) -> tuple[str, Obj]:
+    """(phase, Ready condition) of a RoutingPolicy from the conditions this reconcile computed: Ready says why
+    the first blocking one (api.common.ROUTING_POLICY_READY) blocks, in its words."""
+    blocking = ROUTING_POLICY_READY.blocking(conditions)
+    if blocking is None:
+        return "Ready", condition(READY, True, "Ready", "router serving; every tier Ready", generation)
+    return _POLICY_PHASE[blocking["type"]], condition(READY, False, blocking["reason"], blocking["message"],
+                                                      generation)
 
 
 def deployment_observation(deployment: Obj | None, desired: int, pods: list[Obj]) -> TierObservation:
@@ -85,6 +102,7 @@ def deployment_observation(deployment: Obj | None, desired: int, pods: list[Obj]
 
 
 def pod_ready(pod: Obj) -> bool:
+    """The kubelet's own Ready condition of the Pod is True and the Pod is not terminating."""
     st = pod.get("status") or {}
     if (pod.get("metadata") or {}).get("deletionTimestamp"):
         return False

@@ -11,7 +11,7 @@ import yaml
 
 from routenlp.api import DistillationCampaign, ModelTier, RoutingPolicy
 from routenlp.api.campaign import STAGES
-from routenlp.operator import builders
+from routenlp.operator import campaign, meta, modeltier, routingpolicy, webhook
 from routenlp.api.router_config import RouterConfig
 
 NS = "team-a"
@@ -68,7 +68,7 @@ ADAPTER_VARIANTS = [{}, {"adapters": [{"name": "billing", "source": "pvc://weigh
 @pytest.mark.parametrize("engine,adapters", list(itertools.product(ENGINE_VARIANTS, ADAPTER_VARIANTS)))
 def test_tier_objects_valid(engine, adapters):
     tier = mt(**engine, **adapters, replicas=3)
-    objs = builders.tier_objects(tier, owner("ModelTier", "small"), NS)
+    objs = modeltier.tier_objects(tier, owner("ModelTier", "small"), NS)
     assert [o["kind"] for o in objs] == ["Deployment", "Service"]
     for o in objs:
         valid(o)
@@ -82,7 +82,7 @@ def test_vllm_deployment_details():
                       "tensorParallelSize": 2, "maxModelLen": 4096, "quantization": "fp8",
                       "resources": {"gpuCount": 2}, "extraArgs": ["--max-model-len", "2048"]},
               adapters=[{"name": "x", "source": "/a/x"}], replicas=2)
-    dep = builders.tier_deployment(tier, owner("ModelTier", "small"), NS)
+    dep = modeltier.tier_deployment(tier, owner("ModelTier", "small"), NS)
     pod = dep["spec"]["template"]["spec"]
     c = pod["containers"][0]
     args = c["args"]
@@ -106,8 +106,8 @@ def test_vllm_deployment_details():
 
 def test_external_tier_has_no_objects():
     tier = mt(engine=None, external={"baseUrl": "https://api.example.com/v1/", "model": "gpt"})
-    assert builders.tier_objects(tier, owner("ModelTier", "small"), NS) == []
-    assert builders.tier_endpoint(tier, NS) == "https://api.example.com/v1"
+    assert modeltier.tier_objects(tier, owner("ModelTier", "small"), NS) == []
+    assert meta.tier_endpoint(tier, NS) == "https://api.example.com/v1"
 
 
 def _tiers():
@@ -120,7 +120,7 @@ def _tiers():
 def test_policy_objects_valid(mode, claim, stype):
     policy = rp(deployment={"mode": mode, "service": {"type": stype}},
                 feedback={"eventLogClaimName": claim} if claim else {})
-    objs, h = builders.policy_objects(policy, _tiers(), owner("RoutingPolicy", "support"), NS,
+    objs, h = routingpolicy.policy_objects(policy, _tiers(), owner("RoutingPolicy", "support"), NS,
                                       {"current": "v1", "canary": "v2", "canaryPercent": 10})
     kinds = [o["kind"] for o in objs]
     assert kinds[0] == "ConfigMap"
@@ -146,23 +146,23 @@ def test_policy_objects_valid(mode, claim, stype):
 
 
 def test_config_hash_changes_with_config_only():
-    a, h1 = builders.policy_objects(rp(), _tiers(), owner("RoutingPolicy", "support"), NS)
-    _, h2 = builders.policy_objects(rp(), _tiers(), owner("RoutingPolicy", "support"), NS)
-    _, h3 = builders.policy_objects(rp(cascade={"riskLevel": 0.01}), _tiers(), owner("RoutingPolicy", "support"), NS)
+    a, h1 = routingpolicy.policy_objects(rp(), _tiers(), owner("RoutingPolicy", "support"), NS)
+    _, h2 = routingpolicy.policy_objects(rp(), _tiers(), owner("RoutingPolicy", "support"), NS)
+    _, h3 = routingpolicy.policy_objects(rp(cascade={"riskLevel": 0.01}), _tiers(), owner("RoutingPolicy", "support"), NS)
     assert h1 == h2 != h3
 
 
 def test_sidecar_patch_is_idempotent():
     policy = rp(deployment={"mode": "sidecar"})
     pod = {"spec": {"containers": [{"name": "app", "image": "a"}]}}
-    ops = builders.sidecar_patch(pod, policy, _tiers())
+    ops = webhook.sidecar_patch(pod, policy, _tiers())
     import jsonpatch
     out = jsonpatch.apply_patch(pod, ops)
     assert [c["name"] for c in out["spec"]["containers"]] == ["app", "router"]
     assert {v["name"] for v in out["spec"]["volumes"]} == {"router-config", "router-state", "routenlp-data",
                                                            "routenlp-tmp", "routenlp-cache"}
-    assert out["metadata"]["labels"] == {builders.ROUTER_LABEL: "support"}  # its tiers' NetworkPolicy lets it in
-    assert builders.sidecar_patch(out, policy, _tiers()) == []
+    assert out["metadata"]["labels"] == {routingpolicy.ROUTER_LABEL: "support"}  # its tiers' NetworkPolicy lets it in
+    assert webhook.sidecar_patch(out, policy, _tiers()) == []
     valid({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": out["spec"]})
 
 
@@ -172,7 +172,7 @@ def test_sidecar_patch_is_idempotent():
                                                  "nodeSelector": {"pool": "train"},
                                                  "tolerations": [{"key": "gpu", "operator": "Exists"}]}}])
 def test_stage_jobs_valid(stage, spec):
-    job = builders.stage_job(dc(**spec), owner("DistillationCampaign", "c"), NS, stage, 3, 2, "support-events", ctx())
+    job = campaign.stage_job(dc(**spec), owner("DistillationCampaign", "c"), NS, stage, 3, 2, "support-events", ctx())
     valid(job)
     assert job["metadata"]["name"] == f"c-r3-{stage.lower()}-a2"
     assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] > 0
@@ -185,17 +185,17 @@ def test_stage_jobs_valid(stage, spec):
     assert (gpu_name in limits) == (stage == "Distilling")
 
 
-def ctx(**kw) -> builders.StageContext:
+def ctx(**kw) -> campaign.StageContext:
     student = mt("small", engine={"model": "pvc://weights/small", "modelCache": {"claimName": "weights"}})
     teacher = mt("large", engine=None, external={"baseUrl": "https://x.example/v1", "model": "big",
                                                   "apiKeySecretRef": {"name": "k", "key": "apiKey"}})
-    return builders.stage_context(dc(**kw), rp(tiers=("small", "large")), student, teacher, NS)
+    return campaign.stage_context(dc(**kw), rp(tiers=("small", "large")), student, teacher, NS)
 
 
 def test_stage_args_follow_the_trainer_cli():
     c = ctx()
     assert c.teacher_url == "https://x.example/v1" and c.teacher_model == "big" and c.student_cache_claim == "weights"
-    job = builders.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "Distilling", 1, 1, "ev", c)
+    job = campaign.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "Distilling", 1, 1, "ev", c)
     main = job["spec"]["template"]["spec"]["containers"][0]
     args = main["args"]
     assert args[args.index("--clusters") + 1].endswith("/campaigns/c/run-1/cluster")
@@ -203,25 +203,25 @@ def test_stage_args_follow_the_trainer_cli():
     assert args[args.index("--teacher-api-key-env") + 1] == "TEACHER_API_KEY"
     key = next(e for e in main["env"] if e["name"] == "TEACHER_API_KEY")
     assert key["valueFrom"]["secretKeyRef"] == {"name": "k", "key": "apiKey"}
-    job = builders.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "RetrainingRouter", 1, 1, "ev", c)
+    job = campaign.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "RetrainingRouter", 1, 1, "ev", c)
     pod = job["spec"]["template"]["spec"]
     retrain, calibrate = pod["initContainers"]
     publish = pod["containers"][0]["args"]
     assert retrain["args"][retrain["args"].index("--version") + 1] == "c-r1"
     assert calibrate["args"][calibrate["args"].index("--signals") + 1].endswith("run-1/retrain/signals.jsonl")
     assert publish[publish.index("--router-version") + 1].endswith("run-1/routers/c-r1")
-    assert publish[publish.index("--adapter-to") + 1] == f"{builders.ADAPTER_MOUNT}/adapters"
+    assert publish[publish.index("--adapter-to") + 1] == f"{campaign.ADAPTER_MOUNT}/adapters"
     assert {"name": "student-cache", "persistentVolumeClaim": {"claimName": "weights"}} in pod["volumes"]
-    src = builders.tier_adapter_source(f"file://{builders.ADAPTER_MOUNT}/adapters/c-r1", "weights")
+    src = campaign.tier_adapter_source(f"file://{campaign.ADAPTER_MOUNT}/adapters/c-r1", "weights")
     assert src == "pvc://weights/adapters/c-r1"
     from routenlp.operator.adapters import adapter_path
     assert adapter_path(src, "/models") == "/models/adapters/c-r1"
 
 
 def test_short_names_stay_dns_labels():
-    name = builders.job_name("a" * 60, 12, "RetrainingRouter", 3)
-    assert len(name) <= 63 and name == builders.job_name("a" * 60, 12, "RetrainingRouter", 3)
-    assert name != builders.job_name("a" * 60, 12, "RetrainingRouter", 4)
+    name = campaign.job_name("a" * 60, 12, "RetrainingRouter", 3)
+    assert len(name) <= 63 and name == campaign.job_name("a" * 60, 12, "RetrainingRouter", 3)
+    assert name != campaign.job_name("a" * 60, 12, "RetrainingRouter", 4)
 
 
 @pytest.mark.parametrize("measure", [None, "allRequests"])
@@ -229,8 +229,8 @@ def test_retrain_jobs_calibrate_for_the_policys_risk_measure(measure):
     student = mt("small", engine={"model": "pvc://weights/small", "modelCache": {"claimName": "weights"}})
     teacher = mt("large")
     cascade = {"riskLevel": 0.07, **({"riskMeasure": measure} if measure else {})}
-    c = builders.stage_context(dc(), rp(tiers=("small", "large"), cascade=cascade), student, teacher, NS)
-    job = builders.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "RetrainingRouter", 1, 1, "ev", c)
+    c = campaign.stage_context(dc(), rp(tiers=("small", "large"), cascade=cascade), student, teacher, NS)
+    job = campaign.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "RetrainingRouter", 1, 1, "ev", c)
     for container in job["spec"]["template"]["spec"]["initContainers"]:  # retrain, then calibrate
         args = container["args"]
         assert args[args.index("--risk-level") + 1] == "0.07"
@@ -240,20 +240,20 @@ def test_retrain_jobs_calibrate_for_the_policys_risk_measure(measure):
 def test_retrain_jobs_get_the_policys_pinned_chains_and_quality_floors():
     student, teacher = mt("small", engine={"model": "pvc://weights/small"}), mt("large")
     tasks = [{"name": "intent", "chain": ["large"], "qualityFloor": 0.95}, {"name": "chat"}]
-    c = builders.stage_context(dc(), rp(tiers=("small", "large"), tasks=tasks, defaultTask="intent",
+    c = campaign.stage_context(dc(), rp(tiers=("small", "large"), tasks=tasks, defaultTask="intent",
                                         cascade={"riskMeasure": "allRequests"}), student, teacher, NS)
-    job = builders.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "RetrainingRouter", 1, 1, "ev", c)
+    job = campaign.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "RetrainingRouter", 1, 1, "ev", c)
     for container in job["spec"]["template"]["spec"]["initContainers"]:
         args = container["args"]
         assert json.loads(args[args.index("--chains") + 1]) == {"intent": ["large"]}  # chat's is learnt
         assert json.loads(args[args.index("--quality-floors") + 1]) == {"intent": 0.95}
-    plain = builders.stage_context(dc(), rp(), student, teacher, NS)
-    job = builders.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "RetrainingRouter", 1, 1, "ev", plain)
+    plain = campaign.stage_context(dc(), rp(), student, teacher, NS)
+    job = campaign.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "RetrainingRouter", 1, 1, "ev", plain)
     assert "--chains" not in job["spec"]["template"]["spec"]["initContainers"][0]["args"]
     # the policy's floor (cascade.qualityFloor) travels as "*": the tasks without their own floor, pooled
-    mixed = builders.stage_context(dc(), rp(tiers=("small", "large"), tasks=tasks, defaultTask="intent",
+    mixed = campaign.stage_context(dc(), rp(tiers=("small", "large"), tasks=tasks, defaultTask="intent",
                                             cascade={"qualityFloor": 0.97}), student, teacher, NS)
-    job = builders.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "RetrainingRouter", 1, 1, "ev", mixed)
+    job = campaign.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "RetrainingRouter", 1, 1, "ev", mixed)
     args = job["spec"]["template"]["spec"]["initContainers"][0]["args"]
     assert json.loads(args[args.index("--quality-floors") + 1]) == {"intent": 0.95, "*": 0.97}
 
@@ -268,9 +268,9 @@ def _pod_specs(objs):
 def test_every_container_has_a_read_only_root_and_writable_scratch():
     tier = mt(engine={"model": "org/m", "modelCache": {"claimName": "weights"}})
     policy = rp(auth={"labellersSecret": "labellers"})
-    objs = builders.tier_objects(tier, owner("ModelTier", "small"), NS)
-    objs += builders.policy_objects(policy, _tiers(), owner("RoutingPolicy", "support"), NS)[0]
-    objs += [builders.stage_job(dc(), owner("DistillationCampaign", "c"), NS, s, 1, 1, "ev", ctx())
+    objs = modeltier.tier_objects(tier, owner("ModelTier", "small"), NS)
+    objs += routingpolicy.policy_objects(policy, _tiers(), owner("RoutingPolicy", "support"), NS)[0]
+    objs += [campaign.stage_job(dc(), owner("DistillationCampaign", "c"), NS, s, 1, 1, "ev", ctx())
              for s in ("Clustering", "RetrainingRouter")]
     specs = _pod_specs(objs)
     assert len(specs) == 4
@@ -280,12 +280,12 @@ def test_every_container_has_a_read_only_root_and_writable_scratch():
         for c in pod["containers"] + pod.get("initContainers", []):
             assert c["securityContext"]["readOnlyRootFilesystem"] is True, c["name"]
             mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-            assert mounts["/tmp"] in empty_dirs and mounts[builders.CACHE_DIR] in empty_dirs, c["name"]
+            assert mounts["/tmp"] in empty_dirs and mounts[meta.CACHE_DIR] in empty_dirs, c["name"]
             env = {e["name"]: e.get("value") for e in c["env"]}
-            assert env["HOME"] == "/tmp" and env["XDG_CACHE_HOME"] == builders.CACHE_DIR
+            assert env["HOME"] == "/tmp" and env["XDG_CACHE_HOME"] == meta.CACHE_DIR
     vllm_env = {e["name"]: e.get("value") for e in specs[0]["containers"][0]["env"]}
     for var in ("VLLM_CACHE_ROOT", "VLLM_CONFIG_ROOT", "TRITON_CACHE_DIR"):  # vLLM writes there, not under ~
-        assert vllm_env[var].startswith(builders.CACHE_DIR + "/")
+        assert vllm_env[var].startswith(meta.CACHE_DIR + "/")
 
 
 @pytest.mark.parametrize("mode", ["gateway", "sidecar"])
@@ -293,25 +293,25 @@ def test_every_container_has_a_read_only_root_and_writable_scratch():
                                   {"labellersSecret": "labellers", "clientKeysSecret": "client-keys"}])
 def test_auth_secrets_are_mounted_and_the_config_names_only_their_directories(mode, auth):
     policy = rp(deployment={"mode": mode, "adminPort": 9191}, auth=auth)
-    objs, _ = builders.policy_objects(policy, _tiers(), owner("RoutingPolicy", "support"), NS)
+    objs, _ = routingpolicy.policy_objects(policy, _tiers(), owner("RoutingPolicy", "support"), NS)
     text = objs[0]["data"]["router.yaml"]
     cfg = RouterConfig.model_validate(yaml.safe_load(text))
     assert cfg.admin_port == 9191
-    assert cfg.auth.labellers_dir == (builders.LABELLERS_DIR if auth else None)
-    assert cfg.auth.client_keys_dir == (builders.CLIENT_KEYS_DIR if "clientKeysSecret" in auth else None)
+    assert cfg.auth.labellers_dir == (routingpolicy.LABELLERS_DIR if auth else None)
+    assert cfg.auth.client_keys_dir == (routingpolicy.CLIENT_KEYS_DIR if "clientKeysSecret" in auth else None)
     if mode == "gateway":
         pod = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]
-        assert pod["securityContext"]["fsGroup"] == builders.RUN_AS_USER
+        assert pod["securityContext"]["fsGroup"] == meta.RUN_AS_USER
     else:
         import jsonpatch
         app = {"metadata": {"labels": {"routenlp.io/policy": "support"}},
                "spec": {"containers": [{"name": "app", "image": "a"}]}}
-        pod = jsonpatch.apply_patch(app, builders.sidecar_patch(app, policy, _tiers()))["spec"]
+        pod = jsonpatch.apply_patch(app, webhook.sidecar_patch(app, policy, _tiers()))["spec"]
     router = next(c for c in pod["containers"] if c["name"] == "router")
     secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
     mounts = {m["name"]: m for m in router["volumeMounts"]}
-    wanted = {"routenlp-labellers": (auth.get("labellersSecret"), builders.LABELLERS_DIR),
-              "routenlp-client-keys": (auth.get("clientKeysSecret"), builders.CLIENT_KEYS_DIR)}
+    wanted = {"routenlp-labellers": (auth.get("labellersSecret"), routingpolicy.LABELLERS_DIR),
+              "routenlp-client-keys": (auth.get("clientKeysSecret"), routingpolicy.CLIENT_KEYS_DIR)}
     for vol, (secret, path) in wanted.items():
         if secret is None:
             assert vol not in secrets and vol not in mounts
@@ -329,4 +329,4 @@ def test_auth_secrets_are_mounted_and_the_config_names_only_their_directories(mo
         svc = next(o for o in objs if o["kind"] == "Service")
         assert {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
             "http": (8080, "router"), "admin": (9191, "admin")}
-        assert builders.router_admin_url(policy, "10.0.0.7") == "http://10.0.0.7:9191"
+        assert routingpolicy.router_admin_url(policy, "10.0.0.7") == "http://10.0.0.7:9191"

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from routenlp.api import DistillationCampaign, RoutingPolicy
-from routenlp.operator import campaign as cm
+from routenlp.operator import campaign_flow as cm
 from routenlp.operator import rollout
 
 API = "routenlp.io/v1alpha1"
@@ -189,23 +189,23 @@ def test_a_failed_gate_in_round_two_keeps_round_one_serving():
 
 
 def test_round_job_names_and_stage_arguments():
-    from routenlp.operator import builders
+    from routenlp.operator import campaign
 
-    assert builders.job_name("c", 1, "Clustering", 1) == "c-r1-clustering-a1"  # round 1: names as before
-    assert builders.job_name("c", 1, "Clustering", 1, 2) == "c-r1-n2-clustering-a1"
-    assert builders.adapter_name("c", 4, 3) == "c-r4-n3"
-    ctx = builders.StageContext(student_model="m", student_url="http://s/v1", student_served_name="s",
+    assert campaign.job_name("c", 1, "Clustering", 1) == "c-r1-clustering-a1"  # round 1: names as before
+    assert campaign.job_name("c", 1, "Clustering", 1, 2) == "c-r1-n2-clustering-a1"
+    assert campaign.adapter_name("c", 4, 3) == "c-r4-n3"
+    ctx = campaign.StageContext(student_model="m", student_url="http://s/v1", student_served_name="s",
                                 teacher_url="http://t/v1", teacher_model="t", tiers=("s", "t"), risk_level=0.1,
                                 delta=0.1, max_escalations=1)
     c = dc(rounds=3)
-    args = builders.stage_args(c, ctx, "cluster", 4, 3)
+    args = campaign.stage_args(c, ctx, "cluster", 4, 3)
     assert args[args.index("--router-version") + 1] == "c-r4-n2" and "/run-4/round-3/cluster" in " ".join(args)
-    args = builders.stage_args(c, ctx, "distill", 4, 2)
+    args = campaign.stage_args(c, ctx, "distill", 4, 2)
     assert args[args.index("--init-adapter") + 1].endswith("/run-4/distill/adapter")  # round 1's work dir
     assert args[args.index("--adapter-name") + 1] == "c-r4-n2"
     assert args[args.index("--budget-split") + 1] == "cost"  # spec.lora.budgetSplit's default
-    assert "equal" in builders.stage_args(dc(lora={"budgetSplit": "equal"}), ctx, "distill", 1)
-    args = builders.stage_args(c, ctx, "evaluate", 4, 2)
+    assert "equal" in campaign.stage_args(dc(lora={"budgetSplit": "equal"}), ctx, "distill", 1)
+    args = campaign.stage_args(c, ctx, "evaluate", 4, 2)
     assert args[args.index("--baseline-adapter") + 1].endswith("/run-4/distill/adapter")
     for cmd in ("cluster", "distill", "evaluate"):
-        assert not {"--router-version", "--init-adapter", "--baseline-adapter"} & set(builders.stage_args(c, ctx, cmd, 4))
+        assert not {"--router-version", "--init-adapter", "--baseline-adapter"} & set(campaign.stage_args(c, ctx, cmd, 4))

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from routenlp.api import DistillationCampaign, RoutingPolicy
-from routenlp.operator import campaign as cm
+from routenlp.operator import campaign_flow as cm
 from routenlp.operator import rollout, status
 from routenlp.operator.adapters import WantedAdapter, adapter_path, reconcile_adapters, wanted_adapters
 
@@ -213,6 +213,35 @@ def test_tier_rollup(obs, reason, ok):
     phase, cond = status.tier_rollup(obs, "nvidia.com/gpu", 3)
     assert cond["reason"] == reason and (cond["status"] == "True") == ok and cond["observedGeneration"] == 3
     assert phase in ("Ready", "Pending", "Progressing", "Degraded")
+
+
+_RESOLVED = status.condition("TiersResolved", True, "AllTiersFound", "2 tiers resolved")
+_ROUTER = status.condition("RouterReady", True, "RouterReady", "2/2 router pods ready")
+_TIERS = status.condition("TiersReady", True, "AllTiersReady", "every tier is Ready")
+
+
+@pytest.mark.parametrize("conds,phase,reason,message", [
+    ([_RESOLVED, _ROUTER, _TIERS], "Ready", "Ready", "router serving; every tier Ready"),
+    ([status.condition("TiersResolved", False, "MissingTiers", "missing ModelTiers: b")], "Pending", "MissingTiers",
+     "missing ModelTiers: b"),
+    # auth first: the router cannot start without its Secrets, whatever else is wrong
+    ([_RESOLVED, status.condition("RouterReady", False, "RouterNotReady", "0/2 router pods ready, 0 updated"),
+      status.condition("AuthSecretsFound", False, "SecretNotFound", "Secret 'k' does not exist"),
+      status.condition("TiersReady", False, "TiersNotReady", "not ready: b")], "Failed", "SecretNotFound",
+     "Secret 'k' does not exist"),
+    ([_RESOLVED, status.condition("RouterReady", False, "RouterNotReady", "0/2 router pods ready, 0 updated"),
+      status.condition("TiersReady", False, "TiersNotReady", "not ready: b")], "Progressing", "RouterNotReady",
+     "0/2 router pods ready, 0 updated"),
+    ([_RESOLVED, _ROUTER, status.condition("TiersReady", False, "TiersNotReady", "not ready: b")], "Degraded",
+     "TiersNotReady", "not ready: b"),
+    # a Secret the operator may not read does not hold Ready back (the kubelet checks it)
+    ([_RESOLVED, _ROUTER, status.condition("AuthSecretsFound", None, "SecretNotChecked", "not checked"), _TIERS],
+     "Ready", "Ready", "router serving; every tier Ready"),
+])
+def test_policy_rollup(conds, phase, reason, message):
+    got_phase, ready = status.policy_rollup(conds, 4)
+    assert (got_phase, ready["type"], ready["reason"], ready["message"]) == (phase, "Ready", reason, message)
+    assert ready["status"] == ("True" if phase == "Ready" else "False") and ready["observedGeneration"] == 4
 
 
 def test_conditions_keep_transition_time():

@@ -13,7 +13,7 @@ from kubeflow_trainer_api.models import JobsetV1alpha2JobSet, TrainerV1alpha1Tra
 from pydantic import ValidationError
 
 from routenlp.api import DistillationCampaign, ModelTier, RoutingPolicy
-from routenlp.operator import builders, distributed
+from routenlp.operator import campaign, distributed
 
 API = "routenlp.io/v1alpha1"
 NS = "team-a"
@@ -28,7 +28,7 @@ def dc(**resources) -> DistillationCampaign:
                                                     "resources": {"gpuCount": 4, **resources}}})
 
 
-def ctx(c: DistillationCampaign) -> builders.StageContext:
+def ctx(c: DistillationCampaign) -> campaign.StageContext:
     tier = {"apiVersion": API, "kind": "ModelTier", "metadata": {"name": "small"}, "spec": {
         "servedModelName": "small", "cost": {"inputPerMillion": 0.1, "outputPerMillion": 0.3},
         "engine": {"model": "pvc://weights/small", "modelCache": {"claimName": "weights"}}}}
@@ -36,11 +36,11 @@ def ctx(c: DistillationCampaign) -> builders.StageContext:
     policy = RoutingPolicy.model_validate({"apiVersion": API, "kind": "RoutingPolicy", "metadata": {"name": "p"},
                                            "spec": {"tiers": [{"name": "small"}, {"name": "large"}],
                                                     "tasks": [{"name": "intent"}]}})
-    return builders.stage_context(c, policy, ModelTier.model_validate(tier), ModelTier.model_validate(teacher), NS)
+    return campaign.stage_context(c, policy, ModelTier.model_validate(tier), ModelTier.model_validate(teacher), NS)
 
 
 def workload(c: DistillationCampaign, round_: int = 1) -> tuple[dict, dict]:
-    job = builders.stage_job(c, OWNER, NS, "Distilling", 2, 1, "p-events", ctx(c), round_)
+    job = campaign.stage_job(c, OWNER, NS, "Distilling", 2, 1, "p-events", ctx(c), round_)
     return job, distributed.distill_workload(json.loads(json.dumps(job)), c)
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from routenlp.api import DistillationCampaign, RoutingPolicy
-from routenlp.operator import campaign as cm
-from routenlp.operator import handlers, rollout
+from routenlp.operator import campaign_flow as cm
+from routenlp.operator import rollout, routingpolicy
 
 API = "routenlp.io/v1alpha1"
 NOW = datetime(2026, 11, 27, 12, tzinfo=timezone.utc)
@@ -76,10 +76,10 @@ def test_budget_condition_and_events():
     assert rollout.prefer_cheaper(p, over) is False  # action Alert
     assert rollout.prefer_cheaper(policy(), over) is False  # no budget
     # Events only on transitions: over budget -> Warning once; back within -> Normal once
-    assert handlers.budget_events(None, over) == [("Warning", "BudgetExceeded", over["message"])]
-    assert handlers.budget_events(over, over) == []
-    assert handlers.budget_events(over, under) == [("Normal", "WithinBudget", under["message"])]
-    assert handlers.budget_events(None, under) == [] and handlers.budget_events(under, None) == []
+    assert routingpolicy.budget_events(None, over) == [("Warning", "BudgetExceeded", over["message"])]
+    assert routingpolicy.budget_events(over, over) == []
+    assert routingpolicy.budget_events(over, under) == [("Normal", "WithinBudget", under["message"])]
+    assert routingpolicy.budget_events(None, under) == [] and routingpolicy.budget_events(under, None) == []
 
 
 def test_canary_figures_of_another_version_are_ignored():

@@ -12,14 +12,14 @@ import kubernetes_validate
 import pytest
 
 from routenlp.api import DistillationCampaign, ModelTier, RoutingPolicy
-from routenlp.operator import builders
+from routenlp.operator import campaign, meta, modeltier, routingpolicy, webhook
 
 API = "routenlp.io/v1alpha1"
 NS = "team-a"
 OPERATOR_NS = "routenlp-system"
 OPERATOR_LABELS = {"app.kubernetes.io/name": "routenlp", "app.kubernetes.io/instance": "rn",
                    "app.kubernetes.io/component": "operator"}
-PEERS = builders.NetworkPeers(OPERATOR_NS, OPERATOR_LABELS, "monitoring")
+PEERS = meta.NetworkPeers(OPERATOR_NS, OPERATOR_LABELS, "monitoring")
 
 
 # ---------------------------------------------------------------- the evaluator
@@ -55,7 +55,7 @@ class Source:
 
 
 def namespace_labels(ns: str) -> dict[str, str]:
-    return {builders.NAMESPACE_NAME_LABEL: ns}  # what the API server sets on every namespace
+    return {meta.NAMESPACE_NAME_LABEL: ns}  # what the API server sets on every namespace
 
 
 def peer_admits(peer: dict, policy_ns: str, src: Source) -> bool:
@@ -126,10 +126,10 @@ OTHER = rp("other", ("mid", "large"), mode="sidecar")
 
 
 def rendered(support: RoutingPolicy = SUPPORT) -> list[dict]:
-    objs = [o for t in TIERS.values() for o in builders.tier_objects(t, owner("ModelTier", t.metadata.name), NS, PEERS)]
+    objs = [o for t in TIERS.values() for o in modeltier.tier_objects(t, owner("ModelTier", t.metadata.name), NS, PEERS)]
     for policy in (support, OTHER):
         tiers = [TIERS[r.name] for r in policy.spec.tiers]
-        objs += builders.policy_objects(policy, tiers, owner("RoutingPolicy", policy.metadata.name), NS,
+        objs += routingpolicy.policy_objects(policy, tiers, owner("RoutingPolicy", policy.metadata.name), NS,
                                         peers=PEERS)[0]
     return [o for o in objs if o["kind"] == "NetworkPolicy"]
 
@@ -139,11 +139,11 @@ def template_labels(obj: dict) -> dict:
 
 
 def tier_pod(name: str) -> dict:
-    return template_labels(builders.tier_deployment(TIERS[name], owner("ModelTier", name), NS))
+    return template_labels(modeltier.tier_deployment(TIERS[name], owner("ModelTier", name), NS))
 
 
 def gateway_router_pod() -> dict:
-    return template_labels(builders.router_deployment(SUPPORT, list(TIERS.values()), owner("RoutingPolicy", "support"),
+    return template_labels(routingpolicy.router_deployment(SUPPORT, list(TIERS.values()), owner("RoutingPolicy", "support"),
                                                       NS, "h"))
 
 
@@ -151,21 +151,21 @@ def sidecar_pod(policy: RoutingPolicy) -> dict:
     """An application pod as the webhook leaves it."""
     pod = {"metadata": {"labels": {"app": "shop", "routenlp.io/policy": policy.metadata.name}},
            "spec": {"containers": [{"name": "app", "image": "shop"}]}}
-    return jsonpatch.apply_patch(pod, builders.sidecar_patch(pod, policy, []))["metadata"]["labels"]
+    return jsonpatch.apply_patch(pod, webhook.sidecar_patch(pod, policy, []))["metadata"]["labels"]
 
 
 def campaign_pod(policy: str) -> dict:
     spec = {"policyRef": policy, "studentTier": "mid", "teacherTier": "large"}
     c = DistillationCampaign.model_validate({"apiVersion": API, "kind": "DistillationCampaign",
                                              "metadata": {"name": f"{policy}-c"}, "spec": spec})
-    ctx = builders.stage_context(c, SUPPORT, TIERS["mid"], TIERS["large"], NS)
-    return template_labels(builders.stage_job(c, owner("DistillationCampaign", c.metadata.name), NS, "Evaluating", 1,
+    ctx = campaign.stage_context(c, SUPPORT, TIERS["mid"], TIERS["large"], NS)
+    return template_labels(campaign.stage_job(c, owner("DistillationCampaign", c.metadata.name), NS, "Evaluating", 1,
                                               1, "ev", ctx))
 
 
 OPERATOR = Source(OPERATOR_NS, OPERATOR_LABELS)
 PROMETHEUS = Source("monitoring", {"app.kubernetes.io/name": "prometheus"})
-VLLM = builders.VLLM_PORT
+VLLM = meta.VLLM_PORT
 
 
 def test_every_rendered_network_policy_is_a_valid_object_owned_by_its_resource():
@@ -232,25 +232,25 @@ def test_all_namespaces_opens_the_client_port_only():
 
 
 def test_no_monitoring_namespace_closes_admin_to_prometheus():
-    peers = builders.NetworkPeers(OPERATOR_NS, OPERATOR_LABELS, None)
-    np = builders.router_network_policy(SUPPORT, owner("RoutingPolicy", "support"), NS, peers)
+    peers = meta.NetworkPeers(OPERATOR_NS, OPERATOR_LABELS, None)
+    np = routingpolicy.router_network_policy(SUPPORT, owner("RoutingPolicy", "support"), NS, peers)
     assert not allowed([np], PROMETHEUS, NS, gateway_router_pod(), ADMIN)
     assert allowed([np], OPERATOR, NS, gateway_router_pod(), ADMIN)
 
 
 def test_external_only_policy_and_sidecar_mode_render_no_router_policy():
     ext = rp("ext", ("large",), mode="sidecar")
-    objs, _ = builders.policy_objects(ext, [TIERS["large"]], owner("RoutingPolicy", "ext"), NS, peers=PEERS)
+    objs, _ = routingpolicy.policy_objects(ext, [TIERS["large"]], owner("RoutingPolicy", "ext"), NS, peers=PEERS)
     assert [o for o in objs if o["kind"] == "NetworkPolicy"] == []  # nothing to guard: app pods are the app's
 
 
 def test_network_peers_from_the_operator_environment():
-    assert builders.NetworkPeers.from_env({"ROUTENLP_NETWORK_POLICIES": "false"}) is None
-    default = builders.NetworkPeers.from_env({})
-    assert default == builders.NetworkPeers()
+    assert meta.NetworkPeers.from_env({"ROUTENLP_NETWORK_POLICIES": "false"}) is None
+    default = meta.NetworkPeers.from_env({})
+    assert default == meta.NetworkPeers()
     assert default.operator() == {"namespaceSelector": {},  # any namespace, the chart's operator pod labels
-                                  "podSelector": {"matchLabels": builders.DEFAULT_OPERATOR_LABELS}}
-    peers = builders.NetworkPeers.from_env({
+                                  "podSelector": {"matchLabels": meta.DEFAULT_OPERATOR_LABELS}}
+    peers = meta.NetworkPeers.from_env({
         "POD_NAMESPACE": OPERATOR_NS, "ROUTENLP_MONITORING_NAMESPACE": "monitoring",
         "ROUTENLP_OPERATOR_POD_LABELS": ",".join(f"{k}={v}" for k, v in OPERATOR_LABELS.items())})
     assert peers == PEERS

@@ -42,7 +42,7 @@ def test_cli_help_and_webhook_flags(capsys):
 
 
 def test_network_policy_flags_reach_the_handlers_environment():
-    from routenlp.operator.builders import NetworkPeers
+    from routenlp.operator.meta import NetworkPeers
 
     def peers(*argv: str) -> NetworkPeers | None:
         return NetworkPeers.from_env(main.handler_env(main.parser().parse_args(list(argv))) | {"POD_NAMESPACE": "ops"})
