@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import aiohttp
+
 from .meta import VLLM_PORT
 
 Obj = dict[str, Any]
@@ -27,16 +29,12 @@ class AiohttpPodHTTP:
         self.timeout = timeout
 
     async def get_json(self, url: str) -> Any:
-        import aiohttp
-
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as s:
             async with s.get(url) as r:
                 r.raise_for_status()
                 return await r.json()
 
     async def post_json(self, url: str, body: Obj) -> tuple[int, str]:
-        import aiohttp
-
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as s:
             async with s.post(url, json=body) as r:
                 return r.status, (await r.text())[:300]

@@ -7,6 +7,7 @@ Credentials come from kopf's login (the same ConnectionInfo kopf uses), so there
 
 from __future__ import annotations
 
+import base64
 import json
 import ssl
 from typing import Any
@@ -137,7 +138,5 @@ def _text(data: str | bytes | None) -> str | None:
     if isinstance(data, bytes):
         data = data.decode()
     if "BEGIN CERTIFICATE" not in data:  # kubeconfig stores it base64-encoded
-        import base64
-
         data = base64.b64decode(data).decode()
     return data

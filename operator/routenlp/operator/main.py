@@ -14,6 +14,9 @@ import logging
 import os
 import sys
 
+import kopf
+from prometheus_client import start_http_server
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="routenlp operator", description=__doc__,
@@ -65,15 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         print("routenlp operator: --webhook-port needs --webhook-cert and --webhook-key", file=sys.stderr)
         return 2
     os.environ.update(handler_env(args))
-    import kopf
-
     kopf.configure(verbose=args.verbose, quiet=args.quiet,
                    log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL)
-    from . import handlers  # noqa: F401  (registers the handlers)
+    # Imported once the environment is set: the handlers read their settings (timer intervals) at import.
+    from . import handlers  # noqa: F401, PLC0415  (registers the handlers)
 
     if args.metrics_port:
-        from prometheus_client import start_http_server
-
         start_http_server(args.metrics_port)
 
     logging.getLogger("routenlp.operator").info("starting", extra={"namespaces": args.namespace or "all"})
