@@ -6,8 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from routenlp.api import DistillationCampaign, RoutingPolicy
+from routenlp.operator import campaign, rollout
 from routenlp.operator import campaign_flow as cm
-from routenlp.operator import rollout
 
 API = "routenlp.io/v1alpha1"
 T0, T1, T2 = "2026-11-27T12:00:00Z", "2026-11-27T12:20:00Z", "2026-11-27T12:31:00Z"
@@ -189,8 +189,6 @@ def test_a_failed_gate_in_round_two_keeps_round_one_serving():
 
 
 def test_round_job_names_and_stage_arguments():
-    from routenlp.operator import campaign
-
     assert campaign.job_name("c", 1, "Clustering", 1) == "c-r1-clustering-a1"  # round 1: names as before
     assert campaign.job_name("c", 1, "Clustering", 1, 2) == "c-r1-n2-clustering-a1"
     assert campaign.adapter_name("c", 4, 3) == "c-r4-n3"
