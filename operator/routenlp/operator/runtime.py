@@ -33,7 +33,7 @@ class Runtime:
     resync_seconds: float = float(os.environ.get("ROUTENLP_RESYNC_SECONDS", "30"))
     campaign_seconds: float = float(os.environ.get("ROUTENLP_CAMPAIGN_SECONDS", "10"))
     # One reconcile per object at a time: kopf serialises an object's change handlers, but its timers, the policy
-    # wakes and the drift/campaign follow-ups below run beside them.
+    # wakes and the drift/campaign follow-ups run beside them.
     locks: dict[tuple[str, str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
     fingerprints: dict[str, str] = {}  # owned object uid -> last seen content (see owned.owned_changed)
     policy_index: Any = None  # kopf's policies_by_tier index, captured from the first handler call
