@@ -13,12 +13,14 @@ from typing import Any
 
 import numpy as np
 
+from routenlp.api.modeltier import relative_costs
 from routenlp.api.router_config import RouterConfig
 from routenlp.api.routingpolicy import RiskMeasure
 
 from .artifacts import Calibration, RouterArtifact
 from .auth import FeedbackGate, KeyDir
 from .calibration import Key, OnlineCalibration, Snapshot
+from .cascade import StartRule
 from .clients import TierClient
 from .conformal import ThresholdResult
 from .decision_cache import DecisionCache
@@ -149,6 +151,15 @@ class RouterState:
         meta = art.metadata if art is not None else {}
         cert = meta.get("floor_certificates", {}).get(task) or {}
         return (cert.get("scope"), cert.get("floor")) == self.floor(task)
+
+    def start_rule(self, task: str) -> StartRule:
+        """Where the task's requests start: tasks[].qualityTarget, or tasks[].costWeight over the tiers' prices
+        relative to the reference's (`relative_costs`, as the trainer was given them)."""
+        t = self.tasks[task]
+        if t.cost_weight is None:
+            return StartRule(quality_target=t.quality_target)
+        return StartRule(cost_weight=t.cost_weight,
+                         relative_cost=tuple(relative_costs([tier.cost for tier in self.config.tiers])))
 
     def chain_names(self, art: RouterArtifact | None, task: str) -> list[str]:
         """The task's chain: pinned in the RoutingPolicy (`tasks[].chain`), else learnt by the trainer (the

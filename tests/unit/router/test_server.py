@@ -205,6 +205,26 @@ def test_router_prior_picks_start_tier(stack_factory, tmp_path):
     assert ev.attempts[0].predicted > 0.5
 
 
+def test_a_tasks_cost_weight_makes_the_start_rule_weigh_tier_prices(stack_factory, tmp_path):
+    """tasks[].costWeight replaces the qualityTarget rule: predicted acceptance minus the weight x each tier's price
+    over the reference's. The router predicts only the big tier answers "skip me"; a light weight still starts it
+    there, a heavy one at the small tier (0 - 100 x 0.01 = -1 beats 1 - 100 x 1 = -99: the price dominates)."""
+    enc = FakeEncoder()
+    x = enc.encode(["skip me"])
+    r = DifficultyRouter(TIERS, ["intent", "chat"])
+    r.fit(np.repeat(x, 50, 0), np.zeros(50, int), np.repeat(np.array([[0, 0, 1]], np.float32), 50, 0), epochs=40,
+          seed=0)
+    for weight, first in ((0.05, "big"), (100.0, "small")):
+        tasks = [{"name": "intent", "kind": "structured", "labels": ["refund", "card"], "costWeight": weight,
+                  "match": {"models": ["support-intent"]}}]
+        s = stack_factory(artifacts=[("v1", {"router": r, "calibration": calibrated()})], encoder=enc, tasks=tasks)
+        assert s.state.start_rule("intent").relative_cost == pytest.approx((0.01, 0.1, 1.0))
+        s.chat("skip me")
+        time.sleep(0.1)
+        ev = [e for e in s.events() if isinstance(e, RoutingEvent)][0]
+        assert ev.attempts[0].tier == first
+
+
 def test_prefer_cheaper_switch_starts_every_request_at_the_cheapest_tier(stack_factory, tmp_path):
     """The operator's budget switch (a file it keeps in a ConfigMap outside the config hash) is applied live: the
     difficulty router no longer skips the cheap tier; thresholds still decide what is accepted."""
