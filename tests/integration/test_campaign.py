@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from kube_emulator.campaigns import JOBS, _finish, _job, _setup
+from kube_emulator.campaigns import JOBS, _finish, _job, _setup, set_earlier_run
 from kube_emulator.harness import wait_for
 from kube_emulator.specs import campaign, policy, tier
 
@@ -140,9 +140,8 @@ def _serving_v1(cluster, ns: str) -> None:
     earlier = (datetime.now(timezone.utc) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     cluster.api.create(cluster.cr_path("distillationcampaigns", ns), campaign(
         "c0", "p", "student", "teacher", trigger={"mode": "Schedule", "schedule": "0 3 1 1 *"}))
-    cluster.api.patch(cluster.cr_path("distillationcampaigns", ns, "c0", "status"), {"status": {
-        "phase": "Succeeded", "routerVersion": "v1", "lastRunTime": earlier, "run": 1}})
-    wait_for(lambda: _policy_router(cluster, ns).get("current") == "v1", what="v1 current")
+    set_earlier_run(cluster, ns, "c0", {"phase": "Succeeded", "routerVersion": "v1", "lastRunTime": earlier, "run": 1},
+                    lambda: _policy_router(cluster, ns).get("current") == "v1", what="v1 current")
 
 
 def test_campaign_rollout_settings_drive_the_canary_of_its_version(cluster):
@@ -222,3 +221,25 @@ def test_campaign_runs_rounds_on_the_failures_of_the_previous_rounds_router(clus
     assert st["rounds"][1]["qualityGain"] == 0.1 and st["rounds"][1]["state"] == "Succeeded"
     reasons = [e["reason"] for e in cluster.events(ns, "c")]
     assert "RoundRolledOut" in reasons and "RoundStarted" in reasons
+
+
+def test_retrain_job_carries_the_tasks_cost_weights_and_every_tiers_relative_price(cluster):
+    """A task with costWeight: the operator reads every tier of the policy (not only student and teacher) for their
+    prices, so the trainer starts calibration requests as the router will."""
+    import json
+
+    ns = "dc-costweight"
+    cluster.api.create(cluster.cr_path("modeltiers", ns), tier("student", adapterPolicy="AcceptCampaign"))
+    cluster.api.create(cluster.cr_path("modeltiers", ns), tier("teacher", cost={"inputPerMillion": 1.0,
+                                                                               "outputPerMillion": 2.0}))
+    cluster.api.create(cluster.cr_path("routingpolicies", ns), policy(
+        "p", ["student", "teacher"], tasks=[{"name": "intent", "kind": "generation", "costWeight": 0.3}]))
+    wait_for(lambda: cluster.condition("routingpolicies", ns, "p", "TiersResolved"), what="policy")
+    cluster.api.create(cluster.cr_path("distillationcampaigns", ns), campaign("c", "p", "student", "teacher"))
+    _finish(cluster, ns, "c-r1-clustering-a1", {"failures": 300, "clusters": [{"id": 1, "size": 50, "costUsd": 2.0}]})
+    _finish(cluster, ns, "c-r1-distilling-a1", {"adapter": "v2@/adapters/v2"})
+    _finish(cluster, ns, "c-r1-evaluating-a1", {"qualityBefore": 0.5, "qualityAfter": 0.6})
+    args = _job(cluster, ns, "c-r1-retrainingrouter-a1")["spec"]["template"]["spec"]["initContainers"][0]["args"]
+    assert json.loads(args[args.index("--cost-weights") + 1]) == {"intent": 0.3}
+    # blended 3:1 prices: student 0.125, teacher 1.25 per million tokens
+    assert json.loads(args[args.index("--relative-costs") + 1]) == [0.1, 1.0]

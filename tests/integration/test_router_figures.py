@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import yaml
 
+from kube_emulator.campaigns import set_earlier_run
 from kube_emulator.harness import free_port, wait_for
 from kube_emulator.specs import campaign, policy, tier
 
@@ -37,13 +38,12 @@ def _canary_policy(cluster, ns: str, min_requests: int = 100, **spec) -> None:
     for h, (name, version) in zip((2, 1), (("c1", "v1"), ("c2", "v2"))):
         cluster.api.create(cluster.cr_path("distillationcampaigns", ns),
                            campaign(name, "p", "s", "t", trigger={"mode": "Schedule", "schedule": "0 3 1 1 *"}))
-        cluster.api.patch(cluster.cr_path("distillationcampaigns", ns, name, "status"), {"status": {
-            "phase": "Succeeded", "routerVersion": version, "run": 1,
-            "lastRunTime": (now - timedelta(hours=h)).strftime("%Y-%m-%dT%H:%M:%SZ")}})
         # 60 s: by this point the shared emulator holds every earlier test's objects and the 1 s resync reconciles
         # them all; under a loaded machine the default 20 s ran out once (a hang guard, not a timing assertion)
-        wait_for(lambda v=version: v in (cluster.get_cr("routingpolicies", ns, "p")["status"].get("router") or {})
-                 .values(), timeout=60.0, what=f"{version} in status.router")
+        set_earlier_run(cluster, ns, name, {"phase": "Succeeded", "routerVersion": version, "run": 1,
+                                            "lastRunTime": (now - timedelta(hours=h)).strftime("%Y-%m-%dT%H:%M:%SZ")},
+                        lambda v=version: v in (cluster.get_cr("routingpolicies", ns, "p")["status"].get("router")
+                                                or {}).values(), what=f"{version} in status.router")
 
 
 def test_canary_rolled_back_on_violations_reported_by_the_router(cluster):

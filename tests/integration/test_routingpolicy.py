@@ -102,6 +102,7 @@ def test_router_version_auto_follows_campaign_and_canary_promotes(cluster):
     # Two finished campaign runs report versions through their status (the operator never edits the policy spec).
     from datetime import datetime, timedelta, timezone
 
+    from kube_emulator.campaigns import set_earlier_run
     from kube_emulator.specs import campaign
     now = datetime.now(timezone.utc)
     times = [(now - timedelta(hours=h)).strftime("%Y-%m-%dT%H:%M:%SZ") for h in (2, 1)]
@@ -109,15 +110,12 @@ def test_router_version_auto_follows_campaign_and_canary_promotes(cluster):
         # Scheduled once a year and just run: no new run starts during the test.
         c = campaign(name, "p", "s", "t", trigger={"mode": "Schedule", "schedule": "0 3 1 1 *"})
         cluster.api.create(cluster.cr_path("distillationcampaigns", ns), c)
+        # each version reaches status.router before the next (set_earlier_run: the create-time reconcile's race)
+        set_earlier_run(cluster, ns, name, {"phase": "Succeeded", "routerVersion": version, "lastRunTime": t, "run": 1},
+                        lambda v=version: v in (cluster.get_cr("routingpolicies", ns, "p")["status"].get("router")
+                                                or {}).values(), what=f"{version} in status.router")
         if name == "c1":
-            cluster.api.patch(cluster.cr_path("distillationcampaigns", ns, name, "status"), {"status": {
-                "phase": "Succeeded", "routerVersion": version, "lastRunTime": t, "run": 1}})
-            router = wait_for(lambda: cluster.get_cr("routingpolicies", ns, "p")["status"]["router"].get("current"),
-                              what="first version current")
-            assert router == "v1"
-        else:
-            cluster.api.patch(cluster.cr_path("distillationcampaigns", ns, name, "status"), {"status": {
-                "phase": "Succeeded", "routerVersion": version, "lastRunTime": t, "run": 1}})
+            assert cluster.get_cr("routingpolicies", ns, "p")["status"]["router"]["current"] == "v1"
     router = wait_for(lambda: (r := cluster.get_cr("routingpolicies", ns, "p")["status"]["router"]).get("canary") and r,
                       what="canary")
     assert router == {**router, "current": "v1", "canary": "v2", "canaryPercent": 20}

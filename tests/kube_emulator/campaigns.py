@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from .harness import wait_for
 from .specs import campaign, policy, tier
@@ -41,3 +42,18 @@ def _finish(cluster, ns: str, name: str, summary: dict | None, ok: bool = True) 
         "conditions": [{"type": "Complete" if ok else "Failed", "status": "True",
                         **({} if ok else {"reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"})}]}})
     return job
+
+
+def set_earlier_run(cluster, ns: str, name: str, status: dict, until, what: str, timeout: float = 60.0):
+    """Give campaign `name` the status an earlier run left, and wait for `until()`. The operator's create-time
+    reconcile may read the campaign before this patch and write its own status after it (its status merge patch
+    carries no resourceVersion precondition, so the API server takes it), so the patch is repeated until `until()`
+    holds: repeating it is harmless when the reconcile was merely slow."""
+    deadline = time.monotonic() + timeout
+    while True:
+        cluster.api.patch(cluster.cr_path("distillationcampaigns", ns, name, "status"), {"status": status})
+        try:
+            return wait_for(until, timeout=min(10.0, max(deadline - time.monotonic(), 0.1)), what=what)
+        except AssertionError:
+            if time.monotonic() >= deadline:
+                raise

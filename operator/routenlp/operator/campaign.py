@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from routenlp.api import GROUP, VERSION, DistillationCampaign, ModelTier, RoutingPolicy
 from routenlp.api.common import READY, SecretKeyRef, now_rfc3339
+from routenlp.api.modeltier import TierCost, relative_costs
 from routenlp.api.routingpolicy import RiskMeasure
 
 from . import metrics
@@ -81,6 +82,8 @@ class StageContext:
     student_cache_claim: str | None = None  # student tier's model-cache PVC: where adapters are published
     chains: tuple[tuple[str, tuple[str, ...]], ...] = ()  # pinned tasks[].chain (other tasks' chains are learnt)
     quality_floors: tuple[tuple[str, float], ...] = ()  # tasks[].qualityFloor; "*": cascade.qualityFloor
+    cost_weights: tuple[tuple[str, float], ...] = ()  # tasks[].costWeight: the trainer starts requests as the router
+    relative_costs: tuple[float, ...] = ()  # each policy tier's price over the reference's (api relative_costs)
 
 
 ADAPTER_MOUNT = "/var/lib/routenlp-adapters"  # the student's model-cache PVC inside stage Jobs
@@ -132,6 +135,9 @@ def stage_args(campaign: DistillationCampaign, ctx: StageContext, cmd: str, run:
         common += ["--chains", json.dumps({task: list(chain) for task, chain in ctx.chains})]
     if ctx.quality_floors:
         common += ["--quality-floors", json.dumps(dict(ctx.quality_floors))]
+    if ctx.cost_weights:
+        common += ["--cost-weights", json.dumps(dict(ctx.cost_weights)), "--relative-costs",
+                   json.dumps(list(ctx.relative_costs))]
     if cmd == "retrain":
         return [*common, "--out", f"{work}/retrain", "--student-tier", spec.student_tier,
                 "--student-model", ctx.student_served_name, "--student-url", ctx.student_url,
@@ -212,7 +218,8 @@ def stage_job(campaign: DistillationCampaign, owner: Obj, namespace: str, stage:
 
 
 def stage_context(campaign: DistillationCampaign, policy: RoutingPolicy, student: ModelTier, teacher: ModelTier,
-                  namespace: str) -> StageContext:
+                  namespace: str, tier_costs: list[TierCost] | None = None) -> StageContext:
+    """tier_costs: the policy's tiers' prices in spec.tiers order (needed when a task has a costWeight)."""
     ext = teacher.spec.external
     engine = student.spec.engine
     return StageContext(
@@ -232,6 +239,8 @@ def stage_context(campaign: DistillationCampaign, policy: RoutingPolicy, student
         chains=tuple((t.name, tuple(t.chain)) for t in policy.spec.tasks if t.chain),
         quality_floors=tuple((t.name, t.quality_floor) for t in policy.spec.tasks if t.quality_floor is not None)
         + ((("*", policy.spec.cascade.quality_floor),) if policy.spec.cascade.quality_floor is not None else ()),
+        cost_weights=tuple((t.name, t.cost_weight) for t in policy.spec.tasks if t.cost_weight is not None),
+        relative_costs=tuple(relative_costs(tier_costs or [])),
     )
 
 
@@ -292,8 +301,15 @@ async def _references(campaign: DistillationCampaign, ns: str) -> _References | 
         return "TiersNotFound", f"ModelTiers not found: {', '.join(missing)}"
     try:
         policy_model = RoutingPolicy.model_validate(doc(policy))
+        costs = None
+        if any(t.cost_weight is not None for t in policy_model.spec.tasks):  # the trainer weighs every tier's price
+            named = {t.name: await api.get("ModelTier", ns, t.name) for t in policy_model.spec.tiers}
+            missing = [t for t, obj in named.items() if obj is None]
+            if missing:
+                return "TiersNotFound", f"ModelTiers not found: {', '.join(missing)}"
+            costs = [ModelTier.model_validate(doc(obj)).spec.cost for obj in named.values()]
         ctx = stage_context(campaign, policy_model, ModelTier.model_validate(doc(tiers[campaign.spec.student_tier])),
-                            ModelTier.model_validate(doc(tiers[campaign.spec.teacher_tier])), ns)
+                            ModelTier.model_validate(doc(tiers[campaign.spec.teacher_tier])), ns, costs)
     except (ValidationError, ValueError) as exc:
         return "InvalidReference", f"the policy or a tier it names is invalid: {exc}"[:500]
     return _References(policy, policy_model, ctx)

@@ -258,6 +258,27 @@ def test_retrain_jobs_get_the_policys_pinned_chains_and_quality_floors():
     assert json.loads(args[args.index("--quality-floors") + 1]) == {"intent": 0.95, "*": 0.97}
 
 
+def test_retrain_jobs_get_the_tasks_cost_weights_and_the_tiers_relative_prices():
+    """A task's costWeight reaches the trainer with every tier's price over the reference's, so calibration starts
+    requests where the router will (api.modeltier.relative_costs, the function the router uses)."""
+    from routenlp.api.modeltier import TierCost
+
+    student, teacher = mt("small", engine={"model": "pvc://weights/small"}), mt("large")
+    tasks = [{"name": "intent", "costWeight": 0.2}, {"name": "chat"}]
+    costs = [TierCost(input_per_million=0.1, output_per_million=0.3), TierCost(input_per_million=2.0,
+                                                                                  output_per_million=6.0)]
+    c = campaign.stage_context(dc(), rp(tiers=("small", "large"), tasks=tasks, defaultTask="intent"), student, teacher,
+                               NS, costs)
+    job = campaign.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "RetrainingRouter", 1, 1, "ev", c)
+    for container in job["spec"]["template"]["spec"]["initContainers"]:
+        args = container["args"]
+        assert json.loads(args[args.index("--cost-weights") + 1]) == {"intent": 0.2}
+        assert json.loads(args[args.index("--relative-costs") + 1]) == pytest.approx([0.05, 1.0])
+    plain = campaign.stage_context(dc(), rp(), student, teacher, NS)
+    job = campaign.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "RetrainingRouter", 1, 1, "ev", plain)
+    assert "--cost-weights" not in job["spec"]["template"]["spec"]["initContainers"][0]["args"]
+
+
 # ---------------------------------------------------------------- issue 14: auth, admin port, read-only root
 
 

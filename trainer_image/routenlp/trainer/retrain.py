@@ -377,24 +377,25 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     return st.finish()
 
 
-def _json_arg(text: str) -> dict:
+def _json_value(text: str, ok: Any, expected: str) -> Any:
     try:
         value = json.loads(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}")
     return value
 
 
+def _json_arg(text: str) -> dict:
+    return _json_value(text, lambda v: isinstance(v, dict), "a JSON object")
+
+
 def _costs_arg(text: str) -> list[float]:
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
-    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and v >= 0 for v in value):
-        raise argparse.ArgumentTypeError("expected a JSON list of non-negative numbers")
-    return [float(v) for v in value]
+    costs = _json_value(text, lambda v: isinstance(v, list) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in v),
+        "a JSON list of non-negative numbers")
+    return [float(x) for x in costs]
 
 
 def _common(p: argparse.ArgumentParser) -> None:
