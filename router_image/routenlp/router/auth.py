@@ -19,10 +19,12 @@ import hmac
 import logging
 import re
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from .openai_api import ApiError
 
@@ -69,7 +71,8 @@ class KeyDir:
     """Named bearer tokens from a directory (a mounted Secret: file name = name, content = token). A missing or
     unreadable directory holds no keys: everything it guards is refused (fail closed)."""
 
-    def __init__(self, path: str | Path, refresh_seconds: float = KEY_REFRESH_SECONDS, clock=time.monotonic):
+    def __init__(self, path: str | Path, refresh_seconds: float = KEY_REFRESH_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
         self.path, self.refresh_seconds, self.clock = Path(path), refresh_seconds, clock
         self._keys: dict[str, bytes] = {}
         self._loaded_at: float | None = None
@@ -149,7 +152,7 @@ def _unauthorized(message: str) -> ApiError:
     return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def check_headers(headers) -> None:
+def check_headers(headers: Mapping[str, str]) -> None:
     """400 for header bytes that are not UTF-8 (aiohttp hands them over as lone surrogates, which cannot be echoed,
     logged or hashed) and for an x-request-id that is not 1-200 printable ASCII characters."""
     for name, value in headers.items():
@@ -167,7 +170,7 @@ def check_headers(headers) -> None:
 class TokenBuckets:
     """A token bucket per key (`rate` per second, `burst` deep), remembering the `size` most recently seen keys."""
 
-    def __init__(self, rate: float, burst: float, size: int = REMEMBERED, clock=time.monotonic):
+    def __init__(self, rate: float, burst: float, size: int = REMEMBERED, clock: Callable[[], float] = time.monotonic):
         self.rate, self.burst, self.size, self.clock = rate, burst, size, clock
         self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
 
@@ -189,7 +192,7 @@ class FeedbackGate:
     not rate limited, and each has its own cap per request id, so anonymous posts cannot use up a labeller's."""
 
     def __init__(self, rate: float = FEEDBACK_RATE, burst: float = FEEDBACK_BURST,
-                 per_request: int = FEEDBACK_PER_REQUEST, clock=time.monotonic):
+                 per_request: int = FEEDBACK_PER_REQUEST, clock: Callable[[], float] = time.monotonic):
         self.buckets = TokenBuckets(rate, burst, clock=clock)
         self.per_request = per_request
         self._counts: collections.OrderedDict[str, int] = collections.OrderedDict()
@@ -213,11 +216,12 @@ class FeedbackGate:
                            "request_cap")
 
 
-def auth_middleware(labellers: KeyDir | None, clients: KeyDir | None, on_failure=None):
+def auth_middleware(labellers: KeyDir | None, clients: KeyDir | None,
+                    on_failure: Callable[[], None] | None = None) -> Middleware:
     """aiohttp middleware: header hygiene, then `authenticate`; the caller is stored under CALLER."""
 
     @web.middleware
-    async def middleware(request: web.Request, handler):
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         check_headers(request.headers)
         try:
             caller = authenticate(request.path, request.headers.get("Authorization"), request.remote, labellers,

@@ -26,12 +26,18 @@ Rules:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
+
+# Per-tier flags given as a list or a (K,) array (circuit state, usable tiers, chain membership).
+Flags = Sequence[bool] | np.ndarray
 
 
-def _chain_rows(chain, n: int, K: int) -> np.ndarray:
+def _chain_rows(chain: ArrayLike | None, n: int, K: int) -> np.ndarray:
     """(n, K) bool membership; None -> every tier. A row with no member is an error (a chain must end somewhere)."""
     if chain is None:
         return np.ones((n, K), dtype=bool)
@@ -41,10 +47,11 @@ def _chain_rows(chain, n: int, K: int) -> np.ndarray:
     return c
 
 
-def chain_ends(chain) -> np.ndarray:
-    """Index of each chain's end (highest member) for a (K,) or (n, K) bool mask."""
+def chain_ends(chain: ArrayLike) -> np.ndarray | np.signedinteger[Any]:
+    """Index of each chain's end (highest member) for a (K,) or (n, K) bool mask: (n,) ends, or one numpy integer."""
     c = np.asarray(chain, dtype=bool)
-    return c.shape[-1] - 1 - np.argmax(c[..., ::-1], axis=-1)
+    ends: np.ndarray | np.signedinteger[Any] = c.shape[-1] - 1 - np.argmax(c[..., ::-1], axis=-1)
+    return ends
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,7 @@ class StartRule:
     rule of RouterBench-style routers, which a portfolio whose prices lie close together needs (cheapest-adequate
     starts there pay for many failed attempts). w = 0 starts at the most likely acceptable tier."""
 
-    quality_target: float = 0.97
+    quality_target: float | np.ndarray = 0.97  # an (n,) array: one target per request
     cost_weight: float | None = None
     relative_cost: tuple[float, ...] | np.ndarray | None = None
 
@@ -70,15 +77,18 @@ class StartRule:
             need = np.asarray(self.quality_target, dtype=float).reshape(-1) * p[rows, end]
             ok = (p >= need[:, None]) & ch
             ok[rows, end] = True  # the chain end always qualifies
-            return ok.argmax(axis=1)
+            first_ok: np.ndarray = ok.argmax(axis=1)
+            return first_ok
         if self.relative_cost is None:
             raise ValueError("a cost-weighted start rule needs each tier's relative cost")
         cost = np.broadcast_to(np.asarray(self.relative_cost, dtype=float), (n, K))
         utility = np.where(ch, p - self.cost_weight * cost, -np.inf) - 1e-9 * np.arange(K)  # ties: cheaper
-        return utility.argmax(axis=1)
+        best: np.ndarray = utility.argmax(axis=1)
+        return best
 
 
-def start_tiers(predicted: np.ndarray, rule, usable=None, chain=None) -> np.ndarray:
+def start_tiers(predicted: ArrayLike, rule: StartRule | float | np.ndarray, usable: ArrayLike | None = None,
+                chain: ArrayLike | None = None) -> np.ndarray:
     """(n,) start tier for (n, K) predicted acceptance; rule: a `StartRule`, or a quality target (scalar or (n,)).
 
     chain: optional (K,) or (n, K) bool membership (default: every tier, ending with the reference = last column).
@@ -98,26 +108,28 @@ def start_tiers(predicted: np.ndarray, rule, usable=None, chain=None) -> np.ndar
     u = np.broadcast_to(np.asarray(usable, dtype=bool), p.shape) & ch
     u[rows, chain_ends(ch) if n else np.zeros(0, dtype=int)] = True
     u &= np.arange(K)[None, :] >= start[:, None]
-    return u.argmax(axis=1)
+    first_usable: np.ndarray = u.argmax(axis=1)
+    return first_usable
 
 
-def usable_tiers(thresholds) -> np.ndarray:
+def usable_tiers(thresholds: ArrayLike) -> np.ndarray:
     """Bool array shaped like `thresholds` (NaN/None = uncertified): True where the tier may accept, i.e. it has a
     certified threshold, or it is the reference (last) tier, which always answers. (With chains, `plan_for` and
     `attempt_plan` also count each chain's end as usable.)"""
-    u = ~np.isnan(np.array(thresholds, dtype=float))  # numpy reads None as NaN here
+    u: np.ndarray = ~np.isnan(np.array(thresholds, dtype=float))  # numpy reads None as NaN here
     u[..., -1] = True
     return u
 
 
-def start_tier(predicted: np.ndarray | None, rule, chain=None) -> int:
+def start_tier(predicted: ArrayLike | None, rule: StartRule | float, chain: ArrayLike | None = None) -> int:
     """Start tier of one query (see `start_tiers`); None (no router artifact) -> the chain's first member."""
     if predicted is None:
         return 0 if chain is None else int(np.argmax(np.asarray(chain, dtype=bool)))
     return int(start_tiers(np.asarray(predicted)[None, :], rule, chain=chain)[0])
 
 
-def plan_for(start: int, n_tiers: int, max_escalations: int, tier_up=None, usable=None, chain=None) -> list[int]:
+def plan_for(start: int, n_tiers: int, max_escalations: int, tier_up: Flags | None = None, usable: Flags | None = None,
+             chain: Flags | None = None) -> list[int]:
     """Tiers to try, in order, for one query (may be empty when every candidate tier is down).
 
     usable: optional (K,) bool; False = skip this tier (it cannot accept); the chain end is always usable.
@@ -149,8 +161,8 @@ def plan_for(start: int, n_tiers: int, max_escalations: int, tier_up=None, usabl
     return cands
 
 
-def attempt_plan(start: np.ndarray, n_tiers: int, max_escalations: int, tier_up=None, usable=None,
-                 chain=None) -> np.ndarray:
+def attempt_plan(start: ArrayLike, n_tiers: int, max_escalations: int, tier_up: Flags | None = None,
+                 usable: ArrayLike | None = None, chain: ArrayLike | None = None) -> np.ndarray:
     """(n, K) bool: tier k is in query i's plan (`plan_for` vectorised over start tiers).
 
     usable: optional (K,) or (n, K) bool per query (e.g. `usable_tiers(thr_table)[task_ids]`); chain: optional
@@ -201,7 +213,7 @@ class CascadeResult:
     latency: np.ndarray | None = None  # summed latency when latencies are given
     called: np.ndarray | None = None  # (n, K) which tiers were called (the requests that reached each tier)
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, float | list[float]]:
         """Means over the queries (quality, cost, escalations, acceptance) and the share answered by each tier."""
         n = max(len(self.tier), 1)
         tiers = np.bincount(self.tier[self.tier >= 0], minlength=int(self.tier.max(initial=0)) + 1) / n
@@ -211,8 +223,9 @@ class CascadeResult:
                 "tier_share": tiers.tolist()}
 
 
-def simulate_cascade(start, scores, quality, costs, thresholds, max_escalations: int, tier_up=None,
-                     latencies=None, skip_uncertified: bool = True, chains=None) -> CascadeResult:
+def simulate_cascade(start: ArrayLike, scores: ArrayLike, quality: ArrayLike, costs: ArrayLike, thresholds: ArrayLike,
+                     max_escalations: int, tier_up: Flags | None = None, latencies: ArrayLike | None = None,
+                     skip_uncertified: bool = True, chains: ArrayLike | None = None) -> CascadeResult:
     """Run the cascade offline over recorded outcomes, vectorised over queries.
 
     start (n,) int; scores, quality, costs (n, K) per query and tier (cost: what calling that tier costs for that

@@ -12,6 +12,7 @@ defined against always-reference (docs/guarantee.md). Artifacts and the RoutingP
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .cascade import chain_ends
 
@@ -20,7 +21,8 @@ from .cascade import chain_ends
 MIN_GAIN_SE = 1.0
 
 
-def learn_chains(quality, cost, task_ids, n_tasks: int, min_gain: float = 0.0, min_gain_se: float = 0.0) -> np.ndarray:
+def learn_chains(quality: ArrayLike, cost: ArrayLike, task_ids: ArrayLike, n_tasks: int, min_gain: float = 0.0,
+                 min_gain_se: float = 0.0) -> np.ndarray:
     """(n_tasks, K) bool chains from training outcomes: per task, the tiers (in portfolio order, cheapest first) whose
     mean quality on that task beats the chain's previous member by more than `min_gain` + `min_gain_se` standard
     errors of the paired per-query difference (0, 0: the plain cost/quality Pareto set; the SE term does not apply to
@@ -72,7 +74,7 @@ def _pareto(q: np.ndarray, min_gain: float = 0.0, min_gain_se: float = 0.0) -> n
     return member
 
 
-def chains_to_names(chains, tier_names: list[str], task_names: list[str]) -> dict[str, list[str]]:
+def chains_to_names(chains: ArrayLike, tier_names: list[str], task_names: list[str]) -> dict[str, list[str]]:
     """(n_tasks, K) mask -> {task: [tier names, cheapest first]} (artifacts, RoutingPolicy status, reports)."""
     c = np.asarray(chains, dtype=bool)
     if c.shape != (len(task_names), len(tier_names)):
@@ -81,7 +83,7 @@ def chains_to_names(chains, tier_names: list[str], task_names: list[str]) -> dic
 
 
 def chains_from_names(mapping: dict[str, list[str]] | None, tier_names: list[str], task_names: list[str],
-                      default=None) -> np.ndarray:
+                      default: ArrayLike | None = None) -> np.ndarray:
     """{task: [tier names]} -> (n_tasks, K) mask. Tasks the mapping leaves out get `default` ((K,) mask; None =
     every tier). Raises ValueError naming an unknown task or tier, an empty chain, or a chain not in portfolio
     order (a chain is walked cheapest first, so its names must follow the portfolio's order)."""
@@ -107,7 +109,7 @@ def chains_from_names(mapping: dict[str, list[str]] | None, tier_names: list[str
     return out
 
 
-def chain_end_names(chains, tier_names: list[str], task_names: list[str]) -> dict[str, str]:
+def chain_end_names(chains: ArrayLike, tier_names: list[str], task_names: list[str]) -> dict[str, str]:
     """{task: name of its chain's end} (the tier that always answers for it)."""
     ends = chain_ends(np.asarray(chains, dtype=bool))
     return {task: tier_names[int(e)] for task, e in zip(task_names, np.atleast_1d(ends))}

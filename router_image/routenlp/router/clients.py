@@ -8,7 +8,9 @@ import json
 import math
 import os
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -21,7 +23,7 @@ class CircuitBreaker:
     """Closed -> open after `failures` consecutive failures; after `reset_seconds` one probe is let through
     (half-open): success closes it, failure opens it again."""
 
-    def __init__(self, failures: int = 3, reset_seconds: float = 5.0, clock=time.monotonic):
+    def __init__(self, failures: int = 3, reset_seconds: float = 5.0, clock: Callable[[], float] = time.monotonic):
         self.threshold, self.reset_seconds, self.clock = failures, reset_seconds, clock
         self.consecutive = 0
         self.opened_at: float | None = None
@@ -75,7 +77,7 @@ class UpstreamError(Exception):
 @dataclass
 class UpstreamResult:
     status: int
-    body: dict | None  # parsed JSON object (None if the body was not a JSON object)
+    body: dict[str, Any] | None  # parsed JSON object (None if the body was not a JSON object)
     text: str
     latency_s: float
     retry_after: float | None = None  # the tier's Retry-After header, in seconds
@@ -133,7 +135,7 @@ class TierClient:
         if self._session is not None:
             await self._session.close()
 
-    async def post(self, path: str, body: dict, timeout: float | None = None) -> UpstreamResult:
+    async def post(self, path: str, body: dict[str, Any], timeout: float | None = None) -> UpstreamResult:
         """POST JSON and return whatever HTTP answer came back (the cascade engine decides what a status means and
         books it on the breaker); raises UpstreamError when no answer came: connection errors (after retries) and
         timeouts (`timeout` seconds, default the tier's timeoutSeconds), which count on the breaker here."""
@@ -158,7 +160,8 @@ class TierClient:
                 raise UpstreamError(f"{self.tier.name}: timed out after {limit:.3g}s") from None
         return UpstreamResult.read(status, raw.decode("utf-8", errors="replace"), retry_after, time.perf_counter() - t0)
 
-    async def open_stream(self, path: str, body: dict, timeout: float | None = None) -> aiohttp.ClientResponse:
+    async def open_stream(self, path: str, body: dict[str, Any],
+                          timeout: float | None = None) -> aiohttp.ClientResponse:
         """Start a streaming POST; the caller reads it with `stream_lines` and releases it. The connection and the
         response headers must come within `timeout` (default timeoutSeconds); after that timeoutSeconds bounds each
         wait for the next chunk (an idle timeout), not the whole stream. Statuses are returned, not judged."""
@@ -180,7 +183,7 @@ class TierClient:
                 raise UpstreamError(f"{self.tier.name}: timed out") from None
         raise AssertionError("unreachable")
 
-    async def stream_lines(self, resp: aiohttp.ClientResponse):
+    async def stream_lines(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         """The lines of a streaming response; UpstreamError when the tier goes silent for timeoutSeconds or the
         connection breaks mid-stream (counted on the breaker)."""
         try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,7 @@ def fallback_score(features: dict[str, float]) -> float:
     return float(math.exp(sum(math.log(max(p, 1e-12)) for p in parts) / len(parts)))
 
 
-def _missing(v) -> bool:
+def _missing(v: float | None) -> bool:
     return v is None or math.isnan(v)
 
 
@@ -81,7 +82,8 @@ class ConfidenceModel:
         for name, w, mu, sd in zip(self.features, self.coef, self.means, self.scales):
             x = np.asarray(feats.get(name, np.full(n, np.nan)), dtype=float)
             z += w * (np.where(np.isnan(x), mu, x) - mu) / sd
-        return 1.0 / (1.0 + np.exp(-z))
+        p: np.ndarray = 1.0 / (1.0 + np.exp(-z))
+        return p
 
     def score(self, features: dict[str, float]) -> float:
         """P(acceptable) for one answer."""
@@ -91,12 +93,12 @@ class ConfidenceModel:
             z += w * ((mu if x is None or math.isnan(x) else x) - mu) / sd
         return 1.0 / (1.0 + math.exp(-max(min(z, 700.0), -700.0)))
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"features": self.features, "coef": self.coef, "intercept": self.intercept, "means": self.means,
                 "scales": self.scales, "n": self.n}
 
     @classmethod
-    def from_json(cls, d: dict) -> "ConfidenceModel":
+    def from_json(cls, d: dict[str, Any]) -> "ConfidenceModel":
         return cls(list(d["features"]), [float(c) for c in d["coef"]], float(d["intercept"]),
                    [float(m) for m in d["means"]], [float(s) for s in d["scales"]], int(d.get("n", 0)))
 
@@ -146,11 +148,11 @@ class ConfidenceSet:
         n = len(next(iter(feats.values())))
         return np.array([fallback_score({k: float(v[i]) for k, v in feats.items()}) for i in range(n)])
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, dict[str, dict[str, Any]]]:
         return {task: {tier: m.to_json() for tier, m in tiers.items()} for task, tiers in self.models.items()}
 
     @classmethod
-    def from_json(cls, d: dict) -> "ConfidenceSet":
+    def from_json(cls, d: dict[str, dict[str, dict[str, Any]]]) -> "ConfidenceSet":
         return cls({task: {tier: ConfidenceModel.from_json(m) for tier, m in tiers.items()} for task, tiers in d.items()})
 
 

@@ -12,10 +12,17 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
+from typing import Protocol
 
 import numpy as np
 
 DEFAULT_SIZE = 20_000  # ~300 bytes an entry (digest + prior + LRU links): ~6 MB
+
+
+class _Counter(Protocol):
+    """What the cache needs of a Prometheus counter child."""
+
+    def inc(self) -> None: ...
 
 
 def normalise(query: str) -> str:
@@ -31,7 +38,7 @@ class DecisionCache:
     """Bounded LRU of (version, task, normalised query) -> prior. `hits`/`misses` count lookups; `counters`, if
     given, is a (hits, misses) pair of Prometheus counter children incremented alongside. Size 0 disables it."""
 
-    def __init__(self, size: int | None = None, counters=None):
+    def __init__(self, size: int | None = None, counters: tuple[_Counter, _Counter] | None = None):
         self.size = default_size() if size is None else size
         if self.size < 0:
             raise ValueError(f"decision cache size must be >= 0, got {self.size}")

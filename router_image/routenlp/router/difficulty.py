@@ -30,7 +30,8 @@ class _Net(nn.Module):
         self.heads = nn.Linear(hidden, n_tiers)
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        return self.heads(self.trunk(torch.cat([x, self.task_embedding(task_ids)], dim=1)))
+        logits: torch.Tensor = self.heads(self.trunk(torch.cat([x, self.task_embedding(task_ids)], dim=1)))
+        return logits
 
 
 class DifficultyRouter:

@@ -21,9 +21,10 @@ import queue
 import re
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from .events import FeedbackEvent, RoutingEvent, label_acceptable, label_trust, random_sample_label, resolve_label
 
@@ -33,8 +34,11 @@ SEGMENT_GLOB = "events-*.jsonl"
 RETRY_DELAYS = (0.05, 0.25, 1.0)  # seconds before each retry of a failed batch write
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
+# What the writer takes: an event model, or a plain JSON object (records the trainer writes itself).
+Record = RoutingEvent | FeedbackEvent | dict[str, Any]
 
-def encode_record(event: RoutingEvent | FeedbackEvent | dict) -> tuple[bytes, bool]:
+
+def encode_record(event: Record) -> tuple[bytes, bool]:
     """One JSON line (without newline) and whether text had to be replaced. Lone surrogates (which a client can send
     as JSON escapes or non-UTF-8 header bytes) cannot be encoded as UTF-8: they become U+FFFD rather than failing."""
     try:
@@ -56,13 +60,14 @@ class EventLogWriter:
     """
 
     def __init__(self, directory: str | Path, max_queue: int = 10000, batch_size: int = 512,
-                 flush_interval: float = 0.05, segment_bytes: int = 64 << 20, on_drop=None, on_replace=None,
+                 flush_interval: float = 0.05, segment_bytes: int = 64 << 20,
+                 on_drop: Callable[[int], object] | None = None, on_replace: Callable[[int], object] | None = None,
                  retry_delays: tuple[float, ...] = RETRY_DELAYS):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.batch_size, self.flush_interval, self.segment_bytes = batch_size, flush_interval, segment_bytes
         self.retry_delays = retry_delays
-        self._q: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._q: queue.Queue[Record] = queue.Queue(maxsize=max_queue)
         self._on_drop, self._on_replace = on_drop, on_replace
         self.dropped = 0
         self.replaced = 0
@@ -80,7 +85,7 @@ class EventLogWriter:
         """Writing: the thread runs (or was stopped by close()) and the last batch reached the disk."""
         return self.failing is None and (self._thread.is_alive() or self._stop.is_set())
 
-    def submit(self, event: RoutingEvent | FeedbackEvent | dict) -> bool:
+    def submit(self, event: Record) -> bool:
         """Queue one event; False (and counted as dropped) when the queue is full. Never blocks."""
         try:
             self._q.put_nowait(event)
@@ -114,7 +119,7 @@ class EventLogWriter:
             except OSError:
                 pass
 
-    def _encode(self, batch: list) -> tuple[bytes, int]:
+    def _encode(self, batch: list[Record]) -> tuple[bytes, int]:
         """The batch's JSON lines and how many there are."""
         lines, replaced, bad = [], 0, 0
         for ev in batch:
@@ -256,7 +261,8 @@ class LabelledAttempt:
     labeller: str | None = None
 
 
-def labelled_attempts(events, require_random_sample: bool = False) -> list[LabelledAttempt]:
+def labelled_attempts(events: Iterable[RoutingEvent | FeedbackEvent],
+                      require_random_sample: bool = False) -> list[LabelledAttempt]:
     """Join feedback to the attempts it labels (feedback.tier, default the request's final tier), one label per
     (request, tier) under the precedence the router applies online (`events.resolve_label`): labels are taken in time
     order, a later one replaces the label in force only from the same or a more trusted source, and untrusted labels
