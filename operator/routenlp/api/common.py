@@ -104,6 +104,18 @@ class ApiModel(BaseModel):
         return schema
 
 
+class WireModel(BaseModel):
+    """Base of the formats operator, router and trainer exchange outside Kubernetes objects (rollout figures, router
+    state, stage summaries): camelCase on the wire, snake_case accepted too; unknown fields ignored, since the other
+    side may be a release older or newer (a rolling upgrade)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON-able form the other side reads (camelCase)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
 class ConditionStatus(str, Enum):
     TRUE = "True"
     FALSE = "False"

@@ -15,6 +15,7 @@ from typing import Any
 
 from routenlp.api import RoutingPolicy
 from routenlp.api.common import BUDGET_EXCEEDED
+from routenlp.api.figures import RolloutAnswer, VersionFigures
 
 from .status import condition
 
@@ -33,15 +34,13 @@ class CanaryStats:
     risk_labels: int | None = None  # labels violation_rate rests on (None: a router that does not say)
 
     @classmethod
-    def from_answer(cls, answer: Obj, canary: str | None = None) -> "CanaryStats | None":
+    def from_answer(cls, answer: RolloutAnswer, canary: str | None = None) -> "CanaryStats | None":
         """None when the router reports another canary than `canary` (its pods have not reloaded the config yet):
         figures of one version never decide about another."""
-        c, s = answer.get("canary") or {}, answer.get("stable") or {}
-        if canary is not None and c.get("version") not in (None, canary):
+        c, s = answer.canary or VersionFigures(), answer.stable or VersionFigures()
+        if canary is not None and c.version not in (None, canary):
             return None
-        labels = c.get("riskLabels")
-        return cls(int(c.get("requests") or 0), c.get("violationRate"), c.get("acceptanceRate"),
-                   s.get("acceptanceRate"), None if labels is None else int(labels))
+        return cls(c.requests or 0, c.violation_rate, c.acceptance_rate, s.acceptance_rate, c.risk_labels)
 
 
 def _event(version: str, action: str, reason: str, now: str) -> Obj:
@@ -133,22 +132,22 @@ def _clean(st: Obj) -> Obj:
 
 
 # ---------------------------------------------------------------- the router's figures and the budget
-def observed_figures(answer: Obj) -> Obj:
+def observed_figures(answer: RolloutAnswer) -> Obj:
     """Status fields from the router's answer: the stable version's costReduction / escalationRate / violationRate,
     its `escalations` count (what a campaign's trigger.minFailures compares) and the policy's spentUsd24h."""
-    stable = (answer or {}).get("stable") or {}
-    out: Obj = {k: float(stable[k]) for k in ("costReduction", "escalationRate", "violationRate")
-                if isinstance(stable.get(k), (int, float))}
-    if isinstance(stable.get("escalations"), (int, float)):
-        out["escalations"] = int(stable["escalations"])
-    if isinstance(stable.get("version"), str):
-        out["figuresVersion"] = stable["version"]
-    chains = stable.get("chains")
-    if isinstance(chains, dict) and all(isinstance(v, list) for v in chains.values()):
-        out["chains"] = [{"task": str(t), "tiers": [str(x) for x in tiers]} for t, tiers in sorted(chains.items())]
+    stable = answer.stable or VersionFigures()
+    rates = {"costReduction": stable.cost_reduction, "escalationRate": stable.escalation_rate,
+             "violationRate": stable.violation_rate}
+    out: Obj = {k: v for k, v in rates.items() if v is not None}
+    if stable.escalations is not None:
+        out["escalations"] = stable.escalations
+    if stable.version is not None:
+        out["figuresVersion"] = stable.version
+    if stable.chains is not None:
+        out["chains"] = [{"task": t, "tiers": tiers} for t, tiers in sorted(stable.chains.items())]
         out["chainSummary"] = "; ".join(f"{c['task']}: {'>'.join(c['tiers'])}" for c in out["chains"])
-    if isinstance((answer or {}).get("spentUsd24h"), (int, float)):
-        out["spentUsd24h"] = round(float(answer["spentUsd24h"]), 6)
+    if answer.spent_usd_24h is not None:
+        out["spentUsd24h"] = round(answer.spent_usd_24h, 6)
     return out
 
 

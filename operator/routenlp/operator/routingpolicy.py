@@ -20,7 +20,7 @@ from routenlp.api import GROUP, VERSION, ModelTier, RoutingPolicy
 from routenlp.api.common import (
     AUTH_SECRETS_FOUND, BUDGET_EXCEEDED, READY, ROUTER_READY, TIERS_READY, TIERS_RESOLVED, now_rfc3339,
 )
-from routenlp.api.figures import merge as merge_figures
+from routenlp.api.figures import RolloutAnswer, merge as merge_figures
 from routenlp.api.router_config import RouterAuth, RouterConfig, RouterVersions, TierEndpoint
 from routenlp.api.routingpolicy import ALL_NAMESPACES
 
@@ -403,10 +403,11 @@ async def reconcile_policy(body: Any, observe: bool = False) -> str | None:
             return await _reconcile_policy(fresh, ns, name, observe)
 
 
-async def router_figures(policy: RoutingPolicy, ns: str) -> Obj:
+async def router_figures(policy: RoutingPolicy, ns: str) -> RolloutAnswer:
     """The router's /routenlp/rollout answer for the whole gateway: each ready router pod is asked directly and the
     counts are summed (api.figures.merge), since one call through the Service reaches one replica only. Without
-    ready router pods (or none answering), the Service is asked."""
+    ready router pods (or none answering), the Service is asked. A malformed answer raises (pydantic's
+    ValidationError): the caller reads no figures this time, as for a router that cannot be reached."""
     name = policy.metadata.name
     pods = await kube().list("Pod", ns, selector_string(selector_labels("router", name)))
     ips = [p["status"]["podIP"] for p in pods if pod_ready(p) and (p.get("status") or {}).get("podIP")]
@@ -417,9 +418,10 @@ async def router_figures(policy: RoutingPolicy, ns: str) -> Obj:
         except Exception as exc:  # a pod restarting: the others still count
             log.info("router pod %s of %s/%s unavailable: %s", ip, ns, name, exc)
     if answers:
-        return merge_figures(answers)
+        return merge_figures([RolloutAnswer.model_validate(a) for a in answers])
     service = f"{policy_names(name)['service']}.{ns}.svc"
-    return await RT.pod_http.get_json(f"{router_admin_url(policy, service)}/routenlp/rollout")
+    url = f"{router_admin_url(policy, service)}/routenlp/rollout"
+    return RolloutAnswer.model_validate(await RT.pod_http.get_json(url))
 
 
 async def _resolve_tiers(policy: RoutingPolicy, ns: str) -> tuple[list[ModelTier], list[str], list[str], list[str]]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from routenlp.api.figures import COUNT_ATTRS, rates
+from routenlp.api.figures import COUNT_ATTRS, Counts, RolloutAnswer, VersionFigures, rates
 from routenlp.api.routingpolicy import RiskMeasure
 
 SPEND_BUCKET_SECONDS = 60
@@ -33,15 +33,12 @@ class VersionCounts:
     spent_usd: float = 0.0
     reference_cost_usd: float = 0.0
 
-    def counts(self) -> dict[str, float]:
-        return {name: getattr(self, attr) for name, attr in COUNT_ATTRS.items()}
+    def counts(self) -> Counts:
+        return Counts(**{attr: getattr(self, attr) for attr in COUNT_ATTRS.values()})
 
-    def figures(self, risk_measure: str) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "since": datetime.fromtimestamp(self.since, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            **rates(self.counts(), risk_measure),
-        }
+    def figures(self, risk_measure: str, chains: dict[str, list[str]] | None = None) -> VersionFigures:
+        since = datetime.fromtimestamp(self.since, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return rates(self.counts(), risk_measure, version=self.version, since=since, chains=chains)
 
 
 
@@ -139,7 +136,7 @@ class RolloutFigures:
         """The counters of the kept versions and the 24 h spend buckets, as JSON-able data."""
         now = self.clock()
         self.spend.total(now)  # prune
-        return {"versions": {v: {"since": c.since, **c.counts()} for v, c in self.versions.items()},
+        return {"versions": {v: {"since": c.since, **c.counts().wire()} for v, c in self.versions.items()},
                 "spend": {str(b): usd for b, usd in self.spend.buckets.items()}}
 
     def absorb(self, snap: dict[str, Any], sign: int = 1) -> None:
@@ -157,10 +154,14 @@ class RolloutFigures:
             b = int(bucket)
             self.spend.buckets[b] = self.spend.buckets.get(b, 0.0) + sign * float(usd)
 
-    def answer(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"spentUsd24h": round(self.spend.total(self.clock()), 9)}
-        for role, version in (("stable", self.stable), ("canary", self.canary)):
+    def report(self) -> RolloutAnswer:
+        def block(version: str | None) -> VersionFigures | None:
             c = self._counts(version)
-            out[role] = None if c is None else {**c.figures(self.risk_measure),
-                                                **({"chains": self.chains[version]} if version in self.chains else {})}
-        return out
+            return None if c is None else c.figures(self.risk_measure, self.chains.get(c.version))
+
+        return RolloutAnswer(stable=block(self.stable), canary=block(self.canary),
+                             spent_usd_24h=round(self.spend.total(self.clock()), 9))
+
+    def answer(self) -> dict[str, Any]:
+        """What `GET /routenlp/rollout` serves (api.figures)."""
+        return self.report().wire()

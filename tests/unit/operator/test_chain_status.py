@@ -13,9 +13,10 @@ def test_router_serves_the_chains_of_each_version_and_the_operator_shows_them():
     answer = f.answer()
     assert answer["stable"]["chains"] == {"intent": ["small", "big"], "chat": ["big"]}
     assert answer["canary"]["chains"]["intent"] == ["big"]
-    merged = merge([answer, answer])
+    both = merge([f.report(), f.report()])
+    merged = both.wire()
     assert merged["stable"]["chains"] == answer["stable"]["chains"] and merged["stable"]["pods"] == 2
-    status = observed_figures(merged)
+    status = observed_figures(both)
     assert status["chains"] == [{"task": "chat", "tiers": ["big"]}, {"task": "intent", "tiers": ["small", "big"]}]
     assert status["chainSummary"] == "chat: big; intent: small>big"
 
@@ -23,5 +24,5 @@ def test_router_serves_the_chains_of_each_version_and_the_operator_shows_them():
 def test_routers_from_before_chains_leave_the_status_alone():
     f = RolloutFigures(clock=lambda: 1000.0)
     f.set_versions("v1", None)
-    status = observed_figures(merge([f.answer()]))
+    status = observed_figures(merge([f.report()]))
     assert "chains" not in status and "chainSummary" not in status

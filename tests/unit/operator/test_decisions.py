@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from routenlp.api import DistillationCampaign, RoutingPolicy
+from routenlp.api.figures import RolloutAnswer
 from routenlp.operator import campaign_flow as cm
 from routenlp.operator import rollout, status
 from routenlp.operator.adapters import WantedAdapter, adapter_path, reconcile_adapters, wanted_adapters
@@ -179,7 +180,8 @@ def test_rollout_waits_for_min_labels_before_deciding_on_the_violation_rate():
     drop = rollout.decide(p, st, "v2", rollout.CanaryStats(900, None, 0.5, 0.9, 0), NOW)[0]
     assert drop["history"][-1]["reason"] == "AcceptanceDropped"
     # the figure comes from the router's answer
-    ans = {"canary": {"version": "v2", "requests": 900, "violationRate": 0.0, "riskLabels": 12}, "stable": {}}
+    ans = RolloutAnswer.model_validate({"canary": {"version": "v2", "requests": 900, "violationRate": 0.0,
+                                                   "riskLabels": 12}, "stable": {}})
     assert rollout.CanaryStats.from_answer(ans, "v2").risk_labels == 12
 
 

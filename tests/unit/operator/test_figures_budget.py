@@ -6,14 +6,15 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from routenlp.api import DistillationCampaign, RoutingPolicy
+from routenlp.api.figures import RolloutAnswer
 from routenlp.operator import campaign_flow as cm
 from routenlp.operator import rollout, routingpolicy
 
 API = "routenlp.io/v1alpha1"
 NOW = datetime(2026, 11, 27, 12, tzinfo=timezone.utc)
-ANSWER = {"stable": {"version": "v1", "requests": 900, "acceptanceRate": 0.6, "violationRate": 0.02,
+ANSWER = RolloutAnswer.model_validate({"stable": {"version": "v1", "requests": 900, "acceptanceRate": 0.6, "violationRate": 0.02,
                      "escalationRate": 0.35, "costReduction": 0.46, "escalations": 315},
-          "canary": None, "spentUsd24h": 12.3456789}
+          "canary": None, "spentUsd24h": 12.3456789})
 
 
 def policy(budget=None) -> RoutingPolicy:
@@ -35,7 +36,8 @@ def test_observed_figures_take_the_stable_block_and_the_spend():
                                                 "violationRate": 0.02, "escalations": 315, "spentUsd24h": 12.345679,
                                                 "figuresVersion": "v1"}
     # no labels yet: violationRate null is left out, not written as 0
-    assert rollout.observed_figures({"stable": {"violationRate": None, "requests": 0}}) == {}
+    no_labels = RolloutAnswer.model_validate({"stable": {"violationRate": None, "requests": 0}})
+    assert rollout.observed_figures(no_labels) == {}
 
 
 def test_escalation_trigger_fires_on_rate_and_failures_and_says_why_not():
@@ -83,8 +85,10 @@ def test_budget_condition_and_events():
 
 
 def test_canary_figures_of_another_version_are_ignored():
-    answer = {"canary": {"version": "v3", "requests": 900, "violationRate": 0.5, "acceptanceRate": 0.1},
-              "stable": {"version": "v1", "acceptanceRate": 0.7}}
+    answer = RolloutAnswer.model_validate({
+        "canary": {"version": "v3", "requests": 900, "violationRate": 0.5, "acceptanceRate": 0.1},
+        "stable": {"version": "v1", "acceptanceRate": 0.7}})
     assert rollout.CanaryStats.from_answer(answer, "v2") is None  # pods still serve the previous canary
     assert rollout.CanaryStats.from_answer(answer, "v3") == rollout.CanaryStats(900, 0.5, 0.1, 0.7)
-    assert rollout.CanaryStats.from_answer({"canary": {"requests": 5}}, "v2").requests == 5  # unnamed: trusted
+    unnamed = RolloutAnswer.model_validate({"canary": {"requests": 5}})
+    assert rollout.CanaryStats.from_answer(unnamed, "v2").requests == 5  # unnamed: trusted

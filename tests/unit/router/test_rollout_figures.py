@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from routenlp.api.figures import merge
+from routenlp.api.figures import RolloutAnswer, merge
 from routenlp.router.figures import RolloutFigures, SpendWindow
 
 from .live import request
@@ -94,7 +94,7 @@ def test_merge_sums_counts_and_recomputes_rates():
                     "escalations": 60, "labelled": 30, "violations": 1, "spentUsd": 3.0, "referenceCostUsd": 4.0},
          "canary": {"version": "v2", "requests": 7, "accepted": 7, "escalations": 0, "labelled": 0,
                     "violations": 0, "spentUsd": 0.1, "referenceCostUsd": 1.0}, "spentUsd24h": 3.1}
-    m = merge([a, b])
+    m = merged(a, b)
     s = m["stable"]
     assert (s["requests"], s["escalations"], s["pods"], s["since"]) == (400, 100, 2, "2026-01-01T00:00:00Z")
     assert (s["acceptanceRate"], s["escalationRate"], s["violationRate"]) == (0.75, 0.25, 0.05)
@@ -103,8 +103,13 @@ def test_merge_sums_counts_and_recomputes_rates():
     # under allRequests the merged rate is over the random-sample labels of all pods
     for blk, (n, v) in ((a["stable"], (20, 1)), (b["stable"], (30, 4))):
         blk.update(riskMeasure="allRequests", sampled=n, sampledViolations=v)
-    s = merge([a, b])["stable"]
+    s = merged(a, b)["stable"]
     assert (s["riskMeasure"], s["sampled"], s["violationRate"]) == ("allRequests", 50, 0.1)
+
+
+def merged(*answers):
+    """`merge` over the pods' answers as the operator receives them (JSON)."""
+    return merge([RolloutAnswer.model_validate(a) for a in answers]).wire()
 
 
 def test_rollout_endpoint_over_http(stack_factory, tmp_path):
