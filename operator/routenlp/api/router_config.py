@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field
 
-from .common import ApiModel
+from .common import ApiModel, WireModel
 from .modeltier import TierCost
 from .routingpolicy import Cascade, Task
 
@@ -42,6 +42,27 @@ class RouterAuth(ApiModel):
                                       "never moves a threshold.")
     client_keys_dir: str | None = Field(default=None, description="Client API keys: when set, `/v1/*` requires one "
                                         "(`Authorization: Bearer`); the client's name is recorded in routing events.")
+
+
+class RouterState(WireModel):
+    """The `<policy>-router-state` file (`RouterConfig.state_path`): switches the operator flips without restarting
+    the routers. Unknown keys are ignored (an operator newer than the router may add switches)."""
+
+    prefer_cheaper: bool = Field(default=False, description="The budget's PreferCheaper switch: every request starts "
+                                 "at the cheapest tier.")
+
+    @classmethod
+    def parse_yaml(cls, text: str) -> "RouterState":
+        """The state in `text` (empty: the defaults); raises ValueError (pydantic's ValidationError among them) on
+        text that is not such a mapping."""
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"not YAML: {exc}") from exc
+        return cls() if doc is None else cls.model_validate(doc)
+
+    def dump_yaml(self) -> str:
+        return str(yaml.safe_dump(self.wire()))
 
 
 class RouterConfig(ApiModel):

@@ -13,7 +13,6 @@ import hashlib
 from typing import Any
 
 import kopf
-import yaml
 from pydantic import ValidationError
 
 from routenlp.api import GROUP, VERSION, ModelTier, RoutingPolicy
@@ -21,7 +20,7 @@ from routenlp.api.common import (
     AUTH_SECRETS_FOUND, BUDGET_EXCEEDED, READY, ROUTER_READY, TIERS_READY, TIERS_RESOLVED, now_rfc3339,
 )
 from routenlp.api.figures import RolloutAnswer, merge as merge_figures
-from routenlp.api.router_config import RouterAuth, RouterConfig, RouterVersions, TierEndpoint
+from routenlp.api.router_config import RouterAuth, RouterConfig, RouterState, RouterVersions, TierEndpoint
 from routenlp.api.routingpolicy import ALL_NAMESPACES
 
 from .campaign_flow import router_offer
@@ -300,7 +299,7 @@ def router_state_configmap(policy: RoutingPolicy, owner: Obj, namespace: str, pr
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": metadata(policy_names(name)["state"], namespace, owner, labels("router", name, policy=name)),
-        "data": {ROUTER_STATE_KEY: yaml.safe_dump({"preferCheaper": bool(prefer_cheaper)})},
+        "data": {ROUTER_STATE_KEY: RouterState(prefer_cheaper=prefer_cheaper).dump_yaml()},
     }
 
 

@@ -13,9 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
-from routenlp.api.router_config import RouterConfig, RouterVersions
+from routenlp.api.router_config import RouterConfig, RouterState, RouterVersions
 
 from .artifacts import RouterArtifact, latest_version, load_artifact
 from .cascade import canary_bucket
@@ -107,11 +105,11 @@ class OperatorSwitches:
             return False
         self._text = text
         try:
-            doc = yaml.safe_load(text) or {}
-        except yaml.YAMLError:
-            log.warning("router state %s is not YAML; keeping the defaults", self.path)
-            doc = {}
-        cheaper = bool(doc.get("preferCheaper", False)) if isinstance(doc, dict) else False
+            state = RouterState.parse_yaml(text)
+        except ValueError as exc:
+            log.warning("router state %s unreadable (%s); back to the defaults", self.path, exc)
+            state = RouterState()
+        cheaper = state.prefer_cheaper
         if cheaper != self.prefer_cheaper:
             log.info("preferCheaper %s (budget)", "on: every request starts at the cheapest tier" if cheaper else "off")
         self.prefer_cheaper = cheaper
