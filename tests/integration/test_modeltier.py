@@ -120,6 +120,23 @@ def test_bad_spec_gives_condition_and_event(cluster):
     wait_for(lambda: cluster.api.get(f"{DEP}/namespaces/{ns}/deployments/broken"), what="deployment after fix")
 
 
+def test_bad_resource_quantity_is_invalid_spec_before_any_object(cluster):
+    """The CRD types quantities as strings; the operator parses them (kubernetes client) before building the
+    Deployment, so a typo is the tier's InvalidSpec naming the field, not an API server refusal in its log."""
+    ns = "mt-quantity"
+    bad = tier("typo", engine={"model": "Qwen/Qwen2.5-0.5B-Instruct", "resources": {"cpu": "2", "memory": "32GB "}})
+    cluster.api.create(cluster.cr_path("modeltiers", ns), bad)
+    cond = wait_for(lambda: cluster.condition("modeltiers", ns, "typo"), what="InvalidSpec condition")
+    assert cond["status"] == "False" and cond["reason"] == "InvalidSpec"
+    assert "spec.engine.resources.memory: not a Kubernetes resource quantity (got '32GB ')" in cond["message"]
+    ev = wait_for(lambda: [e for e in cluster.events(ns, "typo") if e["reason"] == "InvalidSpec"], what="event")
+    assert ev[0]["type"] == "Warning" and "spec.engine.resources.memory" in ev[0]["message"]
+    assert cluster.api.get(f"{DEP}/namespaces/{ns}/deployments/typo") is None
+    cluster.api.patch(cluster.cr_path("modeltiers", ns, "typo"), {"spec": {"engine": {"resources": {"memory": "32Gi"}}}})
+    dep = wait_for(lambda: cluster.api.get(f"{DEP}/namespaces/{ns}/deployments/typo"), what="deployment after fix")
+    assert dep["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "32Gi"
+
+
 def test_external_tier_checks_secret(cluster):
     ns = "mt-external"
     cluster.api.create(cluster.cr_path("modeltiers", ns), external_tier("frontier"))

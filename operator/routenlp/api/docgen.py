@@ -126,7 +126,9 @@ def render_markdown() -> str:
         "`routenlp validate -f FILE|DIR` runs the same checks offline, with the same messages.",
         "",
         "Beyond what the API server can check, `routenlp validate` also reports: RoutingPolicy task `match.patterns` "
-        "that are not valid Python regular expressions, a request `model` value claimed by two tasks; and across the "
+        "that are not valid Python regular expressions, a request `model` value claimed by two tasks, resource "
+        "quantities (`cpu`, `memory`, `shmSize`) the Kubernetes quantity grammar refuses (the operator reports those "
+        "as `InvalidSpec` too, before it builds any object); and across the "
         "documents given together: policies naming tiers not defined there (warning), tiers not ordered cheapest "
         "first (warning), campaigns whose student or teacher is not a tier of their policy, whose student is an "
         "external tier or accepts no campaign adapters (warning), or whose `lora.r` exceeds the student's "

@@ -26,6 +26,11 @@ from routenlp.api.common import SpecError
 from routenlp.api.crdgen import openapi_schema, prune_nulls
 from routenlp.api.docgen import constraints
 
+try:  # the kubernetes client parses resource quantities: the operator extra has it, the router and trainer images not
+    from routenlp.operator.quantities import problems as quantity_problems
+except ImportError:
+    quantity_problems = None
+
 Segment = str | int
 YAML_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -213,7 +218,10 @@ def _check_routenlp(doc: Document) -> list[Finding]:
                 message, fix = _explain(doc.kind, err, segments)
                 findings.append(doc.finding("error", segments, message, fix))
         return findings
-    return []
+    if quantity_problems is None:
+        return [doc.finding("note", "", "resource quantities (cpu, memory, shmSize) not checked: install "
+                                        "routenlp[operator] for the kubernetes client that parses them")]
+    return [doc.finding("error", p.path, p.message, p.fix) for p in quantity_problems(doc.model)]
 
 
 def _check_other(doc: Document, kube_version: str | None) -> list[Finding]:

@@ -27,6 +27,7 @@ from .meta import (
     scratch_volumes, short_name, tier_endpoint,
 )
 from .modeltier import reconcile_tier
+from .quantities import checked
 from .routingpolicy import CAMPAIGN_POLICY_LABEL, DATA_DIR, events_claim, reconcile_policy
 from .runtime import RT, doc, emit, invalid, kube, settle, timed, transition_events, write_status
 from .status import condition, merge_conditions
@@ -319,7 +320,7 @@ async def _reconcile_campaign(body: Obj, ns: str, name: str) -> tuple[tuple[str,
     """(the policy and student tier to reconcile next, or None; the message of an invalid spec, or None)."""
     api = kube()
     try:
-        campaign = DistillationCampaign.model_validate(doc(body))
+        campaign = checked(DistillationCampaign.model_validate(doc(body)))
     except (ValidationError, ValueError) as exc:
         return None, await invalid("DistillationCampaign", body, exc)
     gen = body["metadata"].get("generation")

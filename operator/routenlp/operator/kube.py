@@ -3,6 +3,8 @@
 Writes are server-side apply with one field manager, so re-applying the same object is a no-op and fields a user
 changed on an owned object are taken back (drift repair) while fields the operator never set stay the user's.
 Credentials come from kopf's login (the same ConnectionInfo kopf uses), so there is one place that authenticates.
+Hand-written, not the `kubernetes` package's client: that one is synchronous and would block kopf's event loop (the
+operator uses the package for what needs no I/O: quantities.py).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from .meta import (
     restricted_security_context, scratch_env, scratch_volumes, selector_labels, selector_string, short_name, tcp,
     tier_endpoint,
 )
+from .quantities import checked
 from .routingpolicy import wake_policies
 from .runtime import (
     NOT_PERMITTED, RT, doc, invalid, kube, network_peers, not_permitted, secret_keys, settle, timed,
@@ -237,7 +238,7 @@ async def _reconcile_tier(body: Any, ns: str, name: str) -> tuple[Obj | None, st
     """(the status written, None), or (None, the message) for an invalid spec."""
     api = kube()
     try:
-        tier = ModelTier.model_validate(doc(body))
+        tier = checked(ModelTier.model_validate(doc(body)))
     except (ValidationError, ValueError) as exc:
         metrics.MODELTIER_READY.labels(ns, name).set(0)
         return None, await invalid("ModelTier", body, exc)

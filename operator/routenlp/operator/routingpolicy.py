@@ -29,6 +29,7 @@ from .meta import (
     pod_security_context, restricted_security_context, scratch_env, scratch_volumes, selector_labels,
     selector_string, short_name, tcp, tier_endpoint,
 )
+from .quantities import checked
 from .rollout import CanaryStats, budget_condition, decide, observed_figures, prefer_cheaper
 from .runtime import (
     NOT_PERMITTED, RT, doc, emit, invalid, kube, log, network_peers, not_permitted, secret_keys, settle, timed,
@@ -435,7 +436,7 @@ async def _resolve_tiers(policy: RoutingPolicy, ns: str) -> tuple[list[ModelTier
             missing.append(ref.name)
             continue
         try:
-            tiers.append(ModelTier.model_validate(doc(t)))
+            tiers.append(checked(ModelTier.model_validate(doc(t))))  # as the tier's own InvalidSpec
         except (ValidationError, ValueError):
             invalid_.append(ref.name)
             continue
@@ -478,7 +479,7 @@ async def _observe_router(policy: RoutingPolicy, ns: str, router_old: Obj, statu
 async def _reconcile_policy(body: Obj, ns: str, name: str, observe: bool) -> str | None:
     api = kube()
     try:
-        policy = RoutingPolicy.model_validate(doc(body))
+        policy = checked(RoutingPolicy.model_validate(doc(body)))
     except (ValidationError, ValueError) as exc:
         return await invalid("RoutingPolicy", body, exc)
     gen = body["metadata"].get("generation")

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from routenlp.api import GROUP, VERSION, ModelTier, RoutingPolicy
 
+from .quantities import checked
 from .routingpolicy import ROUTER_LABEL, router_container, router_volumes
 from .runtime import doc
 
@@ -68,7 +69,7 @@ def inject_router(body: kopf.Body, patch: kopf.Patch, policies_by_name: kopf.Ind
     if found is None:
         raise kopf.AdmissionError(f"RoutingPolicy {pname!r} not found in namespace {ns!r}", code=400)
     try:
-        policy = RoutingPolicy.model_validate(found)
+        policy = checked(RoutingPolicy.model_validate(found))  # the pod would be refused for a bad quantity
     except (ValidationError, ValueError) as exc:
         raise kopf.AdmissionError(f"RoutingPolicy {pname!r} is invalid: {exc}", code=400)
     if policy.spec.deployment.mode != "sidecar":

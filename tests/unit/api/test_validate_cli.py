@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 
+from routenlp.cli import validate
 from routenlp.cli.validate import main, parse_path, render_path, validate_texts
 
 TIERS = """
@@ -201,6 +202,19 @@ def test_other_kinds_are_checked_or_skipped_with_a_note():
     got = {(f.source, f.severity, f.path) for f in findings}
     assert got == {("f0.yaml", "error", "spec.ports[0].port"), ("f1.yaml", "note", ""),
                    ("f2.yaml", "error", "apiVersion"), ("f3.yaml", "error", "kind")}
+
+
+def test_resource_quantities_name_the_field_line_and_form(monkeypatch):
+    """The operator's check (the kubernetes client's quantity parser), offline; skipped with a note without it."""
+    tiers = TIERS.replace("engine: {model: org/small}", "engine:\n    model: org/small\n    resources:\n"
+                          "      cpu: two\n      memory: 32GB\n      shmSize: 1Gi")
+    policy = POLICY + "  deployment: {memory: 1 Gi}\n"
+    errors = [f for f in run(tiers, policy) if f.severity == "error"]
+    assert [(f.path, f.line) for f in errors] == [
+        ("spec.engine.resources.cpu", 11), ("spec.engine.resources.memory", 12), ("spec.deployment.memory", 8)]
+    assert "(got 'two')" in errors[0].message and "500m" in errors[0].fix and "32Gi" in errors[1].fix
+    monkeypatch.setattr(validate, "quantity_problems", None)
+    assert {(f.severity, f.document) for f in run(tiers)} == {("note", 1), ("note", 2)}
 
 
 def test_unknown_field_suggests_the_close_name():
