@@ -1,4 +1,4 @@
-"""Prometheus metrics of the operator (names agreed in notes/metrics.md)."""
+"""Prometheus metrics of the operator (names and labels documented in docs/operations.md, "Metrics and alerts")."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The exact Kubernetes API permissions the operator uses, as data (the Helm chart renders its ClusterRole from it).
 
-Each entry is (apiGroups, resources, verbs) in ClusterRole rule form. tests/integration/test_rbac.py records every
+Each entry is (apiGroups, resources, verbs) in ClusterRole rule form. tests/integration/test_zz_rbac.py records every
 request the real operator (kopf and our own client) makes against the emulator and proves each is allowed by RULES,
 and that every verb listed here was used, so the list is sufficient and no wider than needed. Server-side apply of an
 object that does not exist yet needs `create` besides `patch`.

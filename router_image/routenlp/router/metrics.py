@@ -1,4 +1,5 @@
-"""Prometheus metrics of one router (names agreed in notes/metrics.md). Each app gets its own registry."""
+"""Prometheus metrics of one router (names and labels documented in docs/operations.md, "Metrics and alerts"). Each
+app gets its own registry."""
 
 from __future__ import annotations
 

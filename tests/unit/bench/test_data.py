@@ -56,7 +56,7 @@ def test_convert_cli_on_the_real_data(shared_data, tmp_path, capsys):
     o = load_outcomes(out)
     assert len(o.models) == 8 and 280 <= o.n <= 300
     assert o.models[o.reference] == "gemini-1.5-pro-002"  # the dearest on average
-    # Third-party numbers (SOURCE.md): accuracies differ widely by model; pro beats the small open models.
+    # Third-party numbers (the data set's SOURCE.md): accuracies differ widely by model; pro beats the small open models.
     acc = dict(zip(o.models, o.quality.mean(0)))
     assert acc["gemini-1.5-pro-002"] > acc["Mistral-7B-Instruct-v0.2"] + 0.1
     fb = tmp_path / "fb.csv"
