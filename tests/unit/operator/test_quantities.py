@@ -7,10 +7,12 @@ import copy
 from decimal import Decimal
 from pathlib import Path
 
+import kopf
 import pytest
 import yaml
 
 from routenlp.api import KINDS
+from routenlp.operator import webhook
 from routenlp.operator.quantities import checked, parse, problems
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -82,3 +84,12 @@ def test_checked_passes_a_good_resource_and_raises_naming_every_bad_field():
         checked(example("ModelTier", **{"engine.resources": {"cpu": "two", "shmSize": "2GB"}}))
     assert "spec.engine.resources.cpu: not a Kubernetes resource quantity (got 'two')" in str(err.value)
     assert "spec.engine.resources.shmSize" in str(err.value) and "e.g. 32Gi" in str(err.value)
+
+
+def test_the_sidecar_webhook_refuses_a_pod_whose_policy_has_a_bad_quantity():
+    """The injected router would carry the quantity, and the API server would refuse the pod with no field named."""
+    policy = example("RoutingPolicy", **{"deployment.mode": "sidecar", "deployment.memory": "1GB"})
+    index = {("ns", policy.metadata.name): [policy.model_dump(mode="json", by_alias=True, exclude_none=True)]}
+    pod = {"metadata": {"namespace": "ns", "labels": {"routenlp.io/policy": policy.metadata.name}}, "spec": {}}
+    with pytest.raises(kopf.AdmissionError, match="spec.deployment.memory: not a Kubernetes resource quantity"):
+        webhook.inject_router(pod, kopf.Patch(), index, {}, "ns")
