@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from pydantic import ValidationError
+
 from routenlp.api import DistillationCampaign, parse_duration
 from routenlp.api.common import READY
+from routenlp.api.stage import StageResult
 
 from .rollout import parse_time
 from .status import condition
@@ -65,13 +68,6 @@ def parse_summary(message: str) -> Obj:
             if isinstance(value, dict):
                 return value
     return {}
-
-
-def _get(d: Obj, *names: str) -> Any:
-    for n in names:
-        if n in d:
-            return d[n]
-    return None
 
 
 def job_result(job: Obj, pods: list[Obj]) -> JobResult:
@@ -223,12 +219,12 @@ def _next_stage(stage: str) -> str:
             "RetrainingRouter": "RollingOut"}[stage]
 
 
-def gate(campaign: DistillationCampaign, metrics: Obj, summary: Obj) -> tuple[bool, str]:
+def gate(campaign: DistillationCampaign, metrics: Obj, result: StageResult) -> tuple[bool, str]:
     g = campaign.spec.evaluation
     gain, regression = metrics.get("qualityGain"), metrics.get("regression")
     if gain is None:
-        passed = summary.get("passed")
-        return bool(passed), "evaluate reported passed" if passed else "evaluate reported no quality figures"
+        passed = bool(result.passed)
+        return passed, "evaluate reported passed" if passed else "evaluate reported no quality figures"
     if gain < g.min_quality_gain:
         return False, f"quality gain {gain:.4f} < minQualityGain {g.min_quality_gain}"
     if regression is not None and regression > g.max_regression:
@@ -236,56 +232,54 @@ def gate(campaign: DistillationCampaign, metrics: Obj, summary: Obj) -> tuple[bo
     return True, f"quality gain {gain:.4f} >= {g.min_quality_gain}"
 
 
-def _record(status: Obj, stage: str, summary: Obj, campaign: DistillationCampaign) -> tuple[bool, str]:
-    """Fold a stage's summary into status; (continue?, message)."""
+def stage_result(message: str) -> StageResult:
+    """A stage's result from its container's message. A summary whose fields do not validate counts as no summary
+    (the stage reported nothing the operator can use), never as a failed reconcile."""
+    try:
+        return StageResult.of(parse_summary(message))
+    except ValidationError:
+        return StageResult()
+
+
+def _record(status: Obj, stage: str, result: StageResult, campaign: DistillationCampaign) -> tuple[bool, str]:
+    """Fold a stage's result into status; (continue?, message)."""
     if stage == "Clustering":
-        raw = _get(summary, "clusters")
-        clusters = [{"id": int(_get(c, "id") or i), "size": int(_get(c, "size") or 0),
-                     "costUsd": float(_get(c, "costUsd", "cost_usd") or 0.0),
-                     **({"escalationRate": float(_get(c, "escalationRate", "escalation_rate"))}
-                        if _get(c, "escalationRate", "escalation_rate") is not None else {}),
-                     "examples": [str(e)[:200] for e in (_get(c, "examples") or [])[:3]]}
+        raw = result.clusters
+        clusters = [{"id": c.id or i, "size": c.size or 0, "costUsd": c.cost_usd or 0.0,
+                     **({"escalationRate": c.escalation_rate} if c.escalation_rate is not None else {}),
+                     "examples": [str(e)[:200] for e in (c.examples or [])[:3]]}
                     for i, c in enumerate(raw if isinstance(raw, list) else [])]
-        count = len(clusters) if isinstance(raw, list) else int(raw or 0)  # the trainer may report a count only
+        count = len(clusters) if isinstance(raw, list) else raw or 0  # the trainer may report a count only
         status["clusters"] = clusters[: campaign.spec.clustering.top_clusters]
         entry = current_round(status)
-        if _get(summary, "failures") is not None:
-            entry["failures"] = int(_get(summary, "failures"))
+        if result.failures is not None:
+            entry["failures"] = result.failures
         if status["clusters"]:
             entry["targetedCostUsd"] = round(sum(c["costUsd"] for c in status["clusters"]), 8)
         if not count:
             return False, "no clusters of escalation failures to distill"
         return True, f"{count} clusters"
     if stage == "Distilling":
-        adapter = _get(summary, "adapter")
-        if isinstance(adapter, dict):
-            adapter = f"{adapter.get('name')}@{adapter.get('source') or adapter.get('uri')}"
-        if adapter:
-            status["adapter"] = current_round(status)["adapter"] = adapter
-        return True, f"adapter {adapter}" if adapter else "distilled"
+        if result.adapter:
+            status["adapter"] = current_round(status)["adapter"] = result.adapter
+        return True, f"adapter {result.adapter}" if result.adapter else "distilled"
     if stage == "Evaluating":
-        before = _get(summary, "qualityBefore", "quality_before")
-        after = _get(summary, "qualityAfter", "quality_after")
-        m = {"qualityBefore": before, "qualityAfter": after,
-             "qualityGain": _get(summary, "qualityGain", "quality_gain"),
-             "regression": _get(summary, "regression"),
-             "teacherQuality": _get(summary, "teacherQuality", "teacher_quality")}
-        if m["qualityGain"] is None and before is not None and after is not None:
-            m["qualityGain"] = round(float(after) - float(before), 6)
+        before, after, gain = result.quality_before, result.quality_after, result.quality_gain
+        if gain is None and before is not None and after is not None:
+            gain = round(after - before, 6)
+        m = {"qualityBefore": before, "qualityAfter": after, "qualityGain": gain, "regression": result.regression,
+             "teacherQuality": result.teacher_quality}
         status["metrics"] = {k: v for k, v in m.items() if v is not None}
         entry = current_round(status)
         entry.update({k: status["metrics"][k] for k in ("qualityAfter", "qualityGain") if k in status["metrics"]})
-        return gate(campaign, status["metrics"], summary)
+        return gate(campaign, status["metrics"], result)
     if stage == "RetrainingRouter":
-        version = _get(summary, "routerVersion", "router_version", "version")
-        adapter = _get(summary, "adapter")
-        if isinstance(adapter, dict):
-            adapter = f"{adapter.get('name')}@{adapter.get('source') or adapter.get('uri')}"
+        version = result.router_version
         entry = current_round(status)
-        if adapter:
-            status["adapter"] = entry["adapter"] = adapter
+        if result.adapter:
+            status["adapter"] = entry["adapter"] = result.adapter
         if version:
-            status["routerVersion"] = entry["routerVersion"] = str(version)
+            status["routerVersion"] = entry["routerVersion"] = version
         return True, f"router version {version}" if version else "published"
     return True, ""
 
@@ -327,9 +321,7 @@ def advance(campaign: DistillationCampaign, status: Obj, jobs: list[JobResult], 
             current_round(status)["state"] = "Failed"
             return Step(status, None, [("Warning", "StageFailed",
                                         f"{phase} failed after {attempt} attempts: {job.message[:200]}")], "Failed")
-        summary = parse_summary(job.message)
-        summary = {**summary, **(summary.get("metrics") or {})}  # the trainer nests its figures under "metrics"
-        ok, msg = _record(status, phase, summary, campaign)
+        ok, msg = _record(status, phase, stage_result(job.message), campaign)
         if not ok:
             _set_stage(status, {**entry, "state": "Succeeded" if phase == "Clustering" else "Failed",
                                 "message": msg, "seconds": job.seconds})

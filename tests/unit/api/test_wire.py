@@ -1,5 +1,5 @@
-"""The wire formats between operator, router and trainer (api.figures, api.router_config.RouterState): what each
-side writes, and what the reading side makes of a peer from another release or of a malformed payload."""
+"""The wire formats between operator, router and trainer (api.figures, api.router_config.RouterState, api.stage):
+what each side writes, and what the reading side makes of a peer from another release or of a malformed payload."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from routenlp.api.figures import RolloutAnswer, merge
 from routenlp.api.router_config import RouterState
+from routenlp.api.stage import StageResult, StageSummary
 
 
 def test_rollout_answer_reads_old_spellings_and_leaves_out_what_it_cannot_read():
@@ -41,3 +42,16 @@ def test_router_state_round_trip_and_unreadable_files():
     for bad in ("preferCheaper: [not, yaml: {", "- a list", "preferCheaper: maybe"):
         with pytest.raises(ValueError):
             RouterState.parse_yaml(bad)
+
+
+def test_stage_result_reads_a_summary_in_either_spelling_and_keeps_new_metrics():
+    summary = StageSummary(stage="retrain", key="k", metrics={"version": 7, "adapter": {"name": "a", "uri": "s3://x"},
+                                                              "qualityBefore": 0.3, "newMetric": [1]}).model_dump()
+    r = StageResult.of({**summary, "qualityBefore": 0.1, "quality_after": 0.5})  # the metrics win
+    assert (r.router_version, r.adapter, r.quality_before, r.quality_after) == ("7", "a@s3://x", 0.3, 0.5)
+    assert r.model_extra["newMetric"] == [1] and r.model_extra["key"] == "k"
+    assert StageResult.of({"routerVersion": "v2", "version": "v1"}).router_version == "v2"
+    assert StageResult.of({"metrics": {"clusters": 3}}).clusters == 3
+    assert StageResult.of({"metrics": "not an object"}) == StageResult(metrics="not an object")
+    with pytest.raises(ValidationError):
+        StageResult.of({"qualityGain": "high"})

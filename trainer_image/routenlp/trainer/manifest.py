@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from routenlp.api.stage import StageSummary
+
 MANIFEST = "manifest.json"
 SCHEMA = "routenlp.io/stage-manifest/v1"
 
@@ -163,15 +165,15 @@ class Stage:
     def _summary(self, manifest: dict[str, Any], skipped: bool) -> dict[str, Any]:
         metrics = manifest.get("metrics", {})
         keys = self.summary_metrics or tuple(k for k, v in metrics.items() if isinstance(v, (int, float, str, bool)))
-        return {
-            "stage": self.stage,
-            "status": manifest.get("status", "Succeeded"),
-            "skipped": skipped,
-            "manifest": str(self.manifest_path),
-            "key": manifest.get("key"),
-            "seconds": manifest.get("timings", {}).get("total"),
-            "metrics": {k: metrics[k] for k in keys if k in metrics},
-        }
+        return StageSummary(
+            stage=self.stage,
+            status=manifest.get("status", "Succeeded"),
+            skipped=skipped,
+            manifest=str(self.manifest_path),
+            key=manifest.get("key"),
+            seconds=manifest.get("timings", {}).get("total"),
+            metrics={k: metrics[k] for k in keys if k in metrics},
+        ).model_dump(by_alias=True)  # Python values: print_summary writes what JSON cannot hold as text
 
 
 class _Timer:
