@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from .common import ApiModel, WireModel
 from .modeltier import TierCost
@@ -28,7 +28,12 @@ class TierEndpoint(ApiModel):
 
 class RouterVersions(ApiModel):
     artifact_dir: str = Field(description="Directory holding one sub-directory per router version.")
-    current: str | None = Field(default=None, description="Stable version; None = newest in artifact_dir.")
+    # "stable" is the name in Python, as in the rollout figures; router.yaml keeps writing `current` (the CRD's
+    # status.router.current spelling) for a release, so that sidecar routers of the previous image, which reject
+    # unknown keys, still read it; both spellings are read.
+    stable: str | None = Field(default=None, validation_alias=AliasChoices("current", "stable"),
+                               serialization_alias="current", description="Stable version; None = newest in "
+                               "artifact_dir.")
     canary: str | None = Field(default=None)
     canary_percent: int = Field(default=0, ge=0, le=100)
 

@@ -100,7 +100,7 @@ def router_config(policy: RoutingPolicy, tiers: list[ModelTier], namespace: str,
         cascade=spec.cascade,
         router=RouterVersions(
             artifact_dir=f"{DATA_DIR}/routers",
-            current=versions.get("current"),
+            stable=versions.get("current"),  # status.router.current: the stable version
             canary=versions.get("canary"),
             canary_percent=versions.get("canaryPercent", 0) if versions.get("canary") else 0,
         ),

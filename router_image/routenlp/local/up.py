@@ -215,7 +215,7 @@ def render_config(policy: RoutingPolicy, plans: list[TierPlan], state_dir: Path,
         policy=policy.metadata.name, tiers=tiers, tasks=spec.tasks, default_task=spec.default_task,
         unknown_task=spec.unknown_task, cascade=spec.cascade,
         router=RouterVersions(artifact_dir=str(state_dir / "artifacts"),
-                              current=None if rv.version == "auto" else rv.version),
+                              stable=None if rv.version == "auto" else rv.version),
         shadow_sample_rate=spec.feedback.shadow_sample_rate, event_log_dir=str(state_dir / "events"),
         encoder_path=encoder_path, auth=RouterAuth(labellers_dir=str(state_dir / LABELLERS_DIR)),
     )

@@ -42,7 +42,7 @@ class VersionSet:
     def load(self, rv: RouterVersions, on_new_stable: Callable[[], None]) -> None:
         """(Re)load the versions `rv` names (stable None = the newest in the artifact directory). `on_new_stable`
         runs before a loaded stable version is replaced by another."""
-        stable_name = rv.current or latest_version(rv.artifact_dir)
+        stable_name = rv.stable or latest_version(rv.artifact_dir)
         if stable_name is None and self.stable is None:
             self.stable = bootstrap_artifact()
         if stable_name and (self.stable is None or self.stable.version != stable_name):

@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from routenlp.api.figures import RolloutAnswer, merge
-from routenlp.api.router_config import RouterState
+from routenlp.api.router_config import RouterState, RouterVersions
 from routenlp.api.stage import StageResult, StageSummary
 
 
@@ -33,6 +33,12 @@ def test_merge_keeps_the_most_common_version_of_a_role():
     m = merge([RolloutAnswer.model_validate(a) for a in (v1, v1, v2)])
     assert (m.stable.version, m.stable.requests, m.stable.pods, m.stable.acceptance_rate) == ("v1", 20, 2, 0.5)
     assert m.canary is None and m.spent_usd_24h == 0
+
+
+def test_router_yaml_names_the_stable_version_current_and_reads_both_spellings():
+    for key in ("current", "stable"):
+        rv = RouterVersions.model_validate({"artifactDir": "/a", key: "v1"})
+        assert rv.stable == "v1" and rv.to_k8s() == {"artifactDir": "/a", "current": "v1", "canaryPercent": 0}
 
 
 def test_router_state_round_trip_and_unreadable_files():

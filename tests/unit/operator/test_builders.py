@@ -131,7 +131,7 @@ def test_policy_objects_valid(mode, claim, stype):
     cfg = RouterConfig.model_validate(yaml.safe_load(objs[0]["data"]["router.yaml"]))
     assert [t.name for t in cfg.tiers] == ["small", "large"]
     assert cfg.tiers[1].api_key_env == "ROUTENLP_API_KEY_LARGE" and cfg.tiers[1].served_model_name == "big"
-    assert cfg.router.current == "v1" and cfg.router.canary == "v2" and cfg.router.canary_percent == 10
+    assert cfg.router.stable == "v1" and cfg.router.canary == "v2" and cfg.router.canary_percent == 10
     assert objs[0]["metadata"]["annotations"]["routenlp.io/config-hash"] == h
     if mode == "gateway":
         dep = next(o for o in objs if o["kind"] == "Deployment")

@@ -547,7 +547,7 @@ def test_config_file_reload_switches_versions(stack_factory, tmp_path, monkeypat
     assert request(port, "POST", "/v1/chat/completions", body)[1]["x-routenlp-router-version"] == "v1"
     save_artifact(s.tmp / "artifacts", "v2", router=None, calibration=calibrated())
     cfg = RouterConfig.load(path)
-    cfg.router.current, cfg.router.canary, cfg.router.canary_percent = "v1", "v2", 100
+    cfg.router.stable, cfg.router.canary, cfg.router.canary_percent = "v1", "v2", 100
     time.sleep(0.05)
     path.write_text(cfg.dump_yaml())
     os_time = time.time() + 10
