@@ -69,7 +69,6 @@ class Counts(WireModel):
 
 # The served counts (camelCase, as in /routenlp/rollout and the router's snapshots) -> Counts attributes.
 COUNT_ATTRS = {str(f.alias): name for name, f in Counts.model_fields.items()}
-COUNT_FIELDS = tuple(COUNT_ATTRS)
 
 
 class VersionFigures(Counts):
