@@ -22,6 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .conformal import ACCEPTED_ANSWERS, ThresholdResult
 from .confidence import ConfidenceSet
@@ -44,12 +45,12 @@ class Calibration:
     def get(self, task: str, tier: str) -> ThresholdResult | None:
         return self.tasks.get(task, {}).get(tier)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"risk_level": self.risk_level, "delta": self.delta, "risk_measure": self.risk_measure, "time": self.time,
                 "tasks": {t: {k: r.to_json() for k, r in tiers.items()} for t, tiers in self.tasks.items()}}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Calibration":
+    def from_json(cls, d: dict[str, Any]) -> "Calibration":
         return cls(float(d["risk_level"]), float(d["delta"]), float(d.get("time", 0.0)),
                    {t: {k: ThresholdResult.from_json(r) for k, r in tiers.items()} for t, tiers in d.get("tasks", {}).items()},
                    d.get("risk_measure", ACCEPTED_ANSWERS))
@@ -63,11 +64,11 @@ class RouterArtifact:
     router: DifficultyRouter | None
     confidence: ConfidenceSet
     calibration: Calibration | None
-    metadata: dict
+    metadata: dict[str, Any]
     path: Path | None = None
     encoder: EncoderSpec = field(init=False)  # from metadata["encoder"]; queries are embedded with exactly this
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.encoder = EncoderSpec.from_json(self.metadata.get("encoder"))
 
 
@@ -80,7 +81,7 @@ def _fsync_tree(root: Path) -> None:
 
 def save_artifact(artifact_dir: str | Path, version: str, router: DifficultyRouter | None,
                   confidence: ConfidenceSet | None = None, calibration: Calibration | None = None,
-                  metadata: dict | None = None, encoder: EncoderSpec | None = None) -> Path:
+                  metadata: dict[str, Any] | None = None, encoder: EncoderSpec | None = None) -> Path:
     """Write version `version` atomically; refuses to overwrite an existing version (versions are immutable).
     `encoder`: what `router` and `calibration` were fitted on (or metadata["encoder"]; neither: fp32 torch MiniLM)."""
     if not VERSION_RE.match(version):

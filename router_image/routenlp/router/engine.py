@@ -22,8 +22,9 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -48,7 +49,7 @@ def tier_path(kind: str) -> str:
     return "/chat/completions" if kind == "chat" else "/completions"
 
 
-def tier_body(req: ParsedRequest, served_model: str, stream: bool = False) -> dict:
+def tier_body(req: ParsedRequest, served_model: str, stream: bool = False) -> dict[str, Any]:
     """The request as sent to one tier: its model name, our metadata removed, logprobs asked for (the confidence
     score reads them) unless streamed through."""
     body = dict(req.body)
@@ -78,7 +79,7 @@ def redacted_message(result: UpstreamResult) -> str:
     return msg
 
 
-def has_answer(body: dict | None) -> bool:
+def has_answer(body: dict[str, Any] | None) -> bool:
     choices = body.get("choices") if body is not None else None
     return isinstance(choices, list) and bool(choices) and isinstance(choices[0], dict)
 
@@ -100,7 +101,7 @@ class TierPort(Protocol):
 
     breaker: CircuitBreaker
 
-    async def post(self, path: str, body: dict, timeout: float | None = None) -> UpstreamResult: ...
+    async def post(self, path: str, body: dict[str, Any], timeout: float | None = None) -> UpstreamResult: ...
 
 
 class TierSpec(Protocol):
@@ -169,7 +170,7 @@ class Outcome:
 
     attempts: list[TierAttempt] = field(default_factory=list)
     final: int | None = None  # portfolio index of the tier whose answer is returned
-    body: dict | None = None  # that tier's response
+    body: dict[str, Any] | None = None  # that tier's response
     outcome: RoutingOutcome = "error"
     score: float | None = None
     answers: dict[str, str | None] = field(default_factory=dict)  # tier name -> answer text, for the judge
@@ -197,7 +198,8 @@ class Observer:
 class CascadeEngine:
     """Routes requests over a fixed portfolio (tiers cheapest first; `ports[k]` calls tier k)."""
 
-    def __init__(self, tiers: Sequence[TierSpec], ports: Sequence[TierPort], clock=time.monotonic):
+    def __init__(self, tiers: Sequence[TierSpec], ports: Sequence[TierPort],
+                 clock: Callable[[], float] = time.monotonic):
         if len(tiers) != len(ports) or not tiers:
             raise ValueError("one port per tier, at least one tier")
         self.tiers, self.ports = list(tiers), ports  # the caller's list: a port swapped there is used here

@@ -44,18 +44,20 @@ def resolve_task(config: RouterConfig, header: str | None, metadata_task: str | 
     return default
 
 
-def answer_text(kind: str, body: dict | None) -> str | None:
-    """The answer's text from an upstream response (None if absent)."""
+def answer_text(kind: str, body: dict[str, Any] | None) -> str | None:
+    """The answer's text from an upstream response (None if absent or not a string: an answer event's text must be
+    one)."""
     if body is None:
         return None
     try:
         choice = body["choices"][0]
-        return choice["message"].get("content") if kind == "chat" else choice.get("text")
+        text = choice["message"].get("content") if kind == "chat" else choice.get("text")
     except (KeyError, IndexError, TypeError, AttributeError):
         return None
+    return text if isinstance(text, str) else None
 
 
-def token_logprobs(kind: str, body: dict | None) -> list[float] | None:
+def token_logprobs(kind: str, body: dict[str, Any] | None) -> list[float] | None:
     """Per-token logprobs of the answer (vLLM / OpenAI formats), or None."""
     if body is None:
         return None
@@ -70,7 +72,7 @@ def token_logprobs(kind: str, body: dict | None) -> list[float] | None:
         return None
 
 
-def usage(body: dict | None) -> tuple[int, int]:
+def usage(body: dict[str, Any] | None) -> tuple[int, int]:
     if body is None:
         return 0, 0
     try:
@@ -80,7 +82,7 @@ def usage(body: dict | None) -> tuple[int, int]:
         return 0, 0
 
 
-def sse_events(kind: str, body: dict, request_id: str) -> list[bytes]:
+def sse_events(kind: str, body: dict[str, Any], request_id: str) -> list[bytes]:
     """A finished answer re-framed as an OpenAI SSE stream (content chunk, finish chunk, [DONE])."""
     text = answer_text(kind, body) or ""
     try:
