@@ -165,7 +165,7 @@ class RouterServing:
         # request id would let a client pick which requests count as a random sample). Explored requests try
         # uncertified tiers and tiers off the task's chain, to collect the random labels recalibration needs.
         explore = s.rng.random() < cfg.shadow_sample_rate
-        return make_plan(prior, s.start_rule(r.task), thresholds, s.tiers_up(), cfg.cascade.max_escalations,
+        return make_plan(prior, s.start_rule(r.task, r.art), thresholds, s.tiers_up(), cfg.cascade.max_escalations,
                          explore, s.chain(r.art, r.task), cheapest_first=s.prefer_cheaper)
 
     def _respond(self, r: Routing, plan: Plan, out: Outcome) -> Reply:

@@ -21,6 +21,7 @@ from .artifacts import Calibration, RouterArtifact
 from .auth import FeedbackGate, KeyDir
 from .calibration import Key, OnlineCalibration, Snapshot
 from .cascade import StartRule
+from .floor import COST_WEIGHT, rule_from_json
 from .clients import TierClient
 from .conformal import ThresholdResult
 from .decision_cache import DecisionCache
@@ -147,19 +148,26 @@ class RouterState:
 
     def floor_certified(self, art: RouterArtifact | None, task: str) -> bool:
         """The artifact's thresholds for the task were certified for the floor in force, at the same scope (metadata
-        `floor_certificates`, written by the trainer's certify_floor_levels)."""
+        `floor_certificates`, written by the trainer's floor_plan)."""
         meta = art.metadata if art is not None else {}
         cert = meta.get("floor_certificates", {}).get(task) or {}
         return (cert.get("scope"), cert.get("floor")) == self.floor(task)
 
-    def start_rule(self, task: str) -> StartRule:
-        """Where the task's requests start: tasks[].qualityTarget, or tasks[].costWeight over the tiers' prices
-        relative to the reference's (`relative_costs`, as the trainer was given them)."""
+    def start_rule(self, task: str, art: RouterArtifact | None = None) -> StartRule:
+        """Where the task's requests start: the rule the version's quality-floor plan was certified with (metadata
+        `floor_certificates[task].start_rule`, when certified for the floor in force), else tasks[].qualityTarget,
+        or tasks[].costWeight over the tiers' prices relative to the reference's (`relative_costs`, as the trainer
+        was given them)."""
         t = self.tasks[task]
-        if t.cost_weight is None:
-            return StartRule(quality_target=t.quality_target)
-        return StartRule(cost_weight=t.cost_weight,
-                         relative_cost=tuple(relative_costs([tier.cost for tier in self.config.tiers])))
+        certified_rule = None
+        if art is not None and self.floor_certified(art, task):
+            certified_rule = (art.metadata.get("floor_certificates", {}).get(task) or {}).get("start_rule")
+        rule = rule_from_json(certified_rule) if certified_rule else (
+            t.quality_target if t.cost_weight is None else (COST_WEIGHT, t.cost_weight))
+        if isinstance(rule, tuple):
+            return StartRule(cost_weight=rule[1],
+                             relative_cost=tuple(relative_costs([tier.cost for tier in self.config.tiers])))
+        return StartRule(quality_target=rule)
 
     def chain_names(self, art: RouterArtifact | None, task: str) -> list[str]:
         """The task's chain: pinned in the RoutingPolicy (`tasks[].chain`), else learnt by the trainer (the

@@ -93,7 +93,7 @@ def test_violation_study_respects_alpha_on_synthetic_data(bench_result):
 
 
 def test_cut_chains_end_each_task_at_its_cheapest_good_enough_tier():
-    from routenlp.bench.routenlp_method import cut_chains
+    from routenlp.router.floor import cut_chains
 
     chains = np.array([[True, True, True], [True, False, True]])
     q = np.array([[0.5, 0.9, 1.0], [0.5, 0.9, 1.0], [0.95, 0.2, 1.0], [0.95, 0.2, 1.0]])

@@ -225,6 +225,27 @@ def test_a_tasks_cost_weight_makes_the_start_rule_weigh_tier_prices(stack_factor
         assert ev.attempts[0].tier == first
 
 
+def test_a_floor_certified_version_starts_requests_by_the_rule_it_was_certified_with(stack_factory, tmp_path):
+    """Under a quality floor the trainer certifies chain, start rule and level together: the router applies the
+    certificate's start rule (here a heavy cost weight: start at the small tier) while the version is certified for
+    the floor in force, and the policy's own rule (qualityTarget 0.9: "skip me" starts at big) otherwise."""
+    enc = FakeEncoder()
+    x = enc.encode(["skip me"])
+    r = DifficultyRouter(TIERS, ["intent", "chat"])
+    r.fit(np.repeat(x, 50, 0), np.zeros(50, int), np.repeat(np.array([[0, 0, 1]], np.float32), 50, 0), epochs=40,
+          seed=0)
+    cert = {"floor_certificates": {"intent": {"floor": 0.95, "scope": "task", "level": 0.5,
+                                              "start_rule": {"costWeight": 100.0}}}}
+    art = [("v1", {"router": r, "calibration": calibrated(), "metadata": cert})]
+    for floor, first in ((0.95, "small"), (0.9, "big")):  # certified for 0.95 only
+        tasks = [{"name": "intent", "kind": "structured", "labels": ["refund", "card"], "qualityTarget": 0.9,
+                  "qualityFloor": floor, "match": {"models": ["support-intent"]}}]
+        s = stack_factory(artifacts=art, encoder=enc, tasks=tasks)
+        s.chat("skip me")
+        time.sleep(0.1)
+        assert [e for e in s.events() if isinstance(e, RoutingEvent)][0].attempts[0].tier == first
+
+
 def test_prefer_cheaper_switch_starts_every_request_at_the_cheapest_tier(stack_factory, tmp_path):
     """The operator's budget switch (a file it keeps in a ConfigMap outside the config hash) is applied live: the
     difficulty router no longer skips the cheap tier; thresholds still decide what is accepted."""

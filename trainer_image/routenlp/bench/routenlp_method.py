@@ -28,43 +28,21 @@ from __future__ import annotations
 import numpy as np
 
 from routenlp.router.cascade import StartRule, simulate_cascade, start_tiers
-from routenlp.router.conformal import ALL_REQUESTS, LEVELS, calibrate_cascade, certify_level, thresholds_table
+from routenlp.router.conformal import ALL_REQUESTS, LEVELS, calibrate_cascade, thresholds_table
+from routenlp.router.floor import (
+    CHAIN_SETS, COST_WEIGHT, COST_WEIGHTS, QUALITY_TARGETS, chain_sets, choose, frontier, training_curves,
+)
 
 from .baselines import Method, Split
 from .features import out_of_fold
 
 LEVEL = "level"  # knob (LEVEL, chain set, start rule, level): one confidence level for every cheaper chain tier
 FLOOR = "floor"  # knob (FLOOR, f): the certified quality floor f (no sweep; `floor_plan`)
-# Chain sets of the level family: the per-task chains learnt on train ("learnt"); the same chains cut at the cheapest
-# portfolio tier whose train quality on the task is at least f x the task's best ("learnt@f": the quality target
-# decides how far up each task's chain may go; with the start rule END_START it is the per-task lookup of the
-# cheapest good-enough model); the one global Pareto chain ("global").
-CUT_FACTORS = (0.99, 0.97, 0.95, 0.9)
-CHAIN_SETS = ("learnt",) + tuple(f"learnt@{f}" for f in CUT_FACTORS) + ("global",)
-END_START = 1e9  # a start rule no cheaper tier meets: every request starts at its chain's end
-QUALITY_TARGETS = [0.0, 0.9, 0.97, 1.0, END_START]  # start rules swept (0: start at the chain's cheapest tier)
-# Cost-weighted start rules swept (`cascade.StartRule.cost_weight`; tier costs per task relative to the reference's,
-# from the training split): a start rule is a quality target (float) or ("costWeight", w).
-COST_WEIGHTS = [0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0]
-COST_WEIGHT = "costWeight"
 
 
 def rule_label(rule) -> float | str:
     """A swept start rule as reports show it: the quality target, or "costWeight=w"."""
     return f"{COST_WEIGHT}={rule[1]:g}" if isinstance(rule, tuple) else rule
-
-
-def cut_chains(chains: np.ndarray, quality: np.ndarray, task_ids: np.ndarray, factor: float) -> np.ndarray:
-    """Each task's chain cut at the cheapest tier (of the portfolio, cheapest first) whose mean training quality on
-    the task is at least factor x the task's best: that tier becomes the end, the chain's cheaper members stay."""
-    out = np.zeros_like(chains)
-    for t in range(len(chains)):
-        m = task_ids == t
-        q = quality[m].mean(0) if m.any() else quality.mean(0)
-        end = int(np.flatnonzero(q >= factor * q.max() - 1e-12)[0])
-        out[t, :end] = chains[t, :end]
-        out[t, end] = True
-    return out
 
 
 def preference_pairs(quality: np.ndarray) -> np.ndarray:
@@ -92,7 +70,7 @@ class RouteNLP(Method):
         self.fwer, self.risk_measure = fwer, risk_measure
         self.floor_scope, self.confidence_scope = floor_scope, confidence_scope
         self.min_samples, self.epochs, self.folds = min_calibration_samples, epochs, folds
-        self.quality_targets = QUALITY_TARGETS if quality_targets is None else list(quality_targets)
+        self.quality_targets = list(QUALITY_TARGETS) if quality_targets is None else list(quality_targets)
         weights = COST_WEIGHTS if cost_weights is None else list(cost_weights)
         self.start_rules = self.quality_targets + [(COST_WEIGHT, float(w)) for w in weights]
         self.levels = LEVELS if levels is None else np.asarray(levels, dtype=float)  # strict to loose
@@ -155,12 +133,8 @@ class RouteNLP(Method):
             for k, tier in enumerate(tier_names[:-1]):
                 self.conf[m, k] = self.confidence.score_many(
                     tname, tier, {"prior": self.prior[m, k], "answer_score": s.scores[m, k]})
-        # The chain sets of the level family (CHAIN_SETS).
-        glob = s.global_chain if s.global_chain is not None else np.ones(K, dtype=bool)
-        self.chain_sets = {"learnt": self.chains, "global": np.broadcast_to(np.asarray(glob, bool),
-                                                                            self.chains.shape).copy()}
-        for f in CUT_FACTORS:
-            self.chain_sets[f"learnt@{f}"] = cut_chains(self.chains, Qt, tasks[tr], f)
+        # The chain sets of the level family (`floor.CHAIN_SETS`).
+        self.chain_sets = chain_sets(self.chains, Qt, tasks[tr], s.global_chain)
         # Each tier's mean cost per request of a task over the reference's (the cost-weighted start rules' costs).
         C = s.C[np.ix_(tr, s.tiers)]
         ref_cost = max(float(C[:, -1].mean()), 1e-12)
@@ -214,62 +188,39 @@ class RouteNLP(Method):
         y = the routed answer acceptable, r = the reference's), computed once per seed: every floor reads them."""
         if self._curves is None:
             tr = self.s.train
-            r = (self.s.Q[tr, self.s.outcomes.reference] >= 0.5).astype(float)
-            self._curves = {}
-            for cs in CHAIN_SETS:
-                for rule in self.start_rules:
-                    runs = [self._run_level(tr, cs, rule, v) for v in self.levels]
-                    y = [(x.quality >= 0.5).astype(float) for x in runs]
-                    self._curves[(cs, rule)] = (np.array([v.mean() for v in y]), np.array([(v * r).mean() for v in y]),
-                                              np.array([x.cost.mean() for x in runs]))
+
+            def run(cs, rule, v):
+                x = self._run_level(tr, cs, rule, v)
+                return (x.quality >= 0.5).astype(float), x.cost
+
+            ref = (self.s.Q[tr, self.s.outcomes.reference] >= 0.5).astype(float)
+            self._curves = training_curves(run, CHAIN_SETS, self.start_rules, self.levels, ref)
         return self._curves
 
     def floor_plan(self, floor: float, cal_idx: np.ndarray | None = None) -> dict:
-        """The certified quality floor (docs/guarantee.md, "The quality floor"): Learn-then-Test over every setting
-        (chain set, start rule, level) of the level family, in an order fixed on the TRAINING split.
-
-        1. Order (training split, out-of-fold confidences; no calibration label is read): each setting's predicted
-           z = mean(d) / sd(d) x sqrt(n), d = y - floor x r (routed vs reference acceptable), n the calibration
-           sample the test will see: the settings most likely to hold the floor come first, and only those cheaper
-           on train than every setting before them stay (the cost/z frontier: every test on the path buys a
-           saving). Always-reference leads. Settings predicted far below the floor (z < -1) are left out.
-        2. Test (calibration split): `conformal.certify_level` walks that sequence with the betting test of
-           "quality ratio >= floor" at level delta, stopping at the first setting not certified. Every setting
-           before it is certified jointly (fixed-sequence testing controls the family-wise error), so the cheapest
-           of them on the calibration requests is used (cost needs no label). None certified: the reference.
-        Scope "policy": one setting for the traffic mix; scope "task": one per task, on the task's own requests."""
+        """The certified quality floor (docs/guarantee.md, "The quality floor"): `floor.frontier` orders every
+        setting (chain set, start rule, level) of the level family on the TRAINING split (out-of-fold confidences;
+        no calibration label is read), `floor.choose` certifies along it on the calibration split and takes the
+        cheapest certified setting, as the trainer does (`retrain.calibrate`). Scope "policy": one setting for the
+        traffic mix; scope "task": one per task, on the task's own requests."""
         s = self.s
         cal_idx = s.cal if cal_idx is None else cal_idx
         er = float((s.Q[s.train, s.outcomes.reference] >= 0.5).mean())
         n_group = len(cal_idx) / (1 if self.floor_scope == "policy" else max(len(self.task_names), 1))
-        scored = []
-        for (cs, rule), (ey, eyr, cost) in self._train_curves().items():
-            mean = ey - floor * er
-            var = np.maximum(ey - ey ** 2 + floor ** 2 * (er - er ** 2) - 2 * floor * (eyr - ey * er), 1e-6)
-            z = mean / np.sqrt(var / max(n_group, 1.0))
-            scored += [(float(z[j]), -float(cost[j]), cs, rule, float(v)) for j, v in enumerate(self.levels)]
-        seq, cheapest = [], np.inf
-        for z, neg_cost, cs, rule, v in sorted(scored, key=lambda x: x[:2], reverse=True):
-            if z >= -1.0 and -neg_cost < cheapest:  # the training frontier: each setting cheaper than all before it
-                seq.append((cs, rule, v))
-                cheapest = -neg_cost
+        seq = frontier(self._train_curves(), self.levels, er, floor, n_group)
         groups = ([np.arange(len(cal_idx))] if self.floor_scope == "policy"
                   else [np.flatnonzero(self.tasks[cal_idx] == t) for t in range(len(self.task_names))])
         plan: list = [None] * len(self.task_names)  # per task: (chain set, start rule, level) or None = reference
         certs = []
         for g in groups:
             rows = cal_idx[g]
-            ref = self._labels(rows)[:, -1]
-            runs = [self._run_level(rows, cs, rule, v) for cs, rule, v in seq]
-            c = certify_level(np.column_stack([ref] + [(r.quality >= 0.5).astype(float) for r in runs]), ref,
-                              floor, self.delta)
+            runs = [self._run_level(rows, x.chain_set, x.start_rule, x.level) for x in seq]
+            chosen, c = choose(seq, np.column_stack([(r.quality >= 0.5).astype(float) for r in runs])
+                               if runs else np.zeros((len(rows), 0)), [r.cost.mean() for r in runs],
+                               self._labels(rows)[:, -1], floor, self.delta)
             certs.append(c)
-            chosen = None
-            if c.index is not None and c.index >= 1:
-                j = min(range(c.index), key=lambda i: runs[i].cost.mean())  # certified settings: 1..c.index
-                chosen = seq[j]
             for t in np.unique(self.tasks[rows]):
-                plan[t] = chosen
+                plan[t] = None if chosen is None else (chosen.chain_set, chosen.start_rule, chosen.level)
         return {"plan": plan, "certificates": certs}
 
     def _run_plan(self, idx: np.ndarray, plan: list):

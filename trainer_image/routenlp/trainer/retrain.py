@@ -119,8 +119,8 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
     Thresholds: fixed-sequence Learn-then-Test along an order learnt on the fit split's scores and labels (disjoint
     from the calibration split, as fixed-sequence validity needs; docs/guarantee.md), along each task's chain: the
     policy's pinned chain, else the task's cost/quality Pareto set on the fit split (`chains.learn_chains`; tiers are
-    given cheapest first). Tasks under a quality floor (their own, or the policy's "*" over the others) get one
-    confidence level certified for it instead (`conformal.certify_floor_levels`). metrics["chains"] and
+    given cheapest first). Tasks under a quality floor (their own, or the policy's "*" over the others) get the
+    cheapest plan certified for it instead (`floor_plan`: chain set, start rule and one confidence level). metrics["chains"] and
     metrics["floor_certificates"] are what the router reads from the artifact's metadata (`routing_metadata`).
     Requests start as the router starts them: a task with a cost weight (RoutingPolicy tasks[].costWeight) by the
     cost-weighted rule over `relative_costs` (one per tier, the reference's 1), the others by quality_target."""
@@ -128,7 +128,7 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
     from routenlp.router.cascade import StartRule, chain_ends, start_tiers
     from routenlp.router.confidence import FEATURES, answer_features, fit_confidence_set
     from routenlp.router.chains import MIN_GAIN_SE, chains_from_names, chains_to_names, learn_chains
-    from routenlp.router.conformal import ThresholdResult, calibrate_cascade, certify_floor_levels
+    from routenlp.router.conformal import ThresholdResult, calibrate_cascade
 
     tasks = sorted({r["task"] for r in rows})
     task_ids = np.array([tasks.index(r["task"]) for r in rows])
@@ -184,31 +184,39 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
                                 min_samples, max_escalations, fwer="fixed_sequence",
                                 train=(task_ids[fit], scores[fit], q[fit]), risk_measure=risk_measure, chains=chains)
     # Quality floors (docs/guarantee.md, "The quality floor"): each floor group (a task with its own floor; "*":
-    # the tasks without one, pooled) gets ONE confidence level for the cheaper tiers of its chains, the loosest that
-    # certify_floor_levels certifies on the group's calibration requests; none: the group is served by the reference
-    # (its chains end there; a pinned chain keeps its tiers, with nothing accepted below its end).
+    # the tasks without one, pooled) gets the cheapest plan (chain set, start rule, one confidence level for the
+    # cheaper tiers of its chains) certified on the group's calibration requests (`floor_plan`); none: the group is
+    # served by the reference (its chains end there; a pinned chain keeps its tiers, with nothing accepted below
+    # its end).
     floors = dict(quality_floors or {})
     groups = [(t, [t], f) for t, f in floors.items() if t in tasks]
     if "*" in floors:
         groups.append(("*", [t for t in tasks if t not in floors], floors["*"]))
     floor_certificates: dict[str, Any] = {}
+    is_pinned = np.array([t in pinned for t in tasks])
     for name, members, floor in groups:
         ids = [tasks.index(t) for t in members]
-        m = cal & np.isin(task_ids, ids)
-        level, cert = certify_floor_levels(start[m], scores[m], q[m], chains[task_ids[m]], floor, delta,
-                                           max_escalations)
+        group = np.isin(task_ids, ids)
+        chosen, sets, cert = floor_plan(pred, scores, q, task_ids, chains, is_pinned, fit & group, cal & group,
+                                        floor, delta, max_escalations, relative_costs)
+        m = cal & group
         for t in ids:
-            if level is None and tasks[t] not in pinned:
+            if chosen is not None:
+                chains[t] = sets[chosen.chain_set][t]
+            elif tasks[t] not in pinned:
                 chains[t] = np.eye(len(tiers), dtype=bool)[-1]
             m_t, end = m & (task_ids == t), int(chain_ends(chains[t]))
             n_t = int(m_t.sum())
+            level = None if chosen is None else chosen.level
             for k in range(len(tiers) - 1):  # the reference's entry stays as calibrate_cascade left it
                 if level is not None and chains[t, k] and k != end:  # a cheaper chain tier: the certified level
                     results[t][k] = ThresholdResult(level, n_t, int((scores[m_t, k] >= level).sum()), None, True)
                 else:
                     results[t][k] = ThresholdResult(None, n_t, 0, None, False)
-            floor_certificates[tasks[t]] = {"floor": floor, "scope": "task" if name != "*" else "policy",
-                                            "level": level, "certificate": cert.to_json()}
+            floor_certificates[tasks[t]] = {
+                "floor": floor, "scope": "task" if name != "*" else "policy", "level": level,
+                "start_rule": None if chosen is None else chosen.start_rule_json(),
+                "chain_set": None if chosen is None else chosen.chain_set, "certificate": cert.to_json()}
     calibration = Calibration(risk_level, delta, risk_measure=risk_measure,
                               tasks={task: dict(zip(tiers, results[t])) for t, task in enumerate(tasks)})
     metrics = {
@@ -223,6 +231,46 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
         "floor_certificates": floor_certificates,
     }
     return conf, calibration, metrics
+
+
+def floor_plan(pred: np.ndarray, scores: np.ndarray, q: np.ndarray, task_ids: np.ndarray, chains: np.ndarray,
+               pinned: np.ndarray, fit: np.ndarray, cal: np.ndarray, floor: float, delta: float,
+               max_escalations: int, relative_costs: list[float] | None,
+               levels: Any = None) -> tuple[Any, dict[str, np.ndarray], Any]:
+    """The floor group's plan (`routenlp.router.floor`, as the routing benchmark searches it): every chain set,
+    start rule and confidence level, ordered on the fit rows, certified along that order on the calibration rows
+    `cal`. Costs: the tiers' relative prices (cost-weighted start rules are searched only with them); without
+    them, tier order stands in for price. levels: the confidence levels searched, strict to loose (default
+    conformal.LEVELS). Returns (the chosen FloorSetting or None, the chain sets, certificate)."""
+    from routenlp.router.cascade import StartRule, simulate_cascade, start_tiers
+    from routenlp.router.conformal import LEVELS
+    from routenlp.router.floor import CHAIN_SETS, chain_sets, choose, frontier, start_rules, training_curves
+
+    K = q.shape[1]
+    levels = LEVELS if levels is None else levels
+    price = (np.asarray(relative_costs, dtype=float) if relative_costs is not None
+             else np.arange(1, K + 1, dtype=float) / K)
+    sets = chain_sets(chains, q[fit], task_ids[fit], pinned=pinned)
+
+    def run(rows: np.ndarray, cs: str, rule: Any, level: float) -> tuple[np.ndarray, np.ndarray]:
+        ch = sets[cs][task_ids[rows]]
+        sr = StartRule(cost_weight=rule[1], relative_cost=price) if isinstance(rule, tuple) else \
+            StartRule(quality_target=rule)
+        n = int(rows.sum())
+        r = simulate_cascade(start_tiers(pred[rows], sr, chain=ch), scores[rows], q[rows], np.tile(price, (n, 1)),
+                             np.full((n, K), level), max_escalations, chains=ch)
+        return r.quality, r.cost
+
+    curves = training_curves(lambda cs, rule, v: run(fit, cs, rule, v), CHAIN_SETS,
+                             start_rules(relative_costs is not None), levels, q[fit, -1])
+    ref = q[fit, -1]
+    seq = frontier(curves, levels, float(np.nanmean(ref)) if (~np.isnan(ref)).any() else 0.0, floor,
+                   float(cal.sum()))
+    runs = [run(cal, x.chain_set, x.start_rule, x.level) for x in seq]
+    routed = np.column_stack([y for y, _ in runs]) if runs else np.zeros((int(cal.sum()), 0))
+    chosen, cert = choose(seq, routed, [float(c.mean()) if len(c) else 0.0 for _, c in runs], q[cal, -1], floor,
+                          delta)
+    return chosen, sets, cert
 
 
 def routing_metadata(metrics: dict[str, Any]) -> dict[str, Any]:
