@@ -84,7 +84,7 @@ class StageContext:
     chains: tuple[tuple[str, tuple[str, ...]], ...] = ()  # pinned tasks[].chain (other tasks' chains are learnt)
     quality_floors: tuple[tuple[str, float], ...] = ()  # tasks[].qualityFloor; "*": cascade.qualityFloor
     cost_weights: tuple[tuple[str, float], ...] = ()  # tasks[].costWeight: the trainer starts requests as the router
-    relative_costs: tuple[float, ...] = ()  # each policy tier's price over the reference's (api relative_costs)
+    relative_costs: tuple[float, ...] = ()  # each policy tier's price over the reference's (with a costWeight or floor)
 
 
 ADAPTER_MOUNT = "/var/lib/routenlp-adapters"  # the student's model-cache PVC inside stage Jobs
@@ -137,8 +137,9 @@ def stage_args(campaign: DistillationCampaign, ctx: StageContext, cmd: str, run:
     if ctx.quality_floors:
         common += ["--quality-floors", json.dumps(dict(ctx.quality_floors))]
     if ctx.cost_weights:
-        common += ["--cost-weights", json.dumps(dict(ctx.cost_weights)), "--relative-costs",
-                   json.dumps(list(ctx.relative_costs))]
+        common += ["--cost-weights", json.dumps(dict(ctx.cost_weights))]
+    if ctx.relative_costs:
+        common += ["--relative-costs", json.dumps(list(ctx.relative_costs))]
     if cmd == "retrain":
         return [*common, "--out", f"{work}/retrain", "--student-tier", spec.student_tier,
                 "--student-model", ctx.student_served_name, "--student-url", ctx.student_url,
@@ -220,7 +221,7 @@ def stage_job(campaign: DistillationCampaign, owner: Obj, namespace: str, stage:
 
 def stage_context(campaign: DistillationCampaign, policy: RoutingPolicy, student: ModelTier, teacher: ModelTier,
                   namespace: str, tier_costs: list[TierCost] | None = None) -> StageContext:
-    """tier_costs: the policy's tiers' prices in spec.tiers order (needed when a task has a costWeight)."""
+    """tier_costs: the policy's tiers' prices in spec.tiers order (needed with a costWeight or a quality floor)."""
     ext = teacher.spec.external
     engine = student.spec.engine
     return StageContext(
@@ -303,7 +304,11 @@ async def _references(campaign: DistillationCampaign, ns: str) -> _References | 
     try:
         policy_model = RoutingPolicy.model_validate(doc(policy))
         costs = None
-        if any(t.cost_weight is not None for t in policy_model.spec.tasks):  # the trainer weighs every tier's price
+        # Cost-weighted start rules, the policy's and those a quality floor's plan search tries, weigh every tier's
+        # price: the trainer needs them all.
+        spec = policy_model.spec
+        if spec.cascade.quality_floor is not None or any(
+                t.cost_weight is not None or t.quality_floor is not None for t in spec.tasks):
             named = {t.name: await api.get("ModelTier", ns, t.name) for t in policy_model.spec.tiers}
             missing = [t for t, obj in named.items() if obj is None]
             if missing:

@@ -276,7 +276,15 @@ def test_retrain_jobs_get_the_tasks_cost_weights_and_the_tiers_relative_prices()
         assert json.loads(args[args.index("--relative-costs") + 1]) == pytest.approx([0.05, 1.0])
     plain = campaign.stage_context(dc(), rp(), student, teacher, NS)
     job = campaign.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "RetrainingRouter", 1, 1, "ev", plain)
-    assert "--cost-weights" not in job["spec"]["template"]["spec"]["initContainers"][0]["args"]
+    args = job["spec"]["template"]["spec"]["initContainers"][0]["args"]
+    assert "--cost-weights" not in args and "--relative-costs" not in args
+    # a quality floor alone: the prices travel too (the floor's plan search tries cost-weighted start rules)
+    floored = campaign.stage_context(dc(), rp(tiers=("small", "large"), cascade={"qualityFloor": 0.95}), student,
+                                     teacher, NS, costs)
+    job = campaign.stage_job(dc(), owner("DistillationCampaign", "c"), NS, "RetrainingRouter", 1, 1, "ev", floored)
+    args = job["spec"]["template"]["spec"]["initContainers"][0]["args"]
+    assert "--cost-weights" not in args and json.loads(args[args.index("--relative-costs") + 1]) == pytest.approx(
+        [0.05, 1.0])
 
 
 # ---------------------------------------------------------------- issue 14: auth, admin port, read-only root
