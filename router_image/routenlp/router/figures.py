@@ -7,6 +7,7 @@ figures_store.py)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -67,14 +68,15 @@ class SpendWindow:
 class RolloutFigures:
     """Counters per router version (only the stable and canary ones are kept) and the 24 h spend."""
 
-    def __init__(self, clock=time.time, risk_measure: str = RiskMeasure.ACCEPTED_ANSWERS.value):
+    def __init__(self, clock: Callable[[], float] = time.time, risk_measure: str = RiskMeasure.ACCEPTED_ANSWERS.value):
         self.clock = clock
         self.risk_measure = risk_measure  # the policy's; the router sets it on every config load
         self.versions: dict[str, VersionCounts] = {}
         self.spend = SpendWindow()
         self.stable: str | None = None
         self.canary: str | None = None
-        self._labels: dict[tuple[str, str], tuple] = {}  # (request id, tier) -> what its label added (insertion order)
+        # (request id, tier) -> what its label added: (counts, acceptable, accepted, sampled), in insertion order
+        self._labels: dict[tuple[str, str], tuple[VersionCounts, bool, bool, bool]] = {}
         self.chains: dict[str, dict[str, list[str]]] = {}  # version -> {task: its chain in force}, for the operator
 
     def set_versions(self, stable: str | None, canary: str | None) -> None:

@@ -28,7 +28,9 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("routenlp.router")
 
@@ -39,14 +41,14 @@ ADOPT_SECONDS = 30.0  # how often a running router looks for snapshots of router
 
 
 class FiguresStore:
-    def __init__(self, event_log_dir: str | Path, slot: str | None = None, clock=time.time):
+    def __init__(self, event_log_dir: str | Path, slot: str | None = None, clock: Callable[[], float] = time.time):
         self.dir = Path(event_log_dir) / SNAPSHOT_DIR
         self.slot = slot or f"{socket.gethostname()}-{os.getpid()}"
         self.path = self.dir / f"{self.slot}.json"
         self.clock = clock
-        self.written: dict | None = None  # what our snapshot file holds (an adopter adds exactly this)
+        self.written: dict[str, Any] | None = None  # what our snapshot file holds (an adopter adds exactly this)
 
-    def _read(self, path: Path) -> dict | None:
+    def _read(self, path: Path) -> dict[str, Any] | None:
         try:
             doc = json.loads(path.read_text())
             if isinstance(doc, dict):
@@ -62,7 +64,7 @@ class FiguresStore:
             pass
         return None
 
-    def _claim(self, path: Path) -> dict | None:
+    def _claim(self, path: Path) -> dict[str, Any] | None:
         """Take a snapshot file over: rename it (atomic: of several routers one wins, the others find it gone), read
         what was claimed (the owner may have rewritten it since it was judged orphaned), delete it."""
         claimed = path.with_name(f"{path.name}.claimed-by-{self.slot}")
@@ -74,7 +76,7 @@ class FiguresStore:
         claimed.unlink(missing_ok=True)
         return snap
 
-    def take_own(self) -> dict | None:
+    def take_own(self) -> dict[str, Any] | None:
         """This slot's snapshot, left by the previous container of this pod (claimed like an adoption: a released
         snapshot may be adopted by another router at the same moment)."""
         snap = self._claim(self.path)
@@ -82,7 +84,7 @@ class FiguresStore:
             log.info("rollout figures restored from %s", self.path.name)
         return snap
 
-    def take_orphans(self) -> list[dict]:
+    def take_orphans(self) -> list[dict[str, Any]]:
         """The snapshots of routers that are gone: released, or not rewritten for ORPHAN_SECONDS."""
         if not self.dir.is_dir():
             return []
@@ -100,7 +102,7 @@ class FiguresStore:
                          else "not rewritten for %.0f s" % (now - float(snap.get("updated") or 0)))
         return out
 
-    def adopted_meanwhile(self) -> dict | None:
+    def adopted_meanwhile(self) -> dict[str, Any] | None:
         """The snapshot another router adopted while this process was alive (it stalled past ORPHAN_SECONDS): the
         caller takes it back (`absorb(..., sign=-1)`) before writing again, since the adopter holds those counts."""
         if self.written is None or self.path.exists():
@@ -110,7 +112,7 @@ class FiguresStore:
         gone, self.written = self.written, None
         return gone
 
-    def write(self, snap: dict, released: bool = False) -> None:
+    def write(self, snap: dict[str, Any], released: bool = False) -> None:
         """Write `snap` (`RolloutFigures.snapshot()`) as this process's snapshot; released=True on a clean shutdown
         (adopt at once)."""
         doc = {"slot": self.slot, "updated": self.clock(), "released": released, **snap}
