@@ -423,7 +423,7 @@ class RoutingPolicySpec(ApiModel):
     tiers: list[TierRef] = Field(
         min_length=1,
         max_length=16,
-        description="ModelTiers from cheapest to frontier; the last one is the quality reference.",
+        description="ModelTiers from the cheapest to the reference tier (the last: the quality reference).",
     )
     tasks: list[Task] = Field(min_length=1, max_length=64, description="Tasks served and their quality targets.")
     default_task: str | None = Field(

@@ -365,7 +365,7 @@ def _check_policy(policy: Document, tiers: list[Document]) -> list[Finding]:
                 "warning", f"spec.tiers[{j}]", f"tier {b.name!r} costs less than {a.name!r} before it "
                 f"(${cb.input_per_million}/${cb.output_per_million} vs ${ca.input_per_million}/"
                 f"${ca.output_per_million} per million input/output tokens)",
-                "order spec.tiers from cheapest to frontier: the router tries them in this order"))
+                "order spec.tiers from the cheapest to the reference tier: the router tries them in this order"))
     return out
 
 
