@@ -24,9 +24,12 @@ for the exact statement and assumptions.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from routenlp.api.routingpolicy import RiskMeasure
 
@@ -46,35 +49,43 @@ class ThresholdResult:
     empirical_risk: float | None  # the risk measure on the calibration answers at that threshold
     certified: bool
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "ThresholdResult":
+    def from_json(cls, d: dict[str, Any]) -> "ThresholdResult":
         return cls(d.get("threshold"), int(d.get("n", 0)), int(d.get("n_accepted", 0)), d.get("empirical_risk"),
                    bool(d.get("certified", False)))
 
 
-def _holm_without_empty_sets():
+class _FwerProcedure(Protocol):
+    """What MAPIE's FWER procedures offer: the indices of the hypotheses rejected at level delta."""
+
+    def run(self, p_values: np.ndarray, delta: float) -> np.ndarray: ...
+
+
+def _holm_without_empty_sets() -> _FwerProcedure:
     """MAPIE's Bonferroni-Holm, with a NaN p-value (a threshold that accepts no calibration answer) read as 1:
     such a threshold is never certified but still counts in the correction (MAPIE's argmin would pick the NaN)."""
     from mapie.risk_control.fwer_control import FWERBonferroniHolm
 
-    class _Holm(FWERBonferroniHolm):
-        def run(self, p_values, delta):
-            return super().run(np.nan_to_num(np.asarray(p_values, float), nan=1.0), delta)
+    class _Holm(FWERBonferroniHolm):  # type: ignore[misc]  # mapie ships no type information (no py.typed)
+        def run(self, p_values: ArrayLike, delta: float) -> np.ndarray:
+            rejected: np.ndarray = super().run(np.nan_to_num(np.asarray(p_values, float), nan=1.0), delta)
+            return rejected
 
     return _Holm()
 
 
-def _fixed_sequence(n_starts: int):
+def _fixed_sequence(n_starts: int) -> _FwerProcedure:
     """MAPIE's fixed-sequence testing, with a NaN p-value (no calibration answer accepted) read as 1: a
     non-rejection, which ends that branch (comparing NaN would do the same; made explicit here)."""
     from mapie.risk_control.fwer_control import FWERFixedSequenceTesting
 
-    class _FST(FWERFixedSequenceTesting):
-        def run(self, p_values, delta):
-            return super().run(np.nan_to_num(np.asarray(p_values, float), nan=1.0), delta)
+    class _FST(FWERFixedSequenceTesting):  # type: ignore[misc]  # mapie ships no type information (no py.typed)
+        def run(self, p_values: ArrayLike, delta: float) -> np.ndarray:
+            rejected: np.ndarray = super().run(np.nan_to_num(np.asarray(p_values, float), nan=1.0), delta)
+            return rejected
 
     return _FST(n_starts=n_starts)
 
@@ -85,7 +96,7 @@ ACCEPTED_ANSWERS, ALL_REQUESTS = RiskMeasure.ACCEPTED_ANSWERS.value, RiskMeasure
 RISK_MEASURES = tuple(m.value for m in RiskMeasure)
 
 
-def _accepted_and_unacceptable():
+def _accepted_and_unacceptable() -> object:
     """MAPIE binary risk for `allRequests`: the share of all calibration answers that are accepted (y_pred = 1)
     and unacceptable (y_true = 0). Every answer counts (condition always true), so the effective sample is n."""
     from mapie.risk_control import BinaryRisk
@@ -100,7 +111,7 @@ def _check_measure(risk_measure: str) -> None:
         raise ValueError(f"risk_measure must be one of {RISK_MEASURES}; got {risk_measure!r}")
 
 
-def training_grid(train_scores, n_points: int = 50, top: float = 0.99) -> np.ndarray | None:
+def training_grid(train_scores: ArrayLike, n_points: int = 50, top: float = 0.99) -> np.ndarray | None:
     """Candidate thresholds from scores of the router-TRAINING split (never calibration data): the quantiles at
     levels `top` down to 0 (n_points of them), unique, descending. None when there are no finite scores."""
     s = np.asarray(train_scores, dtype=float).reshape(-1)
@@ -111,8 +122,9 @@ def training_grid(train_scores, n_points: int = 50, top: float = 0.99) -> np.nda
     return np.unique(np.round(q, 6))[::-1]
 
 
-def ordered_grid(train_scores, train_labels, n_cal: int, risk_level: float, delta: float, n_points: int = 50,
-                 n_boot: int = 50, seed: int = 0, risk_measure: str = ACCEPTED_ANSWERS) -> np.ndarray | None:
+def ordered_grid(train_scores: ArrayLike, train_labels: ArrayLike, n_cal: int, risk_level: float, delta: float,
+                 n_points: int = 50, n_boot: int = 50, seed: int = 0,
+                 risk_measure: str = ACCEPTED_ANSWERS) -> np.ndarray | None:
     """The fixed sequence for `fwer="fixed_sequence"`, learnt on the router-TRAINING split only.
 
     Fixed-sequence testing stops at its first non-rejection, so where the sequence starts decides everything: a
@@ -162,7 +174,7 @@ def ordered_grid(train_scores, train_labels, n_cal: int, risk_level: float, delt
     return grid[start:]
 
 
-def _paired(a, b, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _paired(a: ArrayLike, b: ArrayLike, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Two arrays of one length, flattened, without the pairs where either is NaN (unknown)."""
     x = np.asarray(a, dtype=float).reshape(-1)
     y = np.asarray(b, dtype=float).reshape(-1)
@@ -175,14 +187,15 @@ def _paired(a, b, what: str) -> tuple[np.ndarray, np.ndarray]:
 class _Scores:
     """predict_proba-like wrapper MAPIE calls with X = precomputed scores (column 1 = P(acceptable))."""
 
-    def __call__(self, scores) -> np.ndarray:
+    def __call__(self, scores: ArrayLike) -> np.ndarray:
         s = np.asarray(scores, dtype=float).reshape(-1)
         return np.column_stack([1.0 - s, s])
 
 
-def calibrate_threshold(scores, labels, risk_level: float, delta: float, min_samples: int = 1,
-                        grid: np.ndarray | None = None, fwer: str = "holm", n_starts: int = 1,
-                        train=None, risk_measure: str = ACCEPTED_ANSWERS) -> ThresholdResult:
+def calibrate_threshold(scores: ArrayLike, labels: ArrayLike, risk_level: float, delta: float, min_samples: int = 1,
+                        grid: ArrayLike | None = None, fwer: str = "holm", n_starts: int = 1,
+                        train: tuple[ArrayLike, ArrayLike] | None = None,
+                        risk_measure: str = ACCEPTED_ANSWERS) -> ThresholdResult:
     """Certify the lowest threshold on `grid` whose risk (`risk_measure`, see the module docstring) is <= risk_level
     with probability >= 1 - delta.
 
@@ -239,10 +252,13 @@ def calibrate_threshold(scores, labels, risk_level: float, delta: float, min_sam
     return ThresholdResult(float(thr), n, n_acc, emp, True)
 
 
-def calibrate_cascade(task_ids, start, scores, labels, n_tasks: int, risk_level, delta, min_samples: int,
-                      max_escalations: int, tier_up=None, grid=None, *, grids=None, fwer: str = "holm",
-                      n_starts: int = 1, train=None, skip_uncertified: bool = True,
-                      risk_measure: str = ACCEPTED_ANSWERS, chains=None) -> list[list[ThresholdResult]]:
+def calibrate_cascade(task_ids: ArrayLike, start: ArrayLike, scores: ArrayLike, labels: ArrayLike, n_tasks: int,
+                      risk_level: ArrayLike, delta: ArrayLike, min_samples: int, max_escalations: int,
+                      tier_up: _cascade.Flags | None = None, grid: ArrayLike | None = None, *,
+                      grids: Sequence[Sequence[ArrayLike | None]] | None = None, fwer: str = "holm",
+                      n_starts: int = 1, train: tuple[ArrayLike, ArrayLike, ArrayLike] | None = None,
+                      skip_uncertified: bool = True, risk_measure: str = ACCEPTED_ANSWERS,
+                      chains: ArrayLike | None = None) -> list[list[ThresholdResult]]:
     """Sequential calibration over the cascade: result[task][tier].
 
     Arrays over calibration queries: task_ids (n,), start (n,) start tier from the router's start rule,
@@ -269,7 +285,7 @@ def calibrate_cascade(task_ids, start, scores, labels, n_tasks: int, risk_level,
     alpha = np.broadcast_to(np.asarray(risk_level, dtype=float), (n_tasks, K))
     dlt = np.broadcast_to(np.asarray(delta, dtype=float), (n_tasks, K))
     ch = np.ones((n_tasks, K), dtype=bool) if chains is None else np.asarray(chains, dtype=bool)
-    end = _cascade.chain_ends(ch)
+    end = np.atleast_1d(_cascade.chain_ends(ch))  # ch is (n_tasks, K): one end per task
     usable = np.ones((n_tasks, K), dtype=bool)  # tiers not yet calibrated count as usable (see docstring)
     thresholds = np.full((n_tasks, K), np.nan)
     out: list[list[ThresholdResult]] = [[ThresholdResult(None, 0, 0, None, False)] * K for _ in range(n_tasks)]
@@ -312,7 +328,7 @@ def calibrate_cascade(task_ids, start, scores, labels, n_tasks: int, risk_level,
 # ------------------------------------------------------------------------------------------- the quality floor
 
 
-def _betting_log_capital(x, m, delta: float, seed: int = 0) -> np.ndarray:
+def _betting_log_capital(x: ArrayLike, m: ArrayLike, delta: float, seed: int = 0) -> np.ndarray:
     """max_t log K_t(m) for each candidate mean m of the one-sided hedged-capital betting test (below)."""
     x = np.clip(np.asarray(x, dtype=float).reshape(-1), 0.0, 1.0)
     m = np.atleast_1d(np.asarray(m, dtype=float))
@@ -326,10 +342,11 @@ def _betting_log_capital(x, m, delta: float, seed: int = 0) -> np.ndarray:
     var_prev = np.concatenate([[0.25], var[:-1]])
     lam = np.sqrt(2 * np.log(1 / delta) / (n * var_prev))
     lam_m = np.minimum(lam[None, :], 0.5 / np.maximum(m[:, None], 1e-12))
-    return np.cumsum(np.log1p(lam_m * (x[None, :] - m[:, None])), axis=1).max(axis=1)
+    log_capital: np.ndarray = np.cumsum(np.log1p(lam_m * (x[None, :] - m[:, None])), axis=1).max(axis=1)
+    return log_capital
 
 
-def betting_lower(x, delta: float, grid: int = 2000, seed: int = 0) -> float:
+def betting_lower(x: ArrayLike, delta: float, grid: int = 2000, seed: int = 0) -> float:
     """One-sided lower confidence bound at level 1 - delta on the mean of i.i.d. x in [0, 1]: the hedged-capital
     betting bound of Waudby-Smith & Ramdas (2023, JRSS-B, "Estimating means of bounded random variables by
     betting"), one-sided. For each candidate mean m the capital prod_i (1 + lam_i (x_i - m)) is a non-negative
@@ -349,7 +366,7 @@ def betting_lower(x, delta: float, grid: int = 2000, seed: int = 0) -> float:
     return float(m[np.argmin(rejected) - 1]) if not rejected.all() else float(m[-1])
 
 
-def floor_p_value(routed, reference, floor: float, delta: float, seed: int = 0) -> float:
+def floor_p_value(routed: ArrayLike, reference: ArrayLike, floor: float, delta: float, seed: int = 0) -> float:
     """p-value of H0 "E[routed] < floor x E[reference]" (the quality ratio against always-reference is below the
     floor) from paired labels (1 = acceptable) of the same random-sample requests: what the cascade answered under
     one fixed setting, and what the reference answered. d_i = routed_i - floor x reference_i lies in [-floor, 1];
@@ -372,11 +389,11 @@ class LevelCertificate:
     n: int  # paired calibration labels
     quality_ratio: float | None  # routed / reference quality on the calibration sample at `index`
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def certify_level(routed, reference, floor: float, delta: float) -> LevelCertificate:
+def certify_level(routed: ArrayLike, reference: ArrayLike, floor: float, delta: float) -> LevelCertificate:
     """Learn-then-Test for a quality floor over a sequence of cascade settings (docs/guarantee.md, "The quality
     floor"): routed is (n, T), column j the labels (1 = acceptable, NaN = unknown) of what the cascade answers the
     n calibration requests under setting j, settings ordered from strict (answers close to the reference's) to
@@ -410,8 +427,9 @@ def certify_level(routed, reference, floor: float, delta: float) -> LevelCertifi
 LEVELS = np.round(np.linspace(1.0, 0.0, 51), 3)
 
 
-def certify_floor_levels(start, scores, labels, chains, floor: float, delta: float, max_escalations: int,
-                         levels=LEVELS) -> tuple[float | None, LevelCertificate]:
+def certify_floor_levels(start: ArrayLike, scores: ArrayLike, labels: ArrayLike, chains: ArrayLike | None, floor: float,
+                         delta: float, max_escalations: int,
+                         levels: Sequence[float] | np.ndarray = LEVELS) -> tuple[float | None, LevelCertificate]:
     """A quality floor for a group of requests (one task, or a policy's traffic mix): the loosest confidence level
     (one threshold for every cheaper tier of each request's chain) certified by `certify_level` to keep the group's
     quality ratio against always-reference >= floor, with probability >= 1 - delta.

@@ -26,11 +26,17 @@ import tempfile
 import threading
 import uuid
 import warnings
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 log = logging.getLogger("routenlp.encoder")
 
@@ -73,7 +79,7 @@ class EncoderSpec:
     variant: str = LEGACY_VARIANT
     max_tokens: int = MAX_TOKENS
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown encoder variant {self.variant!r}; expected one of {', '.join(VARIANTS)}")
         if not isinstance(self.max_tokens, int) or not 8 <= self.max_tokens <= 512:
@@ -87,11 +93,11 @@ class EncoderSpec:
         """Same embeddings: heads and thresholds fitted on one apply to the other's scores."""
         return self.space == other.space and self.max_tokens == other.max_tokens
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"variant": self.variant, "max_tokens": self.max_tokens}
 
     @classmethod
-    def from_json(cls, d: dict | None) -> "EncoderSpec":
+    def from_json(cls, d: dict[str, Any] | None) -> "EncoderSpec":
         """None (artifacts written before variants existed): today's fp32 torch MiniLM at 256 tokens."""
         if d is None:
             return cls()
@@ -141,6 +147,15 @@ def encoder_threads() -> int:
     """Intra-op threads of one ONNX Runtime forward pass: `configure_threads`' value, else env ROUTENLP_TORCH_THREADS,
     else 1 (ONNX Runtime's own default, one per core, spins and oversubscribes a small shared machine)."""
     return max(_THREADS or int(os.environ.get("ROUTENLP_TORCH_THREADS") or 1), 1)
+
+
+class TextEncoder(Protocol):
+    """What the router and the benches use of an encoder: `_Encoder`'s two runtimes, or an injected one (the local
+    runtime's, test doubles)."""
+
+    def encode(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray: ...
+
+    def _encode_batch(self, texts: list[str]) -> np.ndarray: ...
 
 
 class _Encoder:
@@ -195,7 +210,7 @@ class _Encoder:
             out[group] = self._forward(batch)
         return out
 
-    def _forward(self, batch) -> np.ndarray:
+    def _forward(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -214,19 +229,21 @@ class Encoder(_Encoder):
         self.model = AutoModel.from_pretrained(self.path, local_files_only=True, dtype=torch.float32).eval()
         self.dim = int(self.model.config.hidden_size)
 
-    def _forward(self, batch) -> np.ndarray:
+    def _forward(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
             t = {k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in batch.items()}
             hidden = self.model(**t).last_hidden_state
-            return _pool(torch, hidden, t["attention_mask"]).numpy()
+            embeddings: np.ndarray = _pool(torch, hidden, t["attention_mask"]).numpy()
+            return embeddings
 
 
-def _pool(torch, hidden, attention_mask):
+def _pool(torch: ModuleType, hidden: Tensor, attention_mask: Tensor) -> Tensor:
     """Mean over real tokens, L2-normalised (sentence-transformers' pooling for this model)."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled, p=2, dim=1)
+    normalised: Tensor = torch.nn.functional.normalize(pooled, p=2, dim=1)
+    return normalised
 
 
 class OnnxEncoder(_Encoder):
@@ -234,7 +251,7 @@ class OnnxEncoder(_Encoder):
     the same interface and pooling as `Encoder` (pooling is part of the exported graph)."""
 
     def __init__(self, path: str | None = None, max_tokens: int = MAX_TOKENS, quantization: str = "fp32",
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike[str] | None = None):
         super().__init__(path, max_tokens)
         import onnxruntime as ort
 
@@ -249,13 +266,14 @@ class OnnxEncoder(_Encoder):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # spinning starves a shared core
         self.session = ort.InferenceSession(str(self.onnx_file), opts, providers=["CPUExecutionProvider"])
 
-    def _forward(self, batch) -> np.ndarray:
+    def _forward(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
         feed = {k: np.asarray(batch[k], dtype=np.int64) for k in ONNX_INPUTS}
-        return self.session.run(None, feed)[0]
+        embeddings: np.ndarray = self.session.run(None, feed)[0]
+        return embeddings
 
 
 # ---- ONNX export (once per weights, cached) ---------------------------------------------------------------------------
-def encoder_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+def encoder_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Where exported ONNX files live: `cache_dir`, env ROUTENLP_ENCODER_CACHE, or `<model cache>/encoders`."""
     if cache_dir is not None:
         return Path(cache_dir)
@@ -264,7 +282,7 @@ def encoder_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return model_cache_root() / "encoders"
 
 
-def model_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+def model_cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Where models prepared on this machine live: `cache_dir`, env ROUTENLP_MODEL_CACHE, or ~/.cache/routenlp/models
     (the local runtime's converted tiny models too: routenlp.local.models)."""
     if cache_dir is not None:
@@ -285,7 +303,7 @@ def _weights_digest(folder: str) -> str:
     return h.hexdigest()[:16]
 
 
-def onnx_model(path: str, quantization: str = "fp32", cache_dir: str | os.PathLike | None = None) -> Path:
+def onnx_model(path: str, quantization: str = "fp32", cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The ONNX file of the model folder `path` (fp32 or int8), exported on first use. Written to a temp name and
     renamed, so concurrent processes never read half a file. An unwritable cache (read-only root filesystem) falls
     back to the temp folder."""
@@ -307,7 +325,7 @@ def onnx_model(path: str, quantization: str = "fp32", cache_dir: str | os.PathLi
     return int8
 
 
-def _atomic(final: Path, write) -> None:
+def _atomic(final: Path, write: Callable[[Path], None]) -> None:
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}")
     try:
         write(tmp)
@@ -325,11 +343,12 @@ def export_onnx(path: str, out: Path) -> None:
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
 
     class Pooled(torch.nn.Module):
-        def __init__(self):
+        def __init__(self) -> None:
             super().__init__()
             self.m = model
 
-        def forward(self, input_ids, attention_mask, token_type_ids):
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_type_ids: torch.Tensor) -> torch.Tensor:
             hidden = self.m(input_ids=input_ids, attention_mask=attention_mask,
                             token_type_ids=token_type_ids).last_hidden_state
             return _pool(torch, hidden, attention_mask)
@@ -352,7 +371,7 @@ def quantize_int8(fp32: Path, out: Path) -> None:
 
 # ---- loading ----------------------------------------------------------------------------------------------------------
 def load_encoder(spec: EncoderSpec | None = None, path: str | None = None,
-                 cache_dir: str | os.PathLike | None = None) -> _Encoder:
+                 cache_dir: str | os.PathLike[str] | None = None) -> _Encoder:
     """A new encoder of exactly `spec`'s variant (default: today's fp32 torch MiniLM)."""
     spec = spec or EncoderSpec()
     v = VARIANTS[spec.variant]
@@ -361,7 +380,7 @@ def load_encoder(spec: EncoderSpec | None = None, path: str | None = None,
     return OnnxEncoder(path, spec.max_tokens, v.quantization, cache_dir)
 
 
-def encoder_for(spec: EncoderSpec, encoder=None, path: str | None = None):
+def encoder_for(spec: EncoderSpec, encoder: TextEncoder | None = None, path: str | None = None) -> TextEncoder:
     """An encoder giving `spec`'s embeddings: `encoder` if it does (or is a test double without a `spec`), else the
     process's shared encoder of the fastest installed variant of that space."""
     given = getattr(encoder, "spec", None)
@@ -370,7 +389,7 @@ def encoder_for(spec: EncoderSpec, encoder=None, path: str | None = None):
     return shared_encoder_for(serving_spec(spec), path)
 
 
-_SHARED: dict[tuple, _Encoder] = {}
+_SHARED: dict[tuple[EncoderSpec, str], _Encoder] = {}
 _SHARED_LOCK = threading.Lock()
 
 
@@ -428,11 +447,11 @@ class MicroBatcher:
     `max_batch` texts), with up to `workers` passes running side by side on their own threads (torch releases the GIL),
     so throughput grows with concurrency while a lone request waits for nothing."""
 
-    def __init__(self, encoder: Encoder, max_batch: int = 64, workers: int | None = None):
+    def __init__(self, encoder: TextEncoder, max_batch: int = 64, workers: int | None = None):
         self.encoder = encoder
         self.max_batch = max_batch
         self.workers = workers or default_workers()
-        self._pending: list[tuple[str, asyncio.Future]] = []
+        self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
         self._busy = 0  # drain tasks alive
         self._running = 0  # forward passes in flight
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="encoder")
@@ -441,7 +460,7 @@ class MicroBatcher:
     async def encode(self, text: str) -> np.ndarray:
         """Embedding of one text, computed in a batch with whatever else is waiting."""
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
+        fut: asyncio.Future[np.ndarray] = loop.create_future()
         self._pending.append((text, fut))
         if self._busy < self.workers:
             self._busy += 1
@@ -486,7 +505,7 @@ class EncoderPool:
     embedded in the space its heads and thresholds were fitted on. An injected `encoder` (the local runtime's, or a
     test double without a `spec`, which serves every space) is used for the spaces it gives."""
 
-    def __init__(self, path: str | None = None, encoder=None):
+    def __init__(self, path: str | None = None, encoder: TextEncoder | None = None):
         self.path = path
         self.encoder = encoder
         self._batchers: dict[tuple[str, int], MicroBatcher] = {}
@@ -503,7 +522,7 @@ class EncoderPool:
                 self._batchers[key] = MicroBatcher(self._encoder_for(spec))
             return self._batchers[key]
 
-    def _encoder_for(self, spec: EncoderSpec):
+    def _encoder_for(self, spec: EncoderSpec) -> TextEncoder:
         return encoder_for(spec, self.encoder, self.path)
 
     def close(self) -> None:
