@@ -71,9 +71,9 @@ class StartRule:
     def starts(self, p: np.ndarray, ch: np.ndarray) -> np.ndarray:
         """(n,) start tiers for (n, K) predictions p and (n, K) chain rows ch."""
         n, K = p.shape
-        rows = np.arange(n)
-        end = chain_ends(ch) if n else np.zeros(0, dtype=int)
         if self.cost_weight is None:
+            rows = np.arange(n)
+            end = chain_ends(ch) if n else np.zeros(0, dtype=int)
             need = np.asarray(self.quality_target, dtype=float).reshape(-1) * p[rows, end]
             ok = (p >= need[:, None]) & ch
             ok[rows, end] = True  # the chain end always qualifies

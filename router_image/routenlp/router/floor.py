@@ -21,6 +21,7 @@ from typing import Callable, Mapping, Sequence, Union
 
 import numpy as np
 
+from .cascade import StartRule
 from .chains import learn_chains
 from .conformal import LevelCertificate, certify_level
 
@@ -53,6 +54,14 @@ class FloorSetting:
 
 def rule_from_json(doc: Mapping[str, float]) -> Rule:
     return (COST_WEIGHT, float(doc[COST_WEIGHT])) if COST_WEIGHT in doc else float(doc["qualityTarget"])
+
+
+def start_rule(rule: Rule, relative_cost: Sequence[float] | np.ndarray | None) -> StartRule:
+    """The `cascade.StartRule` a searched rule names; relative_cost ((K,) or (n, K)) weighs a cost-weighted one."""
+    if isinstance(rule, tuple):
+        return StartRule(cost_weight=rule[1], relative_cost=None if relative_cost is None
+                         else np.asarray(relative_cost, dtype=float))
+    return StartRule(quality_target=rule)
 
 
 def start_rules(cost_weights: bool) -> list[Rule]:
@@ -110,14 +119,15 @@ def training_curves(run: Callable[[str, Rule, float], tuple[np.ndarray, np.ndarr
             ey, eyr, cost = [], [], []
             for v in levels:
                 y, c = run(cs, rule, float(v))
-                ey.append(_mean(y))
-                eyr.append(_mean(y * r))
+                ey.append(known_mean(y))
+                eyr.append(known_mean(y * r))
                 cost.append(float(np.mean(c)) if len(c) else 0.0)
             curves[(cs, rule)] = (np.array(ey), np.array(eyr), np.array(cost))
     return curves
 
 
-def _mean(x: np.ndarray) -> float:
+def known_mean(x: np.ndarray) -> float:
+    """Mean over the known (non-NaN) values; 0 when none is known."""
     x = x[~np.isnan(x)]
     return float(x.mean()) if len(x) else 0.0
 

@@ -21,7 +21,7 @@ from .artifacts import Calibration, RouterArtifact
 from .auth import FeedbackGate, KeyDir
 from .calibration import Key, OnlineCalibration, Snapshot
 from .cascade import StartRule
-from .floor import COST_WEIGHT, rule_from_json
+from .floor import COST_WEIGHT, Rule, rule_from_json, start_rule
 from .clients import TierClient
 from .conformal import ThresholdResult
 from .decision_cache import DecisionCache
@@ -52,6 +52,8 @@ class RouterState:
         self.tier_names = [t.name for t in config.tiers]
         self.K = len(self.tier_names)
         self.tasks = {t.name: t for t in config.tasks}
+        # What cost-weighted start rules weigh, once: tiers are not a live field (the operator rolls the pods).
+        self.relative_cost = tuple(relative_costs([tier.cost for tier in config.tiers]))
         self.clients = [TierClient(t) for t in config.tiers]
         self.engine = CascadeEngine(config.tiers, self.clients)
         self.rng = random.Random()  # the exploration sample (seeded from the OS: clients cannot predict it)
@@ -156,18 +158,13 @@ class RouterState:
     def start_rule(self, task: str, art: RouterArtifact | None = None) -> StartRule:
         """Where the task's requests start: the rule the version's quality-floor plan was certified with (metadata
         `floor_certificates[task].start_rule`, when certified for the floor in force), else tasks[].qualityTarget,
-        or tasks[].costWeight over the tiers' prices relative to the reference's (`relative_costs`, as the trainer
-        was given them)."""
+        or tasks[].costWeight over the tiers' prices relative to the reference's (as the trainer was given them)."""
         t = self.tasks[task]
-        certified_rule = None
+        rule: Rule = t.quality_target if t.cost_weight is None else (COST_WEIGHT, t.cost_weight)
         if art is not None and self.floor_certified(art, task):
-            certified_rule = (art.metadata.get("floor_certificates", {}).get(task) or {}).get("start_rule")
-        rule = rule_from_json(certified_rule) if certified_rule else (
-            t.quality_target if t.cost_weight is None else (COST_WEIGHT, t.cost_weight))
-        if isinstance(rule, tuple):
-            return StartRule(cost_weight=rule[1],
-                             relative_cost=tuple(relative_costs([tier.cost for tier in self.config.tiers])))
-        return StartRule(quality_target=rule)
+            certified = art.metadata["floor_certificates"][task].get("start_rule")
+            rule = rule_from_json(certified) if certified else rule
+        return start_rule(rule, self.relative_cost)
 
     def chain_names(self, art: RouterArtifact | None, task: str) -> list[str]:
         """The task's chain: pinned in the RoutingPolicy (`tasks[].chain`), else learnt by the trainer (the

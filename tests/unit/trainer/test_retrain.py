@@ -129,6 +129,9 @@ def test_cost_weighted_start_rule_decides_which_requests_calibrate_the_cheaper_t
     with pytest.raises(retrain.StageError, match="relative-costs"):
         retrain.run_retrain(_args(tmp_path, signals=str(tmp_path / "signals.jsonl"), version="bad",
                                   out=str(tmp_path / "bad"), cost_weights={"intent": 1.0}))
+    with pytest.raises(retrain.StageError, match="one per tier"):
+        retrain.run_retrain(_args(tmp_path, signals=str(tmp_path / "signals.jsonl"), version="bad2",
+                                  out=str(tmp_path / "bad2"), relative_costs=[1.0]))
 
 
 def test_calibrate_recalibrates_an_existing_version(tmp_path, topic_embed, helpers):

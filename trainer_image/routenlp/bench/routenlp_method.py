@@ -30,7 +30,8 @@ import numpy as np
 from routenlp.router.cascade import StartRule, simulate_cascade, start_tiers
 from routenlp.router.conformal import ALL_REQUESTS, LEVELS, calibrate_cascade, thresholds_table
 from routenlp.router.floor import (
-    CHAIN_SETS, COST_WEIGHT, COST_WEIGHTS, QUALITY_TARGETS, chain_sets, choose, frontier, training_curves,
+    CHAIN_SETS, COST_WEIGHT, COST_WEIGHTS, QUALITY_TARGETS, chain_sets, choose, frontier, start_rule,
+    training_curves,
 )
 
 from .baselines import Method, Split
@@ -166,9 +167,7 @@ class RouteNLP(Method):
 
     def start_rule(self, idx: np.ndarray, rule) -> StartRule:
         """The `cascade.StartRule` of a swept start rule (a quality target, or (COST_WEIGHT, w)) on rows idx."""
-        if isinstance(rule, tuple):
-            return StartRule(cost_weight=rule[1], relative_cost=self.relative_cost[self.tasks[idx]])
-        return StartRule(quality_target=rule)
+        return start_rule(rule, self.relative_cost[self.tasks[idx]])
 
     def _level_plan(self, chain_set: str, idx: np.ndarray, rule, level: float):
         """(start, thresholds per row, chains per row) of the level family on rows idx: every cheaper tier of the

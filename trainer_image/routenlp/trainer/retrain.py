@@ -120,14 +120,16 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
     from the calibration split, as fixed-sequence validity needs; docs/guarantee.md), along each task's chain: the
     policy's pinned chain, else the task's cost/quality Pareto set on the fit split (`chains.learn_chains`; tiers are
     given cheapest first). Tasks under a quality floor (their own, or the policy's "*" over the others) get the
-    cheapest plan certified for it instead (`floor_plan`: chain set, start rule and one confidence level). metrics["chains"] and
-    metrics["floor_certificates"] are what the router reads from the artifact's metadata (`routing_metadata`).
+    cheapest plan certified for it instead (`floor_plan`: chain set, start rule and one confidence level).
+    metrics["chains"] and metrics["floor_certificates"] are what the router reads from the artifact's metadata
+    (`routing_metadata`).
     Requests start as the router starts them: a task with a cost weight (RoutingPolicy tasks[].costWeight) by the
     cost-weighted rule over `relative_costs` (one per tier, the reference's 1), the others by quality_target."""
     from routenlp.router.artifacts import Calibration
-    from routenlp.router.cascade import StartRule, chain_ends, start_tiers
+    from routenlp.router.cascade import chain_ends, start_tiers
     from routenlp.router.confidence import FEATURES, answer_features, fit_confidence_set
     from routenlp.router.chains import MIN_GAIN_SE, chains_from_names, chains_to_names, learn_chains
+    from routenlp.router.floor import COST_WEIGHT, start_rule
     from routenlp.router.conformal import ThresholdResult, calibrate_cascade
 
     tasks = sorted({r["task"] for r in rows})
@@ -170,16 +172,17 @@ def calibrate(router: Any, rows: list[dict[str, Any]], signals: list[dict[str, A
         for t, task in enumerate(tasks):
             if task in pinned:
                 chains[t] = mask[t]
+    if relative_costs is not None and len(relative_costs) != len(tiers):
+        raise StageError(f"--relative-costs: {len(relative_costs)} given, one per tier needed ({len(tiers)})")
     start = np.zeros(len(rows), dtype=int)
     for t, task in enumerate(tasks):
         w = (cost_weights or {}).get(task)
-        if w is not None and (relative_costs is None or len(relative_costs) != len(tiers)):
-            raise StageError(f"--cost-weights: task {task!r} has a cost weight; --relative-costs must give one "
-                             f"relative cost per tier ({len(tiers)})")
-        rule = (StartRule(quality_target=quality_target) if w is None
-                else StartRule(cost_weight=float(w), relative_cost=np.asarray(relative_costs, dtype=float)))
+        if w is not None and relative_costs is None:
+            raise StageError(f"--cost-weights: task {task!r} has a cost weight; --relative-costs must give each "
+                             "tier's relative price")
         m = task_ids == t
-        start[m] = start_tiers(pred[m], rule, chain=chains[t])
+        start[m] = start_tiers(pred[m], start_rule(quality_target if w is None else (COST_WEIGHT, float(w)),
+                                                   relative_costs), chain=chains[t])
     results = calibrate_cascade(task_ids[cal], start[cal], scores[cal], q[cal], len(tasks), risk_level, delta,
                                 min_samples, max_escalations, fwer="fixed_sequence",
                                 train=(task_ids[fit], scores[fit], q[fit]), risk_measure=risk_measure, chains=chains)
@@ -242,9 +245,11 @@ def floor_plan(pred: np.ndarray, scores: np.ndarray, q: np.ndarray, task_ids: np
     `cal`. Costs: the tiers' relative prices (cost-weighted start rules are searched only with them); without
     them, tier order stands in for price. levels: the confidence levels searched, strict to loose (default
     conformal.LEVELS). Returns (the chosen FloorSetting or None, the chain sets, certificate)."""
-    from routenlp.router.cascade import StartRule, simulate_cascade, start_tiers
+    from routenlp.router.cascade import simulate_cascade, start_tiers
     from routenlp.router.conformal import LEVELS
-    from routenlp.router.floor import CHAIN_SETS, chain_sets, choose, frontier, start_rules, training_curves
+    from routenlp.router.floor import (
+        CHAIN_SETS, chain_sets, choose, frontier, known_mean, start_rule, start_rules, training_curves,
+    )
 
     K = q.shape[1]
     levels = LEVELS if levels is None else levels
@@ -254,18 +259,15 @@ def floor_plan(pred: np.ndarray, scores: np.ndarray, q: np.ndarray, task_ids: np
 
     def run(rows: np.ndarray, cs: str, rule: Any, level: float) -> tuple[np.ndarray, np.ndarray]:
         ch = sets[cs][task_ids[rows]]
-        sr = StartRule(cost_weight=rule[1], relative_cost=price) if isinstance(rule, tuple) else \
-            StartRule(quality_target=rule)
         n = int(rows.sum())
-        r = simulate_cascade(start_tiers(pred[rows], sr, chain=ch), scores[rows], q[rows], np.tile(price, (n, 1)),
-                             np.full((n, K), level), max_escalations, chains=ch)
+        r = simulate_cascade(start_tiers(pred[rows], start_rule(rule, price), chain=ch), scores[rows], q[rows],
+                             np.tile(price, (n, 1)), np.full((n, K), level), max_escalations, chains=ch)
         return r.quality, r.cost
 
-    curves = training_curves(lambda cs, rule, v: run(fit, cs, rule, v), CHAIN_SETS,
-                             start_rules(relative_costs is not None), levels, q[fit, -1])
     ref = q[fit, -1]
-    seq = frontier(curves, levels, float(np.nanmean(ref)) if (~np.isnan(ref)).any() else 0.0, floor,
-                   float(cal.sum()))
+    curves = training_curves(lambda cs, rule, v: run(fit, cs, rule, v), CHAIN_SETS,
+                             start_rules(relative_costs is not None), levels, ref)
+    seq = frontier(curves, levels, known_mean(ref), floor, float(cal.sum()))
     runs = [run(cal, x.chain_set, x.start_rule, x.level) for x in seq]
     routed = np.column_stack([y for y, _ in runs]) if runs else np.zeros((int(cal.sum()), 0))
     chosen, cert = choose(seq, routed, [float(c.mean()) if len(c) else 0.0 for _, c in runs], q[cal, -1], floor,
