@@ -26,7 +26,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from .openai_api import ApiError
+from .protocol import ApiError
 
 log = logging.getLogger("routenlp.router.auth")
 

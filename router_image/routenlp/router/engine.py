@@ -35,7 +35,8 @@ from .clients import CircuitBreaker, UpstreamError, UpstreamResult
 from .confidence import ConfidenceSet, answer_features
 from .conformal import ThresholdResult
 from .events import RoutingOutcome, TierAttempt
-from .openai_api import ParsedRequest, answer_text, token_logprobs, usage
+from .openai_api import answer_text, token_logprobs, usage
+from .protocol import ParsedRequest
 
 # Statuses of the chain end that mean the request itself is invalid: passed back to the client as a 4xx.
 CLIENT_FAULTS = frozenset({400, 413, 422})

@@ -11,7 +11,7 @@ from typing import Any
 from routenlp.api.router_config import RouterConfig
 
 # Validation lives in protocol.py; these names stay importable from here for the engine, auth and the benches.
-from .protocol import ApiError as ApiError, ParsedRequest as ParsedRequest, parse_chat as parse_chat
+from .protocol import ApiError
 
 
 def resolve_task(config: RouterConfig, header: str | None, metadata_task: str | None, model: str | None,

@@ -189,7 +189,7 @@ def route(queries: list[Any], student: Any, student_model: str, artifact: Any, e
     from routenlp.router.encoder import encoder_for
     from routenlp.router.engine import CascadeEngine, TierInfo, make_plan
     from routenlp.router.events import FeedbackEvent, RoutingEvent
-    from routenlp.router.openai_api import parse_chat
+    from routenlp.router.protocol import parse_chat
     from routenlp.trainer.distill import messages_for
     from routenlp.trainer.evaluate import matches
 
