@@ -16,6 +16,7 @@ from torch import nn
 
 WEIGHTS = "router.pt"
 META = "router.json"
+MIN_HOLDOUT = 100  # held-out queries below which `fit` trains for the full epoch count (too noisy to stop on)
 
 
 class _Net(nn.Module):
@@ -47,6 +48,7 @@ class DifficultyRouter:
         self.net = _Net(input_dim, len(task_names), len(tier_names), task_dim, hidden, dropout)
         self.net.eval()
         self.history: list[float] = []  # mean training loss per epoch
+        self.epochs_used: int | None = None  # set by fit
 
     def task_index(self, task: str) -> int | None:
         """Index of `task`, or None if the router was not trained on it."""
@@ -57,9 +59,39 @@ class DifficultyRouter:
 
     def fit(self, embeddings: np.ndarray, task_ids: np.ndarray, quality: np.ndarray, pairs: np.ndarray | None = None,
             epochs: int = 30, seed: int = 0, lr: float = 2e-3, batch_size: int = 256, pair_weight: float = 1.0,
-            weight_decay: float = 1e-4, progress: bool = False) -> "DifficultyRouter":
+            weight_decay: float = 1e-4, progress: bool = False, holdout: float = 0.15,
+            patience: int = 3) -> "DifficultyRouter":
         """Train. `quality` (n, n_tiers) in [0, 1], NaN = unknown (masked out of the BCE). `pairs` (m, 3) int rows
-        (query index, tier a, tier b): a's answer is at least as good as b's on that query."""
+        (query index, tier a, tier b): a's answer is at least as good as b's on that query.
+
+        `epochs` is a ceiling: a seeded `holdout` share of the queries (when it holds at least MIN_HOLDOUT of them)
+        is kept out, the epoch count that minimises its BCE is found (stopping `patience` epochs after the best),
+        and the router is then trained on every query for that many epochs (`self.epochs_used`). Why: per-query
+        difficulty is a weak signal next to the task's base rate (MMLU-Pro: a 30-epoch MLP scored a held-out log
+        loss of 0.77 against 0.63 for the per-task base rate; stopped early, 0.63), so a fixed epoch count overfits
+        and the start rule then ranks tiers by noise."""
+        x, t, q, p = self._inputs(embeddings, task_ids, quality, pairs)
+        n = len(x)
+        n_held = int(round(holdout * n))
+        if n_held >= MIN_HOLDOUT and epochs > 1:
+            perm = np.random.default_rng(seed + 7919).permutation(n)
+            held, kept = np.sort(perm[:n_held]), np.sort(perm[n_held:])
+            new_index = np.full(n, -1)
+            new_index[kept] = np.arange(len(kept))
+            pk = p[new_index[p[:, 0]] >= 0]
+            pk = np.column_stack([new_index[pk[:, 0]], pk[:, 1], pk[:, 2]])
+            probe = DifficultyRouter(self.tier_names, self.task_names, self.input_dim, self.task_dim, self.hidden,
+                                     self.dropout)
+            losses = probe._train(x[kept], t[kept], q[kept], pk, epochs, seed, lr, batch_size, pair_weight,
+                                  weight_decay, False, patience, held=(x[held], t[held], q[held]))
+            epochs = int(np.argmin(losses)) + 1
+        self._train(x, t, q, p, epochs, seed, lr, batch_size, pair_weight, weight_decay, progress)
+        self.epochs_used = epochs
+        return self
+
+    def _inputs(self, embeddings: np.ndarray, task_ids: np.ndarray, quality: np.ndarray,
+                pairs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The training arrays, typed and checked."""
         x = np.asarray(embeddings, dtype=np.float32)
         t = np.asarray(task_ids, dtype=np.int64)
         q = np.asarray(quality, dtype=np.float32)
@@ -73,6 +105,17 @@ class DifficultyRouter:
         p = np.zeros((0, 3), dtype=np.int64) if pairs is None or len(pairs) == 0 else np.asarray(pairs, dtype=np.int64)
         if p.ndim != 2 or p.shape[1] != 3:
             raise ValueError("pairs must be (m, 3): query index, better-or-equal tier, other tier")
+        if len(p) and (p[:, 0].min() < 0 or p[:, 0].max() >= n):
+            raise ValueError("pairs name a query index out of range")
+        return x, t, q, p
+
+    def _train(self, x: np.ndarray, t: np.ndarray, q: np.ndarray, p: np.ndarray,
+               epochs: int, seed: int, lr: float, batch_size: int, pair_weight: float, weight_decay: float,
+               progress: bool, patience: int = 0,
+               held: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> list[float]:
+        """The training loop; with `held` (embeddings, task ids, quality), the held-out BCE after each epoch (the
+        loop stops `patience` epochs after its minimum)."""
+        n = len(x)
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         X, T = torch.from_numpy(x), torch.from_numpy(t)
@@ -88,6 +131,7 @@ class DifficultyRouter:
             from tqdm import tqdm
 
             epochs_iter = tqdm(epochs_iter, desc="router fit", unit="epoch")
+        held_losses: list[float] = []
         self.net.train()
         for _ in epochs_iter:
             perm = rng.permutation(n)
@@ -111,8 +155,24 @@ class DifficultyRouter:
                 total += float(loss.detach())
                 batches += 1
             self.history.append(total / max(batches, 1))
+            if held is not None:
+                held_losses.append(self._held_out_loss(*held))
+                if len(held_losses) - 1 - int(np.argmin(held_losses)) >= patience:
+                    break
+                self.net.train()
         self.net.eval()
-        return self
+        return held_losses
+
+    def _held_out_loss(self, x: np.ndarray, t: np.ndarray, q: np.ndarray) -> float:
+        """Mean BCE over the known (query, tier) outcomes of held-out queries."""
+        self.net.eval()
+        with torch.inference_mode():
+            logits = self.net(torch.from_numpy(np.asarray(x, dtype=np.float32)),
+                              torch.from_numpy(np.asarray(t, dtype=np.int64)))
+        qq = torch.from_numpy(np.asarray(q, dtype=np.float32))
+        known = ~torch.isnan(qq)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits[known], qq[known])
+        return float(loss) if bool(known.any()) else 0.0
 
     def predict_proba(self, embeddings: np.ndarray, task_ids: np.ndarray) -> np.ndarray:
         """(n, n_tiers) float32: predicted acceptance of each tier's answer."""

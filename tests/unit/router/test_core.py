@@ -55,6 +55,31 @@ def test_pairwise_loss_orders_heads_without_quality_labels():
     assert (p[~hard, 0] > p[~hard, 1]).mean() > 0.8
 
 
+def test_early_stopping_keeps_a_weak_signal_router_at_least_as_good_as_the_task_base_rates():
+    """Per-query difficulty is a weak signal next to the task's base rate (MMLU-Pro); a fixed epoch count then
+    memorises noise. The held-out epoch count keeps the router's held-out log loss near the base rates'."""
+    rng = np.random.default_rng(3)
+    n, n_tasks = 3000, 4
+    x = rng.normal(size=(2 * n, 384)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # unit norm, as the encoder's embeddings
+    t = rng.integers(0, n_tasks, size=2 * n)
+    rate = np.array([[0.3, 0.8], [0.5, 0.9], [0.7, 0.6], [0.2, 0.4]])[t]
+    rate[:, 0] = np.clip(rate[:, 0] + 0.1 * np.tanh(20 * x[:, 0]), 0, 1)  # a little per-query signal
+    q = (rng.uniform(size=rate.shape) < rate).astype(np.float32)
+
+    def log_loss(p):
+        p = np.clip(p, 1e-4, 1 - 1e-4)
+        return float(-(q[n:] * np.log(p) + (1 - q[n:]) * np.log(1 - p)).mean())
+
+    base = np.stack([q[:n][t[:n] == k].mean(0) for k in range(n_tasks)])[t[n:]]
+    stopped = DifficultyRouter(["a", "b"], [f"t{k}" for k in range(n_tasks)]).fit(x[:n], t[:n], q[:n], epochs=30)
+    fixed = DifficultyRouter(["a", "b"], [f"t{k}" for k in range(n_tasks)]).fit(x[:n], t[:n], q[:n], epochs=30,
+                                                                                 holdout=0.0)
+    assert stopped.epochs_used is not None and stopped.epochs_used < 30 and fixed.epochs_used == 30
+    assert log_loss(stopped.predict_proba(x[n:], t[n:])) <= log_loss(base) + 0.01
+    assert log_loss(fixed.predict_proba(x[n:], t[n:])) > log_loss(base) + 0.05
+
+
 def test_answer_features_and_fallback():
     f = answer_features([-0.1, -2.0, None], structured=True, prior=0.8)
     assert f["mean_logprob"] == pytest.approx(-1.05) and f["min_logprob"] == -2.0
