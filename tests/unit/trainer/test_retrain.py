@@ -60,6 +60,7 @@ def test_retrain_writes_a_router_version_the_router_loads(tmp_path, topic_embed,
     assert s["metrics"]["version"] == "v2"
     art = load_artifact(tmp_path / "artifacts", "v2")
     assert art.router.tier_names == ["student", "reference"]
+    assert 1 <= art.metadata["router_epochs"] <= args.epochs  # recorded: how many epochs early stopping kept
     # the router learned where the student is good: card queries
     x = topic_embed(["where is my card ?", "pin is blocked ?"])
     p = art.router.predict_proba(x, np.zeros(2, dtype=int))

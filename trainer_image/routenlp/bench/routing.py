@@ -626,7 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shift-risk", type=float, default=0.2, help="risk level of the shift study")
     ap.add_argument("--response-features", choices=("hash", "minilm"), default="hash",
                     help="answer-scorer embedding of the response text (default hash: hashed word n-grams)")
-    ap.add_argument("--epochs", type=int, default=30, help="router training epochs")
+    ap.add_argument("--epochs", type=int, default=30,
+                    help="most router training epochs (early stopping on held-out training queries picks fewer)")
     ap.add_argument("--threads", type=int, default=1, help="torch/BLAS threads (default 1)")
     ap.add_argument("--cache-dir", default=None, help="embedding cache (default ~/.cache/routenlp/bench)")
     ap.add_argument("--json", action="store_true", help="print one JSON object to stdout")

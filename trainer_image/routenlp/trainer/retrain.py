@@ -376,6 +376,7 @@ def run_retrain(args: argparse.Namespace) -> dict[str, Any]:
     version = args.version or f"r-{st.key[:12]}"
     meta = {"trained_by": "routenlp train retrain", "student_tier": args.student_tier,
             "student_model": args.student_model, "requests": len(rows), "metrics": m, **routing_metadata(m),
+            "router_epochs": router.epochs_used,  # early-stopped on held-out training queries (at most --epochs)
             "encoder": spec.to_json()}  # what the heads and thresholds were fitted on: the router embeds with it
     path = _save_version(local_path(args.artifact_dir, "--artifact-dir"), version, st.key, router, conf, calibration,
                          meta)
@@ -493,7 +494,9 @@ def main_retrain(argv: list[str]) -> int:
     p.add_argument("--signals", help="precomputed quality signals JSONL instead of probing")
     p.add_argument("--probe", type=int, default=600, help="logged requests probed")
     p.add_argument("--exclude", help="JSONL with request_id of queries to leave out (distill's train.jsonl)")
-    p.add_argument("--epochs", type=int, default=40, help="router training epochs")
+    p.add_argument("--epochs", type=int, default=40, 
+                   help="most router training epochs (fewer when a held-out share of the training queries stops "
+                   "improving)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.tiers = args.tiers or [args.student_tier, args.teacher_tier]
