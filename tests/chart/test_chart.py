@@ -481,6 +481,26 @@ def test_webhook_only_sees_labelled_pods(rendered):
     assert ns_sel["matchExpressions"][0]["values"] == ["team-a", "team-b"]
 
 
+def test_deprecation_webhook_only_warns_about_routing_policies(rendered):
+    """The ValidatingWebhookConfiguration of the deprecation warnings: RoutingPolicy writes only, never blocking one
+    (Ignore), through the same Service and CA as the sidecar webhook; none without the webhook server."""
+    for name in ("default", "namespaced", "webhook-cert-manager"):
+        [vwc] = by_kind(rendered[name], "ValidatingWebhookConfiguration")
+        [mwc] = by_kind(rendered[name], "MutatingWebhookConfiguration")
+        [webhook] = vwc["webhooks"]
+        assert webhook["rules"] == [{"operations": ["CREATE", "UPDATE"], "apiGroups": ["routenlp.io"],
+                                     "apiVersions": ["v1alpha1"], "resources": ["routingpolicies"],
+                                     "scope": "Namespaced"}]
+        assert webhook["failurePolicy"] == "Ignore" and webhook["sideEffects"] == "None"
+        sidecar = mwc["webhooks"][0]["clientConfig"]
+        assert {k: v for k, v in webhook["clientConfig"]["service"].items() if k != "path"} == {
+            k: v for k, v in sidecar["service"].items() if k != "path"}
+        assert webhook["clientConfig"].get("caBundle") == sidecar.get("caBundle")
+        assert vwc["metadata"].get("annotations") == mwc["metadata"].get("annotations")  # cert-manager's CA
+        assert webhook.get("namespaceSelector") == mwc["webhooks"][0].get("namespaceSelector")
+    assert not by_kind(rendered["minimal"], "ValidatingWebhookConfiguration")
+
+
 def test_cert_manager_certificate_matches_webhook(h, rendered):
     objs = rendered["webhook-cert-manager"]
     mwc = by_kind(objs, "MutatingWebhookConfiguration")[0]
@@ -505,9 +525,11 @@ def test_cert_manager_certificate_matches_webhook(h, rendered):
     assert ext["spec"]["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
 
 
-def test_webhook_path_is_served_by_the_operator(h, rendered):
-    """The path the webhook calls is the id of the operator's sidecar-injection handler (kopf serves /<id>)."""
-    path = by_kind(rendered["default"], "MutatingWebhookConfiguration")[0]["webhooks"][0]["clientConfig"]["service"]["path"]
+@pytest.mark.parametrize("kind", ["MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"])
+def test_webhook_path_is_served_by_the_operator(h, rendered, kind):
+    """The path each webhook calls is the id of an operator handler (kopf serves /<id>): sidecar injection, and the
+    deprecation warnings on RoutingPolicy writes."""
+    path = by_kind(rendered["default"], kind)[0]["webhooks"][0]["clientConfig"]["service"]["path"]
     handler_id = path.lstrip("/")
     sources = "\n".join(p.read_text() for p in (h.ROOT / "operator" / "routenlp" / "operator").rglob("*.py"))
     assert re.search(r"""id\s*=\s*['"]%s['"]""" % re.escape(handler_id), sources) or re.search(

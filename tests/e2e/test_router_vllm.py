@@ -27,7 +27,7 @@ def _router_config(tiers: list[tuple[str, str, str]], tmp, labels):
     policy = parse({
         "apiVersion": "routenlp.io/v1alpha1", "kind": "RoutingPolicy", "metadata": {"name": "e2e"},
         "spec": {"tiers": [{"name": n} for n, _, _ in tiers],
-                 "tasks": [{"name": TASK, "kind": "structured", "labels": list(labels)}],
+                 "tasks": [{"name": TASK, "kind": "structured", "answers": list(labels)}],
                  "cascade": {"riskLevel": 0.1, "delta": 0.1, "minCalibrationSamples": 1000,
                              "recalibrationInterval": "1h", "maxEscalations": 1},
                  # every request is in the router's exploration sample: uncalibrated cheaper tiers are tried too
@@ -240,7 +240,7 @@ def test_every_tier_down_is_503_with_retry_after(tmp_path):
     cfg = _router_config([(SMOL, "smollm2-135m", dead[0]), (REF, "frontier-oracle", dead[1])], tmp_path,
                          b77.labels())
     with AppThread(server.build_app(cfg), name="dead-router") as t:
-        t.labels = cfg.tasks[0].labels
+        t.labels = cfg.tasks[0].answers
         codes = [ask(t, b77.Example("I lost my card", "lost_or_stolen_card")) for _ in range(6)]
     assert codes[-1].status_code == 503 and int(codes[-1].headers["Retry-After"]) >= 1
     assert "error" in codes[-1].json()

@@ -206,7 +206,7 @@ def real_router(tmp_path_factory):
         "tiers": [{"name": n, "servedModelName": f"{n}-model", "baseUrl": f"http://127.0.0.1:{port}/v1",
                    "cost": {"inputPerMillion": c, "outputPerMillion": c}, "timeoutSeconds": 5}
                   for n, port, c in zip(("s", "t"), ports, (0.1, 10.0))],
-        "tasks": [{"name": "intent", "kind": "structured", "labels": ["refund", "card"], "qualityTarget": 0.9}],
+        "tasks": [{"name": "intent", "kind": "structured", "answers": ["refund", "card"], "qualityTarget": 0.9}],
         "defaultTask": "intent", "shadowSampleRate": 1.0,
         "cascade": {"riskLevel": 0.05, "delta": 0.1, "minCalibrationSamples": 200},
         "router": {"artifactDir": str(tmp / "artifacts"), "current": "v1", "canary": "v2", "canaryPercent": 20},

@@ -1,10 +1,12 @@
-"""RoutingPolicy end to end: tier resolution, router ConfigMap + gateway, config-hash rollout, sidecar webhook."""
+"""RoutingPolicy end to end: tier resolution, router ConfigMap + gateway, config-hash rollout, sidecar webhook,
+deprecated fields (admission warnings and a DeprecatedField Event)."""
 
 from __future__ import annotations
 
 import base64
 import json
 import ssl
+import time
 import urllib.request
 
 import yaml
@@ -137,13 +139,15 @@ def test_router_version_auto_follows_campaign_and_canary_promotes(cluster):
     assert (st["costReduction"], st["escalationRate"], st["violationRate"]) == (0.46, 0.21, 0.02)
 
 
-def _admission_review(cluster, pod: dict, ns: str) -> dict:
+def _admission_review(cluster, obj: dict, ns: str, path: str = "routenlp-sidecar",
+                      resource: tuple[str, str, str, str] = ("", "v1", "Pod", "pods")) -> dict:
+    group, version, kind, plural = resource
     review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
-        "uid": "0d3c0c6e-1111-2222-3333-444455556666", "kind": {"group": "", "version": "v1", "kind": "Pod"},
-        "resource": {"group": "", "version": "v1", "resource": "pods"}, "namespace": ns, "operation": "CREATE",
-        "userInfo": {"username": "test"}, "object": pod, "dryRun": False}}
+        "uid": "0d3c0c6e-1111-2222-3333-444455556666", "kind": {"group": group, "version": version, "kind": kind},
+        "resource": {"group": group, "version": version, "resource": plural}, "namespace": ns, "operation": "CREATE",
+        "userInfo": {"username": "test"}, "object": obj, "dryRun": False}}
     ctx = ssl.create_default_context(cafile=cluster.webhook_ca)
-    req = urllib.request.Request(f"https://{cluster.webhook_host}:{cluster.webhook_port}/routenlp-sidecar",
+    req = urllib.request.Request(f"https://{cluster.webhook_host}:{cluster.webhook_port}/{path}",
                                  data=json.dumps(review).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
         return json.loads(r.read())
@@ -182,3 +186,25 @@ def test_sidecar_webhook_injects_router(cluster):
     pod["metadata"]["labels"]["routenlp.io/policy"] = "nope"
     resp = _admission_review(cluster, pod, ns)["response"]
     assert resp["allowed"] is False and "nope" in resp["status"]["message"]
+
+
+def test_deprecated_labels_serve_as_answers_with_admission_warnings_and_one_event(cluster):
+    """`spec.tasks[].labels`, renamed `answers` in v0.2: a policy that still sets it is admitted with kubectl's warning
+    (the validating webhook), reconciles as before (router.yaml keeps the `labels` spelling for the previous
+    release's routers) and gets one Warning Event `DeprecatedField` for its generation, not one per resync."""
+    ns = "rp-deprecated"
+    cluster.api.create(cluster.cr_path("modeltiers", ns), tier("s"))
+    body = policy("old", ["s"], tasks=[{"name": "intent", "kind": "structured", "labels": ["refund", "card"]}])
+    resp = _admission_review(cluster, body, ns, "routenlp-deprecations",
+                             ("routenlp.io", "v1alpha1", "RoutingPolicy", "routingpolicies"))["response"]
+    assert resp["allowed"] is True and resp["warnings"] == [(
+        "spec.tasks[0].labels is deprecated since v0.2: use spec.tasks[0].answers (same meaning); the old name is "
+        "accepted until v0.3")]
+    cluster.api.create(cluster.cr_path("routingpolicies", ns), body)
+    cfg = wait_for(lambda: _config(cluster, ns, "old"), what="router config")
+    assert cfg["tasks"][0]["labels"] == ["refund", "card"] and "answers" not in cfg["tasks"][0]
+    [event] = wait_for(lambda: [e for e in cluster.events(ns, "old") if e["reason"] == "DeprecatedField"],
+                       what="DeprecatedField event")
+    assert event["type"] == "Warning" and event["message"] == resp["warnings"][0]
+    time.sleep(2.5)  # resyncs every second here: still one Event for the generation
+    assert len([e for e in cluster.events(ns, "old") if e["reason"] == "DeprecatedField"]) == 1

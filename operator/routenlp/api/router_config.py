@@ -7,6 +7,7 @@ RoutingPolicy down to the router. Nothing here knows about Kubernetes: tiers are
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import AliasChoices, Field
@@ -90,6 +91,15 @@ class RouterConfig(ApiModel):
     @classmethod
     def load(cls, path: str | Path) -> "RouterConfig":
         return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+
+    def to_k8s(self) -> dict[str, Any]:
+        """router.yaml's form. A task's `answers` are still written as `labels` (their name before v0.2) until v0.3,
+        so that sidecar routers of the previous image, which reject unknown keys, read it; `Task` reads both."""
+        out = super().to_k8s()
+        # In place of `answers`, so that router.yaml (and its hash, which rolls the routers) stays as it was.
+        out["tasks"] = [{("labels" if k == "answers" else k): v for k, v in task.items() if k != "labels"}
+                        for task in out["tasks"]]
+        return out
 
     def dump_yaml(self) -> str:
         return str(yaml.safe_dump(self.to_k8s(), sort_keys=False))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, ClassVar, Literal
 
@@ -50,23 +51,34 @@ class TaskMatch(ApiModel):
         return self
 
 
+TASK_ANSWERS_NEED_STRUCTURED = Rule(
+    rule="self.kind == 'structured' || !has(self.answers) || size(self.answers) == 0",
+    message="answers apply only to structured tasks: set kind: structured, or remove answers",
+    field="answers",
+    reason="FieldValueForbidden",
+)
+# The same rule for the deprecated spelling, so that the message names the field the user wrote.
 TASK_LABELS_NEED_STRUCTURED = Rule(
     rule="self.kind == 'structured' || !has(self.labels) || size(self.labels) == 0",
-    message="labels apply only to structured tasks: set kind: structured, or remove labels",
+    message="labels (the deprecated name of answers) apply only to structured tasks: set kind: structured, or "
+    "remove labels",
     field="labels",
     reason="FieldValueForbidden",
 )
+# `tasks[].labels` was renamed `answers` ("label" means a feedback label everywhere else).
+ANSWERS_RENAMED_SINCE = "v0.2"
+ANSWERS_OLD_NAME_UNTIL = "v0.3"
 
 
 class Task(ApiModel):
     """A kind of request the policy serves, with its own quality target and calibration."""
 
-    RULES = (TASK_LABELS_NEED_STRUCTURED,)
+    RULES = (TASK_ANSWERS_NEED_STRUCTURED, TASK_LABELS_NEED_STRUCTURED)
 
     name: str = Field(pattern=DNS_LABEL, max_length=63, description="Task name; requests name it in `X-RouteNLP-Task`.")
     kind: TaskKind = Field(
         default=TaskKind.GENERATION,
-        description="`structured`: a closed set of answers (labels, JSON); `generation`: free text.",
+        description="`structured`: a closed set of `answers` (class names, JSON); `generation`: free text.",
     )
     quality_target: float = Field(
         default=0.97,
@@ -104,22 +116,49 @@ class Task(ApiModel):
         "(the task's cost/quality Pareto set on logged quality); every tier until a trained router version exists.",
         json_schema_extra={"x-kubernetes-list-type": "atomic"},
     )
-    labels: list[str] = Field(
+    answers: list[str] = Field(
         default_factory=list,
         max_length=1000,
-        description="Allowed answers of a structured task, each once (label confidence comes from them).",
+        description="Allowed answers of a structured task (e.g. its intents), each once: a cheaper tier's answer agrees "
+        "with the reference tier's when both name the same one (how shadow and judge labels are made).",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    labels: list[str] | None = Field(
+        default=None,
+        max_length=1000,
+        description=f"Deprecated since {ANSWERS_RENAMED_SINCE}, accepted until {ANSWERS_OLD_NAME_UNTIL}: the former "
+        "name of `answers` (same meaning), read as `answers` when that is unset; setting both to different values "
+        "is an error the operator reports (InvalidSpec).",
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     match: TaskMatch = Field(default_factory=TaskMatch, description="Rules that map a request to this task.")
 
     @model_validator(mode="after")
-    def _labels(self) -> "Task":
-        if self.labels and self.kind != TaskKind.STRUCTURED:
-            raise TASK_LABELS_NEED_STRUCTURED.error()
+    def _answers(self) -> "Task":
         # The CRD states uniqueness as a list-type set (the API server rejects duplicates itself).
-        dup = duplicates(self.labels)
+        if self.labels:  # the deprecated spelling: checked under its own name, then read as `answers`
+            if self.kind != TaskKind.STRUCTURED:
+                raise TASK_LABELS_NEED_STRUCTURED.error()
+            dup = duplicates(self.labels)
+            if dup:
+                raise SpecError("labels", f"labels must be unique; repeated: {', '.join(dup)}")
+            # No CEL rule for this one: comparing two lists of up to 1000 strings of unbounded length is beyond the
+            # API server's cost budget for a rule, so the operator (and `routenlp validate`) reject it. Sets: the
+            # order does not matter.
+            if self.answers and set(self.answers) != set(self.labels):
+                only_answers = sorted(set(self.answers) - set(self.labels))
+                only_labels = sorted(set(self.labels) - set(self.answers))
+                raise SpecError("labels", "labels is the deprecated name of answers and the two differ: set only "
+                                f"answers (only in answers: {', '.join(only_answers) or '-'}; only in labels: "
+                                f"{', '.join(only_labels) or '-'})")
+            if not self.answers:
+                self.answers = list(self.labels)
+                return self
+        if self.answers and self.kind != TaskKind.STRUCTURED:
+            raise TASK_ANSWERS_NEED_STRUCTURED.error()
+        dup = duplicates(self.answers)
         if dup:
-            raise SpecError("labels", f"labels must be unique; repeated: {', '.join(dup)}")
+            raise SpecError("answers", f"answers must be unique; repeated: {', '.join(dup)}")
         return self
 
 
@@ -481,6 +520,28 @@ class RoutingPolicySpec(ApiModel):
 
     def resolved_default_task(self) -> str:
         return self.default_task or self.tasks[0].name
+
+
+@dataclass(frozen=True)
+class Deprecation:
+    """A deprecated field a spec sets: `path` (e.g. `spec.tasks[2].labels`) and the field that replaces it."""
+
+    path: str
+    use: str
+    since: str
+    until: str
+
+    def __str__(self) -> str:
+        return (f"{self.path} is deprecated since {self.since}: use {self.use} (same meaning); the old name is "
+                f"accepted until {self.until}")
+
+
+def deprecations(spec: RoutingPolicySpec) -> list[Deprecation]:
+    """The deprecated fields `spec` sets, in document order: what the admission webhook returns as warnings (kubectl
+    prints them), the reconcile reports as a `DeprecatedField` Event and `routenlp validate` as warnings."""
+    return [Deprecation(f"spec.tasks[{i}].labels", f"spec.tasks[{i}].answers", ANSWERS_RENAMED_SINCE,
+                        ANSWERS_OLD_NAME_UNTIL)
+            for i, t in enumerate(spec.tasks) if t.labels is not None]
 
 
 class RolloutEvent(ApiModel):

@@ -21,10 +21,11 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from routenlp.api import GROUP, KINDS, VERSION
+from routenlp.api import GROUP, KINDS, VERSION, RoutingPolicy
 from routenlp.api.common import SpecError
 from routenlp.api.crdgen import openapi_schema, prune_nulls
 from routenlp.api.docgen import constraints
+from routenlp.api.routingpolicy import deprecations
 
 try:  # the kubernetes client parses resource quantities: the operator extra has it, the router and trainer images not
     from routenlp.operator.quantities import problems as quantity_problems
@@ -218,10 +219,14 @@ def _check_routenlp(doc: Document) -> list[Finding]:
                 message, fix = _explain(doc.kind, err, segments)
                 findings.append(doc.finding("error", segments, message, fix))
         return findings
+    # Deprecated fields: what the admission webhook warns about and the operator reports as a DeprecatedField Event.
+    found = [doc.finding("warning", d.path, f"deprecated since {d.since}, accepted until {d.until}",
+                         f"rename it: {d.use} (same meaning)")
+             for d in (deprecations(doc.model.spec) if isinstance(doc.model, RoutingPolicy) else [])]
     if quantity_problems is None:
-        return [doc.finding("note", "", "resource quantities (cpu, memory, shmSize) not checked: install "
-                                        "routenlp[operator] for the kubernetes client that parses them")]
-    return [doc.finding("error", p.path, p.message, p.fix) for p in quantity_problems(doc.model)]
+        return found + [doc.finding("note", "", "resource quantities (cpu, memory, shmSize) not checked: install "
+                                                "routenlp[operator] for the kubernetes client that parses them")]
+    return found + [doc.finding("error", p.path, p.message, p.fix) for p in quantity_problems(doc.model)]
 
 
 def _check_other(doc: Document, kube_version: str | None) -> list[Finding]:

@@ -21,7 +21,7 @@ from routenlp.api.common import (
 )
 from routenlp.api.figures import RolloutAnswer, merge as merge_figures
 from routenlp.api.router_config import RouterAuth, RouterConfig, RouterState, RouterVersions, TierEndpoint
-from routenlp.api.routingpolicy import ALL_NAMESPACES
+from routenlp.api.routingpolicy import ALL_NAMESPACES, deprecations
 
 from .campaign_flow import router_offer
 from .meta import (
@@ -483,6 +483,10 @@ async def _reconcile_policy(body: Obj, ns: str, name: str, observe: bool) -> str
     except (ValidationError, ValueError) as exc:
         return await invalid("RoutingPolicy", body, exc)
     gen = body["metadata"].get("generation")
+    uid = body["metadata"].get("uid") or f"{ns}/{name}"
+    if RT.deprecations_reported.get(uid) != gen:  # once per generation (and per operator start: upgraded objects)
+        emit(body, deprecation_events(policy))
+        RT.deprecations_reported[uid] = gen
     old = body.get("status") or {}
     budget: Obj | None = None  # BudgetExceeded, when the router's figures were read this time
     tiers, missing, invalid_tiers, not_ready = await _resolve_tiers(policy, ns)
@@ -526,6 +530,13 @@ async def _reconcile_policy(body: Obj, ns: str, name: str, observe: bool) -> str
     emit(body, budget_events(get_condition(old.get("conditions"), BUDGET_EXCEEDED), budget))
     await write_status("RoutingPolicy", body, status)
     return None
+
+
+def deprecation_events(policy: RoutingPolicy) -> list[tuple[str, str, str]]:
+    """One Warning Event `DeprecatedField` naming every deprecated field the spec sets (api.routingpolicy.deprecations,
+    which the admission webhook returns as warnings too)."""
+    found = deprecations(policy.spec)
+    return [("Warning", "DeprecatedField", "; ".join(map(str, found))[:1000])] if found else []
 
 
 def budget_events(prev: Obj | None, new: Obj | None) -> list[tuple[str, str, str]]:

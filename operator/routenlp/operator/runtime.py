@@ -36,6 +36,7 @@ class Runtime:
     # wakes and the drift/campaign follow-ups run beside them.
     locks: dict[tuple[str, str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
     fingerprints: dict[str, str] = {}  # owned object uid -> last seen content (see owned.owned_changed)
+    deprecations_reported: dict[str, int | None] = {}  # policy uid -> generation whose DeprecatedField Event was sent
     policy_index: Any = None  # kopf's policies_by_tier index, captured from the first handler call
     pending_wakes: set[tuple[str, str]] = set()
     wake_tasks: set[asyncio.Task] = set()

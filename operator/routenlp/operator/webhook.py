@@ -1,5 +1,7 @@
-"""Sidecar injection: the mutating admission webhook that adds a policy's router to pods labelled
-routenlp.io/policy=<a sidecar-mode policy>, served by kopf when ROUTENLP_WEBHOOK_PORT is set."""
+"""The admission webhooks kopf serves when ROUTENLP_WEBHOOK_PORT is set: sidecar injection (the mutating webhook that
+adds a policy's router to pods labelled routenlp.io/policy=<a sidecar-mode policy>), and the validating webhook that
+answers RoutingPolicy writes with warnings for the deprecated fields they set (kubectl prints them); it never
+refuses one (the CRD's schema and rules do that)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import kopf
 from pydantic import ValidationError
 
 from routenlp.api import GROUP, VERSION, ModelTier, RoutingPolicy
+from routenlp.api.routingpolicy import deprecations
 
 from .quantities import checked
 from .routingpolicy import ROUTER_LABEL, router_container, router_volumes
@@ -84,14 +87,30 @@ def inject_router(body: kopf.Body, patch: kopf.Patch, policies_by_name: kopf.Ind
         patch.fns.append(lambda b: jsonpatch.apply_patch(b, ops, in_place=True))
 
 
-def register_sidecar_webhook(registry: kopf.OperatorRegistry | None = None) -> bool:
-    """Register the sidecar-injection mutating handler once, if ROUTENLP_WEBHOOK_PORT names a webhook server.
+def deprecation_warnings(body: Any) -> list[str]:
+    """The AdmissionReview warnings for a RoutingPolicy: one per deprecated field it sets. None for a spec the models
+    reject: the operator reports that one as InvalidSpec (its Ready condition and a Warning Event)."""
+    try:
+        policy = RoutingPolicy.model_validate(doc(body))
+    except (ValidationError, ValueError):
+        return []
+    return [str(d) for d in deprecations(policy.spec)]
+
+
+def warn_deprecated(body: kopf.Body, warnings: list[str], **_: Any) -> None:
+    """Validating handler of RoutingPolicy CREATE/UPDATE: allows every write, with warnings for deprecated fields."""
+    warnings.extend(deprecation_warnings(body))
+
+
+def register_webhooks(registry: kopf.OperatorRegistry | None = None) -> bool:
+    """Register the admission handlers (sidecar injection, deprecation warnings) once, if ROUTENLP_WEBHOOK_PORT names
+    a webhook server.
 
     kopf refuses to start with admission handlers but no webhook server, so registration follows the environment.
     It runs at import (the usual `kopf run -m routenlp.operator.handlers`) and again in `_webhook_startup`, where
     the server is configured: a process that imported this module before the port was set (tests collected first, an
     embedding program) would otherwise serve a webhook with no handler, answering 404 to every review.
-    Returns whether the handler is registered.
+    Returns whether the handlers are registered.
     """
     registry = kopf.get_default_registry() if registry is None else registry
     # kopf has no public lookup by handler id; its own observation code reads the same registry.
@@ -99,9 +118,12 @@ def register_sidecar_webhook(registry: kopf.OperatorRegistry | None = None) -> b
         return True
     if not int(os.environ.get("ROUTENLP_WEBHOOK_PORT", "0")):
         return False
+    # kopf serves each handler at /<id>: the paths of the chart's webhook configurations.
     kopf.on.mutate("v1", "pods", id="routenlp-sidecar", operation="CREATE",
                    labels={"routenlp.io/policy": kopf.PRESENT}, side_effects=False, ignore_failures=False,
                    registry=registry)(inject_router)
+    kopf.on.validate(GROUP, VERSION, "routingpolicies", id="routenlp-deprecations", operations=["CREATE", "UPDATE"],
+                     side_effects=False, ignore_failures=True, registry=registry)(warn_deprecated)
     return True
 
 
@@ -112,8 +134,8 @@ async def _webhook_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.admission.server = kopf.WebhookServer(
             addr=os.environ.get("ROUTENLP_WEBHOOK_ADDR", "0.0.0.0"), port=port,
             certfile=os.environ["ROUTENLP_WEBHOOK_CERT"], pkeyfile=os.environ["ROUTENLP_WEBHOOK_KEY"])
-        # The server and its handler follow the same environment, read now (root tasks start after startup).
-        register_sidecar_webhook()
+        # The server and its handlers follow the same environment, read now (root tasks start after startup).
+        register_webhooks()
 
 
-register_sidecar_webhook()
+register_webhooks()

@@ -131,12 +131,13 @@ def normalise(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
-def canonical_label(text: str, labels: list[str]) -> str:
-    """A structured answer reduced to its label: the first allowed label it names, else its normalised text."""
+def canonical_answer(text: str, answers: list[str]) -> str:
+    """A structured answer reduced to the allowed answer it names (the task's `answers`, the first one named), else
+    its normalised text."""
     norm = normalise(text)
     best = None
-    for lab in labels:
-        n = normalise(lab)
+    for allowed in answers:
+        n = normalise(allowed)
         if n and (norm == n or re.search(rf"(^|\s){re.escape(n)}(\s|$)", norm)):
             pos = norm.find(n)
             if best is None or pos < best[0]:
@@ -144,6 +145,6 @@ def canonical_label(text: str, labels: list[str]) -> str:
     return best[1] if best else norm
 
 
-def structured_agree(answer: str, reference: str, labels: list[str]) -> bool:
-    """Same label as the reference answer?"""
-    return canonical_label(answer, labels) == canonical_label(reference, labels)
+def structured_agree(answer: str, reference: str, answers: list[str]) -> bool:
+    """Does `answer` name the same allowed answer as the reference tier's?"""
+    return canonical_answer(answer, answers) == canonical_answer(reference, answers)

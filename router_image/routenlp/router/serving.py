@@ -284,7 +284,7 @@ class RouterServing:
         if answer is None:
             return False
         if _is_structured(spec):
-            return structured_agree(answer, reference, spec.labels)
+            return structured_agree(answer, reference, spec.answers)
         batcher = self.s.batcher
         assert batcher is not None  # set at start-up, before any request
         a, b = await asyncio.gather(batcher.encode(answer), batcher.encode(reference))

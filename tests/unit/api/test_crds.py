@@ -20,7 +20,7 @@ from routenlp.api.modeltier import (
 )
 from routenlp.api.routingpolicy import (
     CASCADE_WINDOW_COVERS_MINIMUM, POLICY_DEFAULT_TASK_KNOWN, POLICY_DEFAULT_TASK_REQUIRED, POLICY_TASKS_UNIQUE,
-    POLICY_TIERS_UNIQUE, TASK_LABELS_NEED_STRUCTURED,
+    POLICY_TIERS_UNIQUE, TASK_ANSWERS_NEED_STRUCTURED, TASK_LABELS_NEED_STRUCTURED,
 )
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -164,7 +164,13 @@ def test_optional_fields_are_not_required_and_required_ones_are():
         **policy["cascade"]["properties"]["riskLevel"], "minimum": 0, "exclusiveMinimum": True, "maximum": 1,
         "exclusiveMaximum": True, "default": 0.05,
     }
-    assert policy["tasks"]["items"]["properties"]["labels"]["x-kubernetes-list-type"] == "set"
+    task = policy["tasks"]["items"]["properties"]
+    assert task["answers"]["x-kubernetes-list-type"] == "set"
+    # the deprecated name stays in the schema for a release (else the API server would prune it from stored
+    # policies), the same list, said to be deprecated
+    assert {k: v for k, v in task["labels"].items() if k != "description"} == {
+        k: v for k, v in task["answers"].items() if k != "description"}
+    assert task["labels"]["description"].startswith("Deprecated since v0.2")
     assert policy["tasks"]["items"]["properties"]["kind"]["enum"] == ["structured", "generation"]
     campaign = schema_of(load("routenlp.io_distillationcampaigns.yaml"))["properties"]["spec"]["properties"]
     assert campaign["lora"]["properties"]["targetModules"]["default"] == ["q_proj", "v_proj"]
@@ -183,6 +189,7 @@ EXPECTED_RULES = [
     ("routenlp.io_routingpolicies.yaml", ".spec", POLICY_TASKS_UNIQUE),
     ("routenlp.io_routingpolicies.yaml", ".spec", POLICY_DEFAULT_TASK_KNOWN),
     ("routenlp.io_routingpolicies.yaml", ".spec", POLICY_DEFAULT_TASK_REQUIRED),
+    ("routenlp.io_routingpolicies.yaml", ".spec.tasks[]", TASK_ANSWERS_NEED_STRUCTURED),
     ("routenlp.io_routingpolicies.yaml", ".spec.tasks[]", TASK_LABELS_NEED_STRUCTURED),
     ("routenlp.io_routingpolicies.yaml", ".spec.cascade", CASCADE_WINDOW_COVERS_MINIMUM),
     ("routenlp.io_distillationcampaigns.yaml", "", NAME_RULE),

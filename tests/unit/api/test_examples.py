@@ -36,7 +36,7 @@ def test_the_portfolio_is_complete():
     assert any(t.get("adapters") and t.get("adapterPolicy") == "AcceptCampaign" for t in tiers.values())
     (policy,) = kinds["RoutingPolicy"]
     tasks = policy["spec"]["tasks"]
-    assert len(tasks) >= 3 and any(t["kind"] == "structured" and t["labels"] for t in tasks)
+    assert len(tasks) >= 3 and any(t["kind"] == "structured" and t["answers"] for t in tasks)
     assert any(t["kind"] == "generation" for t in tasks)
     assert [t["name"] for t in policy["spec"]["tiers"]][-1] == next(n for n, t in tiers.items() if "external" in t)
     assert len(kinds["DistillationCampaign"]) == 1

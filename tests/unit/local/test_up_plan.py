@@ -36,7 +36,7 @@ def test_render_config(tmp_path):
     assert cfg.tiers[1].served_model_name == "smollm2-135m"
     assert cfg.tiers[2].cost.input_per_million == 2.0
     assert cfg.event_log_dir == str(tmp_path / "events") and cfg.router.artifact_dir == str(tmp_path / "artifacts")
-    assert cfg.cascade.min_calibration_samples == 100 and len(cfg.tasks[0].labels) == 77
+    assert cfg.cascade.min_calibration_samples == 100 and len(cfg.tasks[0].answers) == 77
     assert cfg.shadow_sample_rate == 0.05
     assert cfg.auth.labellers_dir == str(tmp_path / up.LABELLERS_DIR)  # the local labeller's token folder
 

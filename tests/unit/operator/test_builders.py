@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 
@@ -164,6 +165,27 @@ def test_sidecar_patch_is_idempotent():
     assert out["metadata"]["labels"] == {routingpolicy.ROUTER_LABEL: "support"}  # its tiers' NetworkPolicy lets it in
     assert webhook.sidecar_patch(out, policy, _tiers()) == []
     valid({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": out["spec"]})
+
+
+def test_deprecated_fields_become_webhook_warnings_and_one_event():
+    """`spec.tasks[].labels` (now `answers`): the validating webhook's AdmissionReview warnings and the reconcile's
+    DeprecatedField Event say the same (api.routingpolicy.deprecations)."""
+    body = {"apiVersion": API, "kind": "RoutingPolicy", "metadata": {"name": "support"},
+            "spec": {"tiers": [{"name": "small"}], "defaultTask": "chat",
+                     "tasks": [{"name": "chat"}, {"name": "intent", "kind": "structured", "labels": ["a", "b"]}]}}
+    warnings: list[str] = []
+    webhook.warn_deprecated(body=body, warnings=warnings)
+    assert warnings == [("spec.tasks[1].labels is deprecated since v0.2: use spec.tasks[1].answers (same meaning); "
+                         "the old name is accepted until v0.3")]
+    assert routingpolicy.deprecation_events(RoutingPolicy.model_validate(body)) == [
+        ("Warning", "DeprecatedField", warnings[0])]
+    renamed = copy.deepcopy(body)
+    renamed["spec"]["tasks"][1]["answers"] = renamed["spec"]["tasks"][1].pop("labels")
+    assert webhook.deprecation_warnings(renamed) == []
+    assert routingpolicy.deprecation_events(RoutingPolicy.model_validate(renamed)) == []
+    # a spec the models reject gets no warning: the operator reports it (InvalidSpec)
+    renamed["spec"]["tasks"][1]["labels"] = ["c"]
+    assert webhook.deprecation_warnings(renamed) == []
 
 
 @pytest.mark.parametrize("stage", [s for s in STAGES if s != "RollingOut"])

@@ -66,7 +66,7 @@ def router(tmp_path_factory):
         "policy": "fuzz",
         "tiers": [{"name": f.name, "servedModelName": f.name, "baseUrl": f"http://127.0.0.1:{p}/v1",
                    "cost": {"inputPerMillion": 1, "outputPerMillion": 1}} for f, p in zip(fakes, ports)],
-        "tasks": [{"name": "intent", "kind": "structured", "labels": ["refund"]}, {"name": "chat"}],
+        "tasks": [{"name": "intent", "kind": "structured", "answers": ["refund"]}, {"name": "chat"}],
         "defaultTask": "intent", "unknownTask": "Reject",
         "router": {"artifactDir": str(tmp / "a")}, "eventLogDir": str(tmp / "e"),
         "auth": {"labellersDir": str(keys)}})

@@ -31,7 +31,7 @@ def make_config(tmp_path, ports, **over):
         "tiers": [{"name": n, "servedModelName": f"{n}-model", "baseUrl": f"http://127.0.0.1:{p}/v1",
                    "cost": {"inputPerMillion": c, "outputPerMillion": c}, "timeoutSeconds": 5}
                   for n, p, c in zip(TIERS, ports, COST)],
-        "tasks": [{"name": "intent", "kind": "structured", "labels": ["refund", "card"], "qualityTarget": 0.9,
+        "tasks": [{"name": "intent", "kind": "structured", "answers": ["refund", "card"], "qualityTarget": 0.9,
                    "match": {"models": ["support-intent"], "patterns": ["(?i)refund"]}},
                   {"name": "chat", "kind": "generation", "match": {"pathPrefixes": ["/tasks/chat"]}}],
         "defaultTask": "intent",
@@ -215,7 +215,7 @@ def test_a_tasks_cost_weight_makes_the_start_rule_weigh_tier_prices(stack_factor
     r.fit(np.repeat(x, 50, 0), np.zeros(50, int), np.repeat(np.array([[0, 0, 1]], np.float32), 50, 0), epochs=40,
           seed=0)
     for weight, first in ((0.05, "big"), (100.0, "small")):
-        tasks = [{"name": "intent", "kind": "structured", "labels": ["refund", "card"], "costWeight": weight,
+        tasks = [{"name": "intent", "kind": "structured", "answers": ["refund", "card"], "costWeight": weight,
                   "match": {"models": ["support-intent"]}}]
         s = stack_factory(artifacts=[("v1", {"router": r, "calibration": calibrated()})], encoder=enc, tasks=tasks)
         assert s.state.start_rule("intent").relative_cost == pytest.approx((0.01, 0.1, 1.0))
@@ -238,7 +238,7 @@ def test_a_floor_certified_version_starts_requests_by_the_rule_it_was_certified_
                                               "start_rule": {"costWeight": 100.0}}}}
     art = [("v1", {"router": r, "calibration": calibrated(), "metadata": cert})]
     for floor, first in ((0.95, "small"), (0.9, "big")):  # certified for 0.95 only
-        tasks = [{"name": "intent", "kind": "structured", "labels": ["refund", "card"], "qualityTarget": 0.9,
+        tasks = [{"name": "intent", "kind": "structured", "answers": ["refund", "card"], "qualityTarget": 0.9,
                   "qualityFloor": floor, "match": {"models": ["support-intent"]}}]
         s = stack_factory(artifacts=art, encoder=enc, tasks=tasks)
         s.chat("skip me")

@@ -11,7 +11,7 @@ CAL = Calibration(0.05, 0.1, tasks={"intent": {"small": THR, "medium": THR}})
 
 
 def intent(**extra):
-    return [{"name": "intent", "kind": "structured", "labels": ["refund", "card"], "qualityTarget": 0.9,
+    return [{"name": "intent", "kind": "structured", "answers": ["refund", "card"], "qualityTarget": 0.9,
              "match": {"models": ["support-intent"]}, **extra}]
 
 
