@@ -66,8 +66,9 @@ class RouteNLP(Method):
                  min_calibration_samples: int = 10, epochs: int = 30, folds: int = 3,
                  quality_targets=None, levels=None, task_of=None, fwer: str = "fixed_sequence",
                  risk_measure: str = ALL_REQUESTS, floor_scope: str = "policy", confidence_scope: str = "tier",
-                 cost_weights=None):
+                 cost_weights=None, router_holdout: float = 0.15):
         self.risk, self.delta, self.quality_target = risk, delta, quality_target
+        self.router_holdout = router_holdout  # the DifficultyRouter's early-stopping share (0: fixed epochs)
         self.fwer, self.risk_measure = fwer, risk_measure
         self.floor_scope, self.confidence_scope = floor_scope, confidence_scope
         self.min_samples, self.epochs, self.folds = min_calibration_samples, epochs, folds
@@ -109,7 +110,7 @@ class RouteNLP(Method):
         def new_router(rows):
             r = DifficultyRouter(tier_names, names, input_dim=s.X.shape[1])
             return r.fit(s.X[tr[rows]], tasks[tr[rows]], Qt[rows], preference_pairs(Qt[rows]), epochs=self.epochs,
-                         seed=s.seed)
+                         seed=s.seed, holdout=self.router_holdout)
 
         prior_oof = out_of_fold(
             lambda a, b: new_router(a).predict_proba(s.X[tr[b]], tasks[tr[b]]), len(tr), self.folds, s.seed)

@@ -240,7 +240,7 @@ def run_seed(o: Outcomes, X: np.ndarray, resp: ResponseEmbeddings, seed: int, ar
         "routenlp": RouteNLP(risk=args.risk, delta=args.delta, quality_target=args.quality_target,
                              min_calibration_samples=args.min_calibration_samples, epochs=args.epochs,
                              fwer=args.fwer, risk_measure=args.risk_measure, floor_scope=args.floor_scope,
-                             confidence_scope=args.confidence_scope),
+                             confidence_scope=args.confidence_scope, router_holdout=args.router_holdout),
         "random": RandomMix(), "oracle": Oracle(),
     }
     names = [o.models[j] for j in tiers]
@@ -310,7 +310,7 @@ def shift_study(o: Outcomes, X, resp, s: Split, seed: int, args) -> dict:
     ss.scores = answer_scores(ss, resp, pooled, 1, train)
     rn = RouteNLP(risk=args.risk, delta=args.delta, quality_target=args.quality_target,
                   min_calibration_samples=args.min_calibration_samples, epochs=args.epochs, task_of=pooled,
-                  fwer=args.fwer, risk_measure=args.risk_measure).fit(ss)
+                  fwer=args.fwer, risk_measure=args.risk_measure, router_holdout=args.router_holdout).fit(ss)
     ref_c, ref_q = o.cost[tgt_test, o.reference].mean(), o.quality[tgt_test, o.reference].mean()
     window = np.random.default_rng(seed + 2000).permutation(tgt_cal)[: args.shift_window]
     out = {"source_tasks": sorted(o.task_names[t] for t in src_tasks), "window": int(len(window))}
@@ -628,6 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="answer-scorer embedding of the response text (default hash: hashed word n-grams)")
     ap.add_argument("--epochs", type=int, default=30,
                     help="most router training epochs (early stopping on held-out training queries picks fewer)")
+    ap.add_argument("--router-holdout", type=float, default=0.15,
+                    help="share of the router's training queries held out to pick the epoch count (0: train for "
+                    "--epochs; the ablation in docs/bench-routing.md)")
     ap.add_argument("--threads", type=int, default=1, help="torch/BLAS threads (default 1)")
     ap.add_argument("--cache-dir", default=None, help="embedding cache (default ~/.cache/routenlp/bench)")
     ap.add_argument("--json", action="store_true", help="print one JSON object to stdout")
@@ -650,6 +653,9 @@ def main(argv: list[str]) -> int:
         return 2
     if not (0 < args.train_frac < 1 and 0 < args.cal_frac < 1 and args.train_frac + args.cal_frac < 1):
         print("routenlp bench routing: --train-frac and --cal-frac must be in (0, 1) and sum below 1", file=sys.stderr)
+        return 2
+    if not 0 <= args.router_holdout < 1:
+        print("routenlp bench routing: --router-holdout must be in [0, 1)", file=sys.stderr)
         return 2
     if args.seeds < 1:
         print("routenlp bench routing: --seeds must be >= 1", file=sys.stderr)
