@@ -457,7 +457,7 @@ async def run_demo(rt, calibration: int = 300, queries: int = 30, seed: int = 0,
     task = next((t for t in policy.spec.tasks if t.name == b77.TASK), None)
     if task is None:
         raise RuntimeError(f"the demo needs a task named {b77.TASK!r} in RoutingPolicy {policy.metadata.name}")
-    label_list = list(task.labels) or list(b77.labels())
+    label_list = list(task.answers) or list(b77.labels())
     ref = rt.plans[-1]
     cheaper = [p.name for p in rt.plans[:-1]]
     llm = [p.name for p in rt.plans[:-1] if p.kind == "vllm"]
