@@ -135,13 +135,11 @@ class Task(ApiModel):
 
     @model_validator(mode="after")
     def _answers(self) -> "Task":
-        # The CRD states uniqueness as a list-type set (the API server rejects duplicates itself).
-        if self.labels:  # the deprecated spelling: checked under its own name, then read as `answers`
-            if self.kind != TaskKind.STRUCTURED:
-                raise TASK_LABELS_NEED_STRUCTURED.error()
-            dup = duplicates(self.labels)
-            if dup:
-                raise SpecError("labels", f"labels must be unique; repeated: {', '.join(dup)}")
+        # The deprecated spelling is checked under its own name (errors name the field the user wrote), then read as
+        # `answers`.
+        self._check_answers(self.answers, "answers", TASK_ANSWERS_NEED_STRUCTURED)
+        if self.labels:
+            self._check_answers(self.labels, "labels", TASK_LABELS_NEED_STRUCTURED)
             # No CEL rule for this one: comparing two lists of up to 1000 strings of unbounded length is beyond the
             # API server's cost budget for a rule, so the operator (and `routenlp validate`) reject it. Sets: the
             # order does not matter.
@@ -153,13 +151,16 @@ class Task(ApiModel):
                                 f"{', '.join(only_labels) or '-'})")
             if not self.answers:
                 self.answers = list(self.labels)
-                return self
-        if self.answers and self.kind != TaskKind.STRUCTURED:
-            raise TASK_ANSWERS_NEED_STRUCTURED.error()
-        dup = duplicates(self.answers)
-        if dup:
-            raise SpecError("answers", f"answers must be unique; repeated: {', '.join(dup)}")
         return self
+
+    def _check_answers(self, values: list[str], field: str, rule: Rule) -> None:
+        """Allowed answers: structured tasks only, each once (the CRD states uniqueness as a list-type set, which the
+        API server enforces itself)."""
+        if values and self.kind != TaskKind.STRUCTURED:
+            raise rule.error()
+        dup = duplicates(values)
+        if dup:
+            raise SpecError(field, f"{field} must be unique; repeated: {', '.join(dup)}")
 
 
 class RiskMeasure(str, Enum):

@@ -484,8 +484,11 @@ async def _reconcile_policy(body: Obj, ns: str, name: str, observe: bool) -> str
         return await invalid("RoutingPolicy", body, exc)
     gen = body["metadata"].get("generation")
     uid = body["metadata"].get("uid") or f"{ns}/{name}"
-    if RT.deprecations_reported.get(uid) != gen:  # once per generation (and per operator start: upgraded objects)
-        emit(body, deprecation_events(policy))
+    deprecated = deprecation_events(policy)
+    # Once per generation (and per operator start: upgraded objects); only policies that set a deprecated field are
+    # remembered, so the map stays as small as they are.
+    if deprecated and RT.deprecations_reported.get(uid) != gen:
+        emit(body, deprecated)
         RT.deprecations_reported[uid] = gen
     old = body.get("status") or {}
     budget: Obj | None = None  # BudgetExceeded, when the router's figures were read this time

@@ -68,14 +68,15 @@ class DifficultyRouter:
         is kept out, the epoch count that minimises its BCE is found (stopping `patience` epochs after the best),
         and the router is then trained on every query for that many epochs (`self.epochs_used`). Why: per-query
         difficulty is a weak signal next to the task's base rate (MMLU-Pro: a 30-epoch MLP scored a held-out log
-        loss of 0.77 against 0.63 for the per-task base rate; stopped early, 0.63), so a fixed epoch count overfits
+        loss of 0.77 against 0.635 for the per-task base rates; stopped early, 0.630), so a fixed epoch count overfits
         and the start rule then ranks tiers by noise."""
         x, t, q, p = self._inputs(embeddings, task_ids, quality, pairs)
         n = len(x)
         n_held = int(round(holdout * n))
-        if n_held >= MIN_HOLDOUT and epochs > 1:
-            perm = np.random.default_rng(seed + 7919).permutation(n)
-            held, kept = np.sort(perm[:n_held]), np.sort(perm[n_held:])
+        perm = np.random.default_rng(seed + 7919).permutation(n)
+        held, kept = np.sort(perm[:n_held]), np.sort(perm[n_held:])
+        # a held-out share with no known outcome has no loss to stop on
+        if n_held >= MIN_HOLDOUT and epochs > 1 and not np.isnan(q[held]).all():
             new_index = np.full(n, -1)
             new_index[kept] = np.arange(len(kept))
             pk = p[new_index[p[:, 0]] >= 0]
@@ -166,13 +167,11 @@ class DifficultyRouter:
     def _held_out_loss(self, x: np.ndarray, t: np.ndarray, q: np.ndarray) -> float:
         """Mean BCE over the known (query, tier) outcomes of held-out queries."""
         self.net.eval()
-        with torch.inference_mode():
-            logits = self.net(torch.from_numpy(np.asarray(x, dtype=np.float32)),
-                              torch.from_numpy(np.asarray(t, dtype=np.int64)))
-        qq = torch.from_numpy(np.asarray(q, dtype=np.float32))
+        with torch.inference_mode():  # the arrays were typed by `_inputs`
+            logits = self.net(torch.from_numpy(x), torch.from_numpy(t))
+        qq = torch.from_numpy(q)
         known = ~torch.isnan(qq)
-        loss = nn.functional.binary_cross_entropy_with_logits(logits[known], qq[known])
-        return float(loss) if bool(known.any()) else 0.0
+        return float(nn.functional.binary_cross_entropy_with_logits(logits[known], qq[known]))
 
     def predict_proba(self, embeddings: np.ndarray, task_ids: np.ndarray) -> np.ndarray:
         """(n, n_tiers) float32: predicted acceptance of each tier's answer."""

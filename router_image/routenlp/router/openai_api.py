@@ -10,7 +10,6 @@ from typing import Any
 
 from routenlp.api.router_config import RouterConfig
 
-# Validation lives in protocol.py; these names stay importable from here for the engine, auth and the benches.
 from .protocol import ApiError
 
 

@@ -494,7 +494,7 @@ def main_retrain(argv: list[str]) -> int:
     p.add_argument("--signals", help="precomputed quality signals JSONL instead of probing")
     p.add_argument("--probe", type=int, default=600, help="logged requests probed")
     p.add_argument("--exclude", help="JSONL with request_id of queries to leave out (distill's train.jsonl)")
-    p.add_argument("--epochs", type=int, default=40, 
+    p.add_argument("--epochs", type=int, default=40,
                    help="most router training epochs (fewer when a held-out share of the training queries stops "
                    "improving)")
     p.add_argument("--seed", type=int, default=0)
