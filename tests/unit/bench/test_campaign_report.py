@@ -4,6 +4,7 @@ under 1 %, the per-round plot and table (synthetic route results; the real run i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -61,3 +62,49 @@ def test_report_plot_and_table_per_round(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = table(r)
     assert "round 2 untargeted | 0.790 | 0.005" in text and "n/a (control saved < 1 %)" in text
+
+
+class RecordingBench:
+    """arm_round's collaborators, recorded: the stage arguments it builds, no server and no stage run."""
+
+    def __init__(self, s, work):
+        from routenlp.bench.campaign import Bench
+
+        self.b = Bench(s=s, work=work, server=SimpleNamespace(load_lora=lambda name, path: None, base_url="http://student/v1"), model=work / "m",
+                       encoder=None, timings=Timings(), quiet=True, tag="t", held_q=[])
+        self.calls: dict[str, list[str]] = {}
+        self.b.stage = self.stage
+        self.b.at_floor = lambda version, signals, name: (f"{version}-floor", {"metrics": {"thresholds": {}}})
+        self.b.route = lambda *a, **k: dict(routed(0.1, 0.95), _signals=[])
+
+    def stage(self, args, name):
+        self.calls[name] = args
+        if args[0] == "distill":  # the file the next round reads
+            out = Path(args[args.index("--out") + 1])
+            out.mkdir(parents=True)
+            (out / "train.jsonl").write_text("{}\n")
+        return {"metrics": {"thresholds": {}}}
+
+
+@pytest.mark.parametrize("adapter_rounds", ["continue", "union"])
+def test_a_later_round_continues_the_adapter_or_replays_every_earlier_rounds_pairs(tmp_path, adapter_rounds):
+    """--adapter-rounds: round 2 either continues round 1's adapter (the operator's way) or trains a fresh adapter on
+    round 1's pairs beside its own (round 1's train.jsonl already holds them all); round 1 is the same either way."""
+    from dataclasses import replace
+
+    from routenlp.bench.campaign import arm_round
+
+    rb = RecordingBench(replace(SMALL, adapter_rounds=adapter_rounds), tmp_path)
+    first = arm_round(rb.b, "targeted", 1, tmp_path / "cluster", None)
+    arm_round(rb.b, "targeted", 2, tmp_path / "cluster-r2", first)
+    r1, r2 = rb.calls["distill_targeted"], rb.calls["distill_targeted_r2"]
+    assert "--init-adapter" not in r1 and "--replay" not in r1
+    if adapter_rounds == "continue":
+        assert r2[r2.index("--init-adapter") + 1] == str(tmp_path / "distill-targeted" / "adapter")
+        assert "--replay" not in r2
+    else:
+        assert r2[r2.index("--replay") + 1] == str(tmp_path / "distill-targeted" / "train.jsonl")
+        assert "--init-adapter" not in r2
+    # evaluate judges round 2 against what round 1 serves, in both ways
+    assert rb.calls["evaluate_targeted_r2"][rb.calls["evaluate_targeted_r2"].index("--student-model") + 1] == \
+        "b77-targeted"

@@ -77,7 +77,7 @@ def _args(clusters_dir, out, base, steps=6, **kw):
               top_clusters=2, hold_out_fraction=0.25, outside_holdout=2, system_prompt="classify", teacher_url=None,
               teacher_model="t", teacher_api_key_env=None, checkpoint_every=2, seed=0, quiet=True, r=4, alpha=8,
               dropout=0.1, target_modules=["q_proj", "v_proj"], steps=steps, learning_rate=1e-2, batch_size=2,
-              samples_per_cluster=6, top_layers=0, init_adapter=None, budget_split="cost")
+              samples_per_cluster=6, top_layers=0, init_adapter=None, budget_split="cost", replay=[])
     ns.update(kw)
     return argparse.Namespace(**ns)
 
@@ -174,6 +174,33 @@ def test_a_round_continues_the_previous_adapter_with_the_same_settings(tmp_path,
                           init_adapter=str(tmp_path / "round-1" / "adapter")))
     with pytest.raises(StageError, match="adapter_config.json"):
         distill.run(_args(clusters_dir, tmp_path / "bad2", tiny_model, init_adapter=str(tmp_path)))
+
+
+def test_replay_trains_earlier_rounds_pairs_beside_this_rounds_but_never_a_held_out_query(tmp_path, tiny_model,
+                                                                                         clusters_dir):
+    """--replay (the union of rounds): an earlier round's train.jsonl pairs join this round's, flagged, once each; one
+    whose query is held out this round is dropped (the hold-out stays unseen); the files are part of the key."""
+    from routenlp.trainer.manifest import StageError, read_jsonl, write_jsonl
+
+    distill.run(_args(clusters_dir, tmp_path / "round-1", tiny_model, steps=2))
+    first = json.loads((tmp_path / "round-1" / "manifest.json").read_text())["metrics"]
+    held = read_jsonl(tmp_path / "round-1" / "holdout.jsonl")
+    earlier = tmp_path / "earlier.jsonl"
+    write_jsonl(earlier, [{"request_id": "old-1", "query": "my card never came", "target": "card_arrival", "cluster": 0},
+                          {"request_id": "old-2", "query": held[0]["query"], "target": held[0]["target"],
+                           "cluster": 0},
+                          {"request_id": "old-1", "query": "my card never came", "target": "card_arrival",
+                           "cluster": 0, "replayed": True}])  # a pair listed twice trains once
+    out = tmp_path / "round-2"
+    distill.run(_args(clusters_dir, out, tiny_model, steps=2, replay=[str(earlier)]))
+    m = json.loads((out / "manifest.json").read_text())["metrics"]
+    train = read_jsonl(out / "train.jsonl")
+    assert [r["request_id"] for r in train if r.get("replayed")] == ["old-1"]
+    assert m["replayed_pairs"] == 1 and m["train_pairs"] == first["train_pairs"] + 1
+    assert m["pairs_per_cluster"] == first["pairs_per_cluster"]  # this round's pairs only
+    assert "replay_0" in json.loads((out / "manifest.json").read_text())["inputs"]  # part of the key
+    with pytest.raises(StageError, match="--replay: .* is not a file"):
+        distill.run(_args(clusters_dir, tmp_path / "bad", tiny_model, replay=[str(tmp_path)]))
 
 
 def test_torchrun_processes_train_the_same_adapter_as_one_process(tmp_path, tiny_model, clusters_dir):

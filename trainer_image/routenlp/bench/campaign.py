@@ -93,6 +93,9 @@ class Settings:
     rounds: int = 1
     round_queries: int = 0  # fresh queries logged before each later round (0: log_queries)
     budget_split: str = "cost"  # the pair budget over the top clusters: by their failures' cost, or equal
+    # a later round's adapter: "continue" the previous adapter on this round's pairs (what the operator runs), or
+    # "union": a fresh adapter on this round's pairs plus every earlier round's (same steps), to measure which is better
+    adapter_rounds: str = "continue"
 
 
 # 60 steps: at 30 the adapter's loss was still ~0.9 and its held-out cluster accuracy sometimes stayed 0 (flaky e2e)
@@ -350,7 +353,7 @@ def _suffix(round_: int) -> str:
 
 
 def arm_round(b: Bench, mode: str, round_: int, cluster_dir: Path, previous: dict[str, Any] | None) -> dict[str, Any]:
-    """One round of one arm: distill (continuing the arm's previous adapter) -> load into the running server ->
+    """One round of one arm: distill (continuing the arm's previous adapter, or on the union of rounds) -> load into the running server ->
     evaluate (against the previous adapter) -> retrain (the policy's risk level) -> recalibrate for the quality floor
     -> publish -> route the held-out traffic with both router versions."""
     s, work = b.s, b.work
@@ -358,7 +361,11 @@ def arm_round(b: Bench, mode: str, round_: int, cluster_dir: Path, previous: dic
     key = f"{mode}{sfx.replace('-', '_')}"
     name = f"b77-{mode}{sfx}"
     ddir = work / f"distill-{mode}{sfx}"
-    init = ["--init-adapter", str(previous["adapter_dir"])] if previous else []
+    init: list[str] = []
+    if previous and s.adapter_rounds == "union":
+        init = ["--replay", str(previous["train"][-1])]  # the previous round's pairs hold every earlier round's
+    elif previous:
+        init = ["--init-adapter", str(previous["adapter_dir"])]
     d = b.stage(["distill", "--clusters", str(cluster_dir), "--out", str(ddir), "--base-model", str(b.model),
                  "--adapter-name", name, "--mode", mode, "--top-clusters", str(s.top_clusters),
                  "--samples-per-cluster", str(s.samples_per_cluster), "--budget-split", s.budget_split,
@@ -671,6 +678,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quality-floor", type=float,
                    help="quality ratio every router version is recalibrated for (default 0.95; --small 0.8)")
     p.add_argument("--budget-split", choices=("cost", "equal"), help="pair budget over the top clusters")
+    p.add_argument("--adapter-rounds", choices=("continue", "union"),
+                   help="a later round continues the previous adapter (default) or trains a fresh one on every "
+                        "round's pairs")
     p.add_argument("--top-clusters", type=int, help="clusters distilled (clustering.topClusters)")
     p.add_argument("--risk-level", type=float, help="policy riskLevel (alpha) of the student tier's threshold")
     p.add_argument("--risk-measure", choices=RISK_MEASURES,
@@ -690,7 +700,7 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     s.seed = args.seed
     for name in ("steps", "risk_level", "risk_measure", "delta", "quality_target", "probe", "traffic_skew", "rounds",
-                 "round_queries", "quality_floor", "budget_split", "top_clusters"):
+                 "round_queries", "quality_floor", "budget_split", "top_clusters", "adapter_rounds"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
     if not 1 <= s.rounds <= 10:

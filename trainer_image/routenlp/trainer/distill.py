@@ -362,6 +362,11 @@ def run(args: argparse.Namespace, on_step: Callable[[int, float], None] | None =
             raise StageError(f"--init-adapter: {args.init_adapter} has no adapter_config.json (an adapter/ folder of "
                              "an earlier distill run is expected)")
         inputs["init_adapter"] = args.init_adapter
+    replay = [local_path(f, "--replay") for f in args.replay]
+    for i, (uri, path) in enumerate(zip(args.replay, replay)):
+        if not path.is_file():
+            raise StageError(f"--replay: {uri} is not a file (the train.jsonl of an earlier distill run is expected)")
+        inputs[f"replay_{i}"] = uri
     st = Stage("distill", local_path(args.out, "--out"), inputs, params,
                summary_metrics=("mode", "train_pairs", "holdout_cluster", "holdout_outside", "steps",
                                 "resumed_from_step", "loss_first", "loss_last", "seconds_per_step"))
@@ -391,6 +396,16 @@ def run(args: argparse.Namespace, on_step: Callable[[int, float], None] | None =
     held_cluster, held_outside = split_holdout(rows, top, args.hold_out_fraction, args.outside_holdout, args.seed)
     train = training_rows(rows, top, held_cluster | held_outside, args.mode, args.samples_per_cluster, args.seed,
                           args.budget_split)
+    # the union of rounds: earlier rounds' pairs train again beside this round's (never a held-out query)
+    held_queries = {r["query"] for r in rows if r["request_id"] in (held_cluster | held_outside)}
+    seen = {r["request_id"] for r in train}
+    replayed = []
+    for r in (r for path in replay for r in read_jsonl(path)):
+        if r["query"] not in held_queries and r["request_id"] not in seen:
+            seen.add(r["request_id"])
+            replayed.append({"request_id": r["request_id"], "query": r["query"], "teacher_response": r["target"],
+                             "cluster": r.get("cluster"), "replayed": True})
+    train = train + replayed
     if not train:
         raise StageError("--clusters: no training pairs (the log has no teacher answers for the top clusters and "
                          "no --teacher-url was given)")
@@ -401,7 +416,8 @@ def run(args: argparse.Namespace, on_step: Callable[[int, float], None] | None =
     if rank == 0:
         write_jsonl(st.output("train", "train.jsonl"),
                     [{"request_id": r["request_id"], "query": r["query"], "target": r["teacher_response"],
-                      "cluster": r["cluster"]} for r in train])
+                      "cluster": r["cluster"], **({"replayed": True} if r.get("replayed") else {})}
+                     for r in train])
         write_jsonl(st.output("holdout", "holdout.jsonl"), holdout)
 
     from transformers import AutoTokenizer
@@ -420,8 +436,9 @@ def run(args: argparse.Namespace, on_step: Callable[[int, float], None] | None =
     write_json_atomic(st.out_dir / "adapter.json", {"name": args.adapter_name, "base_model": str(base),
                                                    "system_prompt": args.system_prompt, "top_clusters": top})
     st.output("adapter_info", "adapter.json")
-    per_cluster = {str(c): sum(1 for r in train if r["cluster"] == c) for c in top}
-    st.metrics.update(mode=args.mode, top_clusters=top, train_pairs=len(train), pairs_per_cluster=per_cluster,
+    per_cluster = {str(c): sum(1 for r in train if r["cluster"] == c and not r.get("replayed")) for c in top}
+    st.metrics.update(mode=args.mode, top_clusters=top, train_pairs=len(train), replayed_pairs=len(replayed),
+                      pairs_per_cluster=per_cluster,
                       holdout_cluster=sum(1 for h in holdout if h["cluster"] is not None),
                       holdout_outside=sum(1 for h in holdout if h["cluster"] is None), adapter_name=args.adapter_name,
                       **m)
@@ -461,6 +478,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--top-layers", type=int, default=0,
                    help="put adapters on the top N transformer layers only (0: all); cheaper steps on CPU")
     p.add_argument("--init-adapter", help="adapter folder to continue (a campaign round continues the previous one)")
+    p.add_argument("--replay", nargs="+", default=[],
+                   help="train.jsonl files of earlier rounds whose pairs train again beside this round's (the union)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_lora_arguments(p)
