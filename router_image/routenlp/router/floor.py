@@ -56,6 +56,20 @@ def rule_from_json(doc: Mapping[str, float]) -> Rule:
     return (COST_WEIGHT, float(doc[COST_WEIGHT])) if COST_WEIGHT in doc else float(doc["qualityTarget"])
 
 
+def floor_certificate(metadata: Mapping | None, task: str, floor: tuple[str, float] | None) -> dict | None:
+    """The version's quality-floor certificate for the task (metadata `floor_certificates`, written by the trainer's
+    floor plan) when it was certified for the floor in force (same scope and floor), else None."""
+    cert = ((metadata or {}).get("floor_certificates") or {}).get(task) or {}
+    return cert if floor is not None and (cert.get("scope"), cert.get("floor")) == tuple(floor) else None
+
+
+def served_rule(metadata: Mapping | None, task: str, floor: tuple[str, float] | None, default: Rule) -> Rule:
+    """Where a task's requests start: the rule the version's floor plan was certified with (its thresholds hold the
+    floor only with that rule), else `default` (the task's qualityTarget or costWeight)."""
+    cert = floor_certificate(metadata, task, floor)
+    return rule_from_json(cert["start_rule"]) if cert and cert.get("start_rule") else default
+
+
 def start_rule(rule: Rule, relative_cost: Sequence[float] | np.ndarray | None) -> StartRule:
     """The `cascade.StartRule` a searched rule names; relative_cost ((K,) or (n, K)) weighs a cost-weighted one."""
     if isinstance(rule, tuple):

@@ -21,7 +21,7 @@ from .artifacts import Calibration, RouterArtifact
 from .auth import FeedbackGate, KeyDir
 from .calibration import Key, OnlineCalibration, Snapshot
 from .cascade import StartRule
-from .floor import COST_WEIGHT, Rule, rule_from_json, start_rule
+from .floor import COST_WEIGHT, Rule, floor_certificate, served_rule, start_rule
 from .clients import TierClient
 from .conformal import ThresholdResult
 from .decision_cache import DecisionCache
@@ -151,9 +151,7 @@ class RouterState:
     def floor_certified(self, art: RouterArtifact | None, task: str) -> bool:
         """The artifact's thresholds for the task were certified for the floor in force, at the same scope (metadata
         `floor_certificates`, written by the trainer's floor_plan)."""
-        meta = art.metadata if art is not None else {}
-        cert = meta.get("floor_certificates", {}).get(task) or {}
-        return (cert.get("scope"), cert.get("floor")) == self.floor(task)
+        return floor_certificate(art.metadata if art is not None else None, task, self.floor(task)) is not None
 
     def start_rule(self, task: str, art: RouterArtifact | None = None) -> StartRule:
         """Where the task's requests start: the rule the version's quality-floor plan was certified with (metadata
@@ -161,9 +159,7 @@ class RouterState:
         or tasks[].costWeight over the tiers' prices relative to the reference's (as the trainer was given them)."""
         t = self.tasks[task]
         rule: Rule = t.quality_target if t.cost_weight is None else (COST_WEIGHT, t.cost_weight)
-        if art is not None and self.floor_certified(art, task):
-            certified = art.metadata["floor_certificates"][task].get("start_rule")
-            rule = rule_from_json(certified) if certified else rule
+        rule = served_rule(art.metadata if art is not None else None, task, self.floor(task), rule)
         return start_rule(rule, self.relative_cost)
 
     def chain_names(self, art: RouterArtifact | None, task: str) -> list[str]:

@@ -22,7 +22,7 @@ def campaign(vllm_server, tmp_path_factory):
 
 
 def test_report_has_before_after_control_and_stage_times(campaign):
-    _, r = campaign
+    work, r = campaign
     for run in ("before", "after", "control"):
         assert 0.0 <= r[run]["quality_ratio"] <= 1.0
         assert r[run]["cost_reduction"] <= 1.0
@@ -41,6 +41,9 @@ def test_report_has_before_after_control_and_stage_times(campaign):
                                                          - r["control"]["cost_reduction"]), 2)
     assert sum(r["distill"]["targeted"]["pairs_per_cluster"].values()) == r["distill"]["targeted"]["train_pairs"]
     json.dumps(r)  # the --json output is plain JSON
+    # each round's figures are written to the work folder as it ends (kept if a later round crashes)
+    saved = json.loads((work / "report.json").read_text())
+    assert saved["complete"] and saved["rounds_completed"] == 1 and saved["after"] == r["after"]
 
 
 def test_vllm_serves_the_fine_tuned_adapter_by_name(campaign, vllm_server, smollm2_path):

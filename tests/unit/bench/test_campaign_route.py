@@ -87,3 +87,38 @@ def test_certified_student_answers_what_it_is_sure_of(student):
     r = route(QUERIES, f"http://127.0.0.1:{student.port}/v1", "smol", art, None, None, label="t")
     assert r["student_share"] == 0.5 and r["quality"] == 1.0 and r["router_version"] == "v1"
     assert 0 < r["cost_reduction"] < 1 and PRICES[STUDENT] < PRICES[REFERENCE]
+
+
+class Prior:
+    """A router double: the student is predicted right on half the queries, the reference always."""
+
+    def task_index(self, task):
+        return 0
+
+    def predict_proba(self, x, tasks):
+        import numpy as np
+
+        return np.tile([0.5, 1.0], (len(x), 1))
+
+
+class Zeros:
+    def encode(self, texts):
+        import numpy as np
+
+        return np.zeros((len(texts), 4), dtype=np.float32)
+
+
+@pytest.mark.parametrize("floor,tried", [(0.95, 0), (0.9, 4), (None, 4)])
+def test_a_floor_version_starts_requests_by_its_certified_rule_as_the_server_does(student, floor, tried):
+    """The version's floor plan was certified with qualityTarget 0.9 for floor 0.95: with that floor in force the
+    student (predicted 0.5 of the reference) is not started on, as RouterState.start_rule decides; another floor
+    or none falls back to the bench's qualityTarget 0.1 and the student is tried on every query."""
+    cal = Calibration(0.1, 0.1, tasks={"banking77-intent": {STUDENT: ThresholdResult(0.04, 300, 100, 0.0, True)}},
+                      risk_measure="allRequests")
+    meta = {"floor_certificates": {"banking77-intent": {"floor": 0.95, "scope": "task", "level": 0.04,
+                                                        "start_rule": {"qualityTarget": 0.9}}}}
+    art = RouterArtifact("v2-floor", Prior(), ConfidenceSet(), cal, meta)
+    r = route(QUERIES, f"http://127.0.0.1:{student.port}/v1", "smol", art, Zeros(), None, quality_target=0.1,
+              label="t", quality_floor=floor)
+    assert r["student_tried"] == tried == student.calls
+    assert r["quality"] == (1.0 if tried == 0 else 0.5)  # the student's wrong answers pass a 0.04 threshold

@@ -173,13 +173,16 @@ class OraclePort:
 
 
 def route(queries: list[Any], student: Any, student_model: str, artifact: Any, encoder: Any, writer: Any = None,
-          quality_target: float = 0.9, label: str = "route", concurrency: int = 8) -> dict[str, Any]:
+          quality_target: float = 0.9, label: str = "route", concurrency: int = 8,
+          quality_floor: float | None = None) -> dict[str, Any]:
     """Route `queries` (BANKING77 examples) through the portfolio student -> reference with the router's cascade
     engine (router/engine.py: the code that serves), the student on its real vLLM server.
 
     Every query is on the exploration sample (the bench labels every attempt against the reference), so an
     uncertified student is still tried and escalates: artifact None (no router version yet) makes the first log
-    fully labelled."""
+    fully labelled. Requests start as the served router starts them (`RouterState.start_rule`): by the rule a
+    version's floor plan was certified with when it was certified for `quality_floor` (the policy's task floor in
+    force), else by `quality_target`; the floor's thresholds hold only with that rule."""
     import asyncio
 
     import numpy as np
@@ -191,6 +194,7 @@ def route(queries: list[Any], student: Any, student_model: str, artifact: Any, e
     from routenlp.api.router_config import TierEndpoint
     from routenlp.router.encoder import encoder_for
     from routenlp.router.engine import CascadeEngine, TierInfo, make_plan
+    from routenlp.router.floor import served_rule, start_rule
     from routenlp.router.events import FeedbackEvent, RoutingEvent
     from routenlp.router.protocol import parse_chat
     from routenlp.trainer.distill import messages_for
@@ -202,6 +206,8 @@ def route(queries: list[Any], student: Any, student_model: str, artifact: Any, e
         t = artifact.router.task_index(TASK) or 0
         x = encoder_for(artifact.encoder, encoder).encode(texts)  # the variant the version was fitted on
         prior = artifact.router.predict_proba(x, np.full(len(texts), t))
+    floor = None if quality_floor is None else ("task", quality_floor)
+    rule = served_rule(artifact.metadata if artifact is not None else None, TASK, floor, quality_target)
     cal = artifact.calibration.get(TASK, STUDENT) if artifact is not None and artifact.calibration else None
     confidence = artifact.confidence if artifact is not None else ConfidenceSet()
     costs = {k: TierCost(input_per_million=i, output_per_million=o) for k, (i, o) in PRICES.items()}
@@ -217,8 +223,8 @@ def route(queries: list[Any], student: Any, student_model: str, artifact: Any, e
 
         async def one(i):
             req = parse_chat({"messages": messages_for(SYSTEM_PROMPT, texts[i]), "temperature": 0, "max_tokens": 20})
-            plan = make_plan(None if prior is None else prior[i], quality_target, [cal, None], [True, True], 1,
-                             explore=True)
+            plan = make_plan(None if prior is None else prior[i], start_rule(rule, None), [cal, None], [True, True],
+                             1, explore=True)
             async with gate:
                 return await engine.run(req, TASK, True, plan, confidence)
 
@@ -342,7 +348,10 @@ class Bench:
 
         t0 = time.perf_counter()
         art = load_artifact(artifact_dir, version) if version else None
-        out = route(queries, self.server.base_url, model_name, art, self.encoder, writer, self.s.quality_target, label)
+        # the bench's policy has the quality floor in force: a version certified for it starts requests by its
+        # certified rule; the policy-risk versions carry no floor certificate and start by qualityTarget
+        out = route(queries, self.server.base_url, model_name, art, self.encoder, writer, self.s.quality_target, label,
+                    quality_floor=self.s.quality_floor)
         self.timings.add(f"route_{label}", t0)
         return out
 
@@ -445,7 +454,7 @@ def run_campaign(s: Settings, work: Path, progress: bool = True, server: Any = N
     from routenlp.local.vllm import LoRAOptions, VLLMServer
     from routenlp.router.encoder import Encoder
     from routenlp.router.eventlog import EventLogWriter
-    from routenlp.trainer.manifest import write_jsonl
+    from routenlp.trainer.manifest import write_json_atomic, write_jsonl
 
     quiet = not progress
     timings = Timings()
@@ -526,6 +535,11 @@ def run_campaign(s: Settings, work: Path, progress: bool = True, server: Any = N
                 this[mode]["clusters"] = cluster_figures(cdir, s.top_clusters)
                 previous[mode] = this[mode]
             rounds.append(this)
+            # each finished round's figures reach --work at once: a crash or a stop in a later round keeps them
+            partial = report(s, b, logged, log_q, before, rounds, {"v1": v1["metrics"]["thresholds"],
+                                                                    "v1_floor": v1_fl["metrics"]["thresholds"]},
+                             time.perf_counter() - t_all)
+            write_json_atomic(work / "report.json", {**partial, "rounds_completed": r, "complete": r == s.rounds})
     finally:
         if own_server:
             t0 = time.perf_counter()
