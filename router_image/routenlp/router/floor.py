@@ -17,7 +17,7 @@ weight), and one confidence level every cheaper chain tier must reach to answer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -56,14 +56,15 @@ def rule_from_json(doc: Mapping[str, float]) -> Rule:
     return (COST_WEIGHT, float(doc[COST_WEIGHT])) if COST_WEIGHT in doc else float(doc["qualityTarget"])
 
 
-def floor_certificate(metadata: Mapping | None, task: str, floor: tuple[str, float] | None) -> dict | None:
+def floor_certificate(metadata: Mapping[str, Any] | None, task: str,
+                      floor: tuple[str, float] | None) -> dict[str, Any] | None:
     """The version's quality-floor certificate for the task (metadata `floor_certificates`, written by the trainer's
     floor plan) when it was certified for the floor in force (same scope and floor), else None."""
     cert = ((metadata or {}).get("floor_certificates") or {}).get(task) or {}
     return cert if floor is not None and (cert.get("scope"), cert.get("floor")) == tuple(floor) else None
 
 
-def served_rule(metadata: Mapping | None, task: str, floor: tuple[str, float] | None, default: Rule) -> Rule:
+def served_rule(metadata: Mapping[str, Any] | None, task: str, floor: tuple[str, float] | None, default: Rule) -> Rule:
     """Where a task's requests start: the rule the version's floor plan was certified with (its thresholds hold the
     floor only with that rule), else `default` (the task's qualityTarget or costWeight)."""
     cert = floor_certificate(metadata, task, floor)
