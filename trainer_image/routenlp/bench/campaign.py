@@ -362,9 +362,9 @@ def _suffix(round_: int) -> str:
 
 
 def arm_round(b: Bench, mode: str, round_: int, cluster_dir: Path, previous: dict[str, Any] | None) -> dict[str, Any]:
-    """One round of one arm: distill (continuing the arm's previous adapter, or on the union of rounds) -> load into the running server ->
-    evaluate (against the previous adapter) -> retrain (the policy's risk level) -> recalibrate for the quality floor
-    -> publish -> route the held-out traffic with both router versions."""
+    """One round of one arm: distill (continuing the arm's previous adapter, or on the union of rounds) -> load into
+    the running server -> evaluate (against the previous adapter) -> retrain (the policy's risk level) -> recalibrate
+    for the quality floor -> publish -> route the held-out traffic with both router versions."""
     s, work = b.s, b.work
     sfx = _suffix(round_)
     key = f"{mode}{sfx.replace('-', '_')}"
@@ -513,6 +513,7 @@ def run_campaign(s: Settings, work: Path, progress: bool = True, server: Any = N
                       "--seed", str(s.seed), "--signals", str(work / "signals-base.jsonl"), "--version", f"v1-{tag}",
                       "--student-model", "smollm2-135m", "--out", str(work / f"retrain-v1-{tag}")], "retrain_v1")
         v1_floor, v1_fl = b.at_floor(f"v1-{tag}", work / "signals-base.jsonl", "v1")
+        v1_thresholds = {"v1": v1["metrics"]["thresholds"], "v1_floor": v1_fl["metrics"]["thresholds"]}
         before = {"at_floor": b.route(held_q, "smollm2-135m", work / "router-artifacts", v1_floor, "before"),
                   "at_policy": b.route(held_q, "smollm2-135m", work / "router-artifacts", f"v1-{tag}",
                                        "before_policy")}
@@ -536,18 +537,14 @@ def run_campaign(s: Settings, work: Path, progress: bool = True, server: Any = N
                 previous[mode] = this[mode]
             rounds.append(this)
             # each finished round's figures reach --work at once: a crash or a stop in a later round keeps them
-            partial = report(s, b, logged, log_q, before, rounds, {"v1": v1["metrics"]["thresholds"],
-                                                                    "v1_floor": v1_fl["metrics"]["thresholds"]},
-                             time.perf_counter() - t_all)
+            partial = report(s, b, logged, log_q, before, rounds, v1_thresholds, time.perf_counter() - t_all)
             write_json_atomic(work / "report.json", {**partial, "rounds_completed": r, "complete": r == s.rounds})
     finally:
         if own_server:
             t0 = time.perf_counter()
             server.stop()
             timings.add("vllm_stop", t0)
-    return report(s, b, logged, log_q, before, rounds, {"v1": v1["metrics"]["thresholds"],
-                                                         "v1_floor": v1_fl["metrics"]["thresholds"]},
-                  time.perf_counter() - t_all)
+    return report(s, b, logged, log_q, before, rounds, v1_thresholds, time.perf_counter() - t_all)
 
 
 def cluster_figures(cdir: Path, top: int) -> dict[str, Any]:
